@@ -1,0 +1,232 @@
+"""Forward hooks that record per-token activation norms of selected layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ANMError
+from .layers import LayerSpec, select_layers
+from .norms import REDUCTIONS, activation_norms
+
+__all__ = ["ActivationCollector", "SITES", "default_select"]
+
+SITES = ("update", "output")
+# Keyword names under which blocks (diffusers, HF, timm, SiT) receive their hidden state.
+_HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "inputs_embeds", "input", "inputs")
+
+Select = Callable[[Any, "Tensor | None"], Tensor]
+
+
+def default_select(output: Any, hidden_in: Tensor | None) -> Tensor:
+    """Pick the hidden-state tensor from a block's output.
+
+    A tensor is returned as is. From a tuple, list or dict (HF ``ModelOutput`` included) the first
+    tensor with the shape of the block's input hidden state is taken, else the only tensor.
+
+    Example:
+        >>> import torch
+        >>> from anm.collector import default_select
+        >>> h, cache = torch.zeros(2, 4, 8), torch.zeros(2, 1)
+        >>> default_select((cache, h), hidden_in=torch.ones(2, 4, 8)) is h
+        True
+    """
+    if isinstance(output, Tensor):
+        return output
+    values = list(output.values()) if isinstance(output, Mapping) else output
+    if isinstance(values, (tuple, list)):
+        tensors = [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
+        if hidden_in is not None:
+            for tensor in tensors:
+                if tensor.shape == hidden_in.shape:
+                    return tensor
+        if len(tensors) == 1:
+            return tensors[0]
+    raise ANMError(
+        f"cannot tell which part of a {type(output).__name__} output is the hidden state: pass "
+        "select=lambda output, hidden_in: output[...] to pick it."
+    )
+
+
+class ActivationCollector:
+    """Registers forward hooks on ``layers`` of ``model`` and records per-token activation norms.
+
+    Each hooked call appends the norms (fp32, shape ``(batch, tokens)``) of its activation: the block's
+    residual update (output − input hidden state, ``site="update"``) or its output (``site="output"``).
+    Several forwards (gradient accumulation, CFG double calls) are all kept, in call order, until
+    :meth:`clear` / :meth:`pop`. Hooks are removed by :meth:`remove` or on leaving a ``with`` block, also
+    when it raises.
+
+    With ``training_only=True`` (what a regulariser needs) only forwards in training mode with autograd
+    on are recorded; eval or ``torch.no_grad()`` forwards cost one Python check per layer. In that mode a
+    block that runs without autograd on an input that requires grad (reentrant activation checkpointing,
+    which would silently drop the gradient) raises ``ANMError``, and the extra forward that non-reentrant
+    checkpointing replays during backward is not recorded twice.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from anm import ActivationCollector
+        >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        >>> with ActivationCollector(net, layers="auto", site="output") as collector:
+        ...     _ = net(torch.randn(2, 5, 8))
+        ...     [tuple(n.shape) for n in collector.norms()]
+        [(2, 5), (2, 5), (2, 5)]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec = "auto",  # which modules to hook (see select_layers)
+        site: str = "update",  # "update" = output − input hidden state; "output" = block output
+        reduce: str = "l2",  # "l2" = ‖a‖₂, "rms" = ‖a‖₂/√D
+        select: Select | None = None,  # f(output, hidden_in) -> tensor, for unusual block outputs
+        keep_activations: bool = False,  # also keep the activation tensors themselves (memory!)
+        training_only: bool = False,  # record only training-mode forwards with autograd on
+    ) -> None:
+        if site not in SITES:
+            raise ANMError(f"unknown site {site!r}: use 'update' (output − input) or 'output'.")
+        if reduce not in REDUCTIONS:
+            raise ANMError(f"unknown reduce {reduce!r}: use 'l2' (‖a‖₂) or 'rms' (‖a‖₂/√D).")
+        if select is not None and not callable(select):
+            raise ANMError("select= must be a function f(output, hidden_in) -> tensor.")
+        self.site, self.reduce, self.training_only = site, reduce, training_only
+        self.keep_activations = keep_activations
+        self._select = select or default_select
+        self.layers = select_layers(model, layers)
+        self.names = [name for name, _ in self.layers]
+        # (layer index, norms) per hooked call; owned here so torch.compile sees one outside list.
+        self.records: list[tuple[int, Tensor]] = []
+        self._activations: list[tuple[int, Tensor]] = []
+        self._handles = [
+            module.register_forward_hook(self._make_hook(index), with_kwargs=True)
+            for index, (_, module) in enumerate(self.layers)
+        ]
+
+    # -- reading -------------------------------------------------------------------------------------
+    def norms(self) -> list[Tensor]:
+        """Norm tensors recorded since the last clear, in call order (one per hooked call)."""
+        return [norms for _, norms in self.records]
+
+    def norms_by_layer(self) -> dict[str, list[Tensor]]:
+        """Recorded norm tensors grouped by layer name (a layer called twice has two entries)."""
+        grouped: dict[str, list[Tensor]] = {name: [] for name in self.names}
+        for index, norms in self.records:
+            grouped[self.names[index]].append(norms)
+        return grouped
+
+    @property
+    def activations(self) -> dict[str, list[Tensor]]:
+        """Recorded activation tensors by layer name; needs ``keep_activations=True``."""
+        if not self.keep_activations:
+            raise ANMError("activations were not kept: create the collector with keep_activations=True.")
+        grouped: dict[str, list[Tensor]] = {name: [] for name in self.names}
+        for index, activation in self._activations:
+            grouped[self.names[index]].append(activation)
+        return grouped
+
+    def pop(self) -> list[tuple[int, Tensor]]:
+        """Return the ``(layer index, norms)`` records and forget them."""
+        records, self.records = self.records, []
+        self._activations = []
+        return records
+
+    def clear(self) -> None:
+        """Forget everything recorded so far (hooks stay)."""
+        self.pop()
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook and forget what was recorded. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.pop()
+
+    close = remove
+
+    def __enter__(self) -> ActivationCollector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (
+            f"ActivationCollector({len(self.layers)} layers, site={self.site!r}, reduce={self.reduce!r}, "
+            f"records={len(self.records)})"
+        )
+
+    # -- the hook ------------------------------------------------------------------------------------
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            grad_on = torch.is_grad_enabled()
+            if self.training_only and not (module.training and grad_on):
+                if module.training:
+                    self._refuse_reentrant_checkpoint(index, _hidden_input(args, kwargs))
+                return
+            hidden_in = _hidden_input(args, kwargs)
+            activation = self._select(output, hidden_in)
+            if not isinstance(activation, Tensor):
+                raise ANMError(
+                    f"select= returned {type(activation).__name__} for layer {self.names[index]!r}; "
+                    "it must return the hidden-state tensor."
+                )
+            minus = None
+            if self.site == "update":
+                if hidden_in is None:
+                    raise ANMError(
+                        f"layer {self.names[index]!r} got no tensor input, so its residual update cannot be "
+                        "formed: use site='output' or hook the blocks themselves."
+                    )
+                if hidden_in.shape != activation.shape:
+                    raise ANMError(
+                        f"layer {self.names[index]!r} maps {tuple(hidden_in.shape)} to "
+                        f"{tuple(activation.shape)}, so it has no residual update: use site='output', "
+                        "a select= that returns the hidden state, or hook other layers."
+                    )
+                minus = hidden_in
+            norms = activation_norms(activation, self.reduce, minus=minus)
+            if self.training_only and _replaying_for_backward():
+                # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
+                # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
+                return
+            self.records.append((index, norms))
+            if self.keep_activations:
+                self._activations.append((index, activation if minus is None else activation - minus))
+
+        return hook
+
+    def _refuse_reentrant_checkpoint(self, index: int, hidden_in: Tensor | None) -> None:
+        # A block in training mode running without autograd on an input that *requires* grad is what
+        # reentrant checkpointing does in its first pass: norms taken here would carry no gradient.
+        if hidden_in is not None and hidden_in.requires_grad:
+            raise ANMError(
+                f"layer {self.names[index]!r} ran without autograd on an input that requires grad: this is "
+                "reentrant activation checkpointing (use_reentrant=True), under which the ANM term would "
+                "silently get no gradient. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), "
+                "or leave layers that run under torch.no_grad() out of layers=."
+            )
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> Tensor | None:
+    for key in _HIDDEN_KWARGS:
+        value = kwargs.get(key)
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
+    for value in args:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
+def _replaying_for_backward() -> bool:
+    # torch.compile traces the forward once and handles recomputation itself; the private task-id
+    # query (what torch's own ModTracker uses) is only meaningful, and only traceable, in eager mode.
+    if torch.compiler.is_compiling():
+        return False
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1

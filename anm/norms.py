@@ -1,0 +1,91 @@
+"""Per-token activation norms, accumulated in fp32 without keeping an fp32 (or difference) copy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import ANMError
+
+__all__ = ["activation_norms", "REDUCTIONS"]
+
+REDUCTIONS = ("l2", "rms")
+
+
+class _TokenNorm(torch.autograd.Function):
+    """‖x − minus‖₂ over the last dim, times ``scale``; backward recomputes the difference.
+
+    Autograd's own ``vector_norm(x - minus)`` would save the difference tensor until backward: one extra
+    activation per hooked layer. Here only references to ``x`` and ``minus`` (already alive for the
+    network's own backward) and the tiny norm tensor are kept.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, minus: Tensor | None, scale: float) -> Tensor:
+        diff = x if minus is None else x - minus
+        # dtype= upcasts inside the reduction: no fp32 copy, and fp16 squares cannot overflow.
+        dtype = torch.promote_types(diff.dtype, torch.float32)
+        return torch.linalg.vector_norm(diff, dim=-1, dtype=dtype) * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, minus, scale = inputs
+        ctx.save_for_backward(x, minus, output)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad_norm: Tensor):
+        x, minus, norm = ctx.saved_tensors
+        diff = x if minus is None else x - minus
+        # d(s·‖a‖)/da = s·a/‖a‖ = s²·a/norm; 0 at a = 0 like vector_norm's subgradient (adaLN-Zero blocks
+        # start with an update of exactly 0, where a naive a/‖a‖ would be NaN).
+        coeff = torch.where(norm > 0, grad_norm * (ctx.scale * ctx.scale) / norm.clamp_min(1e-30), 0.0)
+        grad = diff * coeff.unsqueeze(-1).to(diff.dtype)
+        grad_x = grad.to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_minus = None
+        if minus is not None and ctx.needs_input_grad[1]:
+            grad_minus = -grad.to(minus.dtype)
+        return grad_x, grad_minus, None
+
+
+def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = None) -> Tensor:
+    """Per-token norm of ``x`` (or of ``x - minus``) over the last (feature) dimension, in fp32 (or fp64).
+
+    ``reduce="l2"`` gives ‖a‖₂; ``reduce="rms"`` gives ‖a‖₂/√D, which is width-independent. The sum of
+    squares is accumulated in fp32 even for bf16/fp16 inputs, without materialising an fp32 copy, and
+    backward needs no saved copy of ``x - minus`` (it is recomputed), so the memory cost is one fp32
+    number per token. The gradient at a zero vector is 0.
+
+    Example:
+        >>> import torch
+        >>> from anm import activation_norms
+        >>> h = torch.full((2, 5, 16), 3.0)           # (batch, tokens, features)
+        >>> activation_norms(h).shape, activation_norms(h)[0, 0].item()
+        (torch.Size([2, 5]), 12.0)
+        >>> activation_norms(h, "rms")[0, 0].item()
+        3.0
+        >>> activation_norms(h, minus=h).abs().max().item()   # residual update of an identity block
+        0.0
+    """
+    if reduce not in REDUCTIONS:
+        raise ANMError(f"unknown reduce {reduce!r}: use 'l2' (‖a‖₂) or 'rms' (‖a‖₂/√D).")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise ANMError(
+            f"activation_norms needs a floating-point tensor with a feature dim, got {_describe(x)}: "
+            "pass the (..., features) activation, or a select= function that returns it."
+        )
+    if minus is not None and minus.shape != x.shape:
+        raise ANMError(
+            f"cannot take the residual update: output shape {tuple(x.shape)} != input shape "
+            f"{tuple(minus.shape)}. Use site='output' for blocks that change the shape."
+        )
+    scale = 1.0 if reduce == "l2" else 1.0 / math.sqrt(x.shape[-1])
+    return _TokenNorm.apply(x, minus, scale)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"

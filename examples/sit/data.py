@@ -1,0 +1,352 @@
+"""
+Datasets for the SiT example, all returning (image_or_latent tensor, int label):
+
+- ImageFolderDataset: ImageNet-style class folders, ADM center crop + random flip, pixels in [-1, 1].
+- LatentDataset: VAE posteriors written by extract_latents.py, sampled (x 0.18215) at every access.
+- SinusoidDataset: procedural sinusoid images with a known distribution (no download, no network).
+- FashionMNISTDataset: the IDX files of the Debian package `dataset-fashion-mnist`.
+
+build_dataset(name, ...) picks one and says what the model needs (channels, size, classes).
+Only PIL + numpy + torch: nothing here downloads anything.
+"""
+import gzip
+import json
+import math
+import os
+import struct
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT
+
+
+#################################################################################
+#                          ImageNet (ImageFolder layout)                        #
+#################################################################################
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """
+    ADM center crop: halve with BOX while the short side is >= 2x the target (cheap and alias-free),
+    BICUBIC-resize the short side to image_size, then crop the center square.
+
+    >>> center_crop_arr(Image.new("RGB", (640, 480)), 256).size
+    (256, 256)
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 HxWxC (or HxW) array -> float CxHxW tensor in [-1, 1]."""
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 127.5 - 1
+
+
+def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
+    """
+    Sorted image paths, integer labels and class names of an ImageFolder tree (root/<class>/**/img).
+
+    >>> paths, labels, classes = find_image_files("/data/imagenet/train")  # doctest: +SKIP
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist (pass --data-path /path/to/train)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames.sort()  # os.walk order is filesystem-dependent; sort for reproducible indices
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, filename))
+                    labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"no images found under {root!r}; expected root/<class>/<image>")
+    return paths, labels, classes
+
+
+class ImageFolderDataset(Dataset):
+    """ImageFolder tree -> (3xHxW float in [-1, 1], class index) with ADM crop and random h-flip."""
+
+    def __init__(self, root: str, image_size: int = 256, random_flip: bool = True):
+        self.root = root
+        self.image_size = image_size
+        self.random_flip = random_flip
+        self.paths, self.labels, self.classes = find_image_files(root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_array(self, index: int) -> np.ndarray:
+        """The cropped uint8 HxWx3 image, before flip and normalisation."""
+        with open(self.paths[index], "rb") as f:
+            image = Image.open(f).convert("RGB")
+        return np.array(center_crop_arr(image, self.image_size))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        arr = self.load_array(index)
+        # torch RNG (not python's random) so DataLoader workers get distinct, seedable streams.
+        if self.random_flip and torch.rand(()) < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), self.labels[index]
+
+
+#################################################################################
+#                      Pre-extracted VAE latents                                #
+#################################################################################
+
+def latent_chunk_path(path: str, chunk: int) -> str:
+    """File holding the posterior moments of one chunk (shared with extract_latents.py)."""
+    return os.path.join(path, f"chunk_{chunk:06d}.npy")
+
+
+class LatentDataset(Dataset):
+    """
+    Latents written by extract_latents.py -> (4xhxw posterior sample * scale, class index).
+
+    Each chunk file holds float16/32 moments of shape (n, 2, 2, C, h, w): [no flip, flip] x [mean, std].
+    Every access picks a flip at random and draws z = mean + std * eps, as the reference does with
+    on-the-fly encoding (fast-DiT style pre-extraction without freezing one sample per image).
+
+    >>> ds = LatentDataset("latents/imagenet256")  # doctest: +SKIP
+    >>> z, y = ds.__getitem__(0, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str, scale: float | None = None):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path} missing: run extract_latents.py --out {path} first")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.path = path
+        self.chunk_size = self.meta["chunk_size"]
+        self.num_chunks = math.ceil(self.meta["num_images"] / self.chunk_size)
+        missing = [c for c in range(self.num_chunks) if not os.path.exists(latent_chunk_path(path, c))]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {self.num_chunks} latent chunks missing in {path} "
+                                    f"(first: {missing[0]}); rerun extract_latents.py to finish them")
+        self.labels = np.load(os.path.join(path, "labels.npy"))
+        self.scale = self.meta.get("scaling_factor", LATENT_SCALE) if scale is None else scale
+        self.latent_shape = tuple(self.meta["latent_shape"])
+        self.num_classes = self.meta["num_classes"]
+        self._chunks: dict[int, np.ndarray] = {}  # memory maps, opened lazily (per worker process)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def moments(self, index: int) -> np.ndarray:
+        """(2, 2, C, h, w) array: [no flip, flip] x [mean, std] of one image."""
+        chunk = index // self.chunk_size
+        if chunk not in self._chunks:
+            self._chunks[chunk] = np.load(latent_chunk_path(self.path, chunk), mmap_mode="r")
+        return self._chunks[chunk][index % self.chunk_size]
+
+    def __getitem__(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+        moments = torch.from_numpy(np.array(self.moments(index), dtype=np.float32))
+        flip = int(torch.randint(2, (), generator=generator))
+        mean, std = moments[flip]
+        noise = torch.randn(mean.shape, generator=generator)
+        return (mean + std * noise) * self.scale, int(self.labels[index])
+
+
+#################################################################################
+#                      Procedural sinusoids (seed Fig. 1)                       #
+#################################################################################
+
+def sample_sinusoid_params(n: int, image_size: int = 32, generator: torch.Generator | None = None,
+                           components: int = 1) -> dict[str, torch.Tensor]:
+    """
+    Draw the parameters of n images with K=components waves each: integer frequency f in 1..S/4
+    (cycles per image, below Nyquist), direction theta ~ U[0, pi), phase phi ~ U[0, 2 pi), colours
+    c0, c1 ~ U[0, 1]^3. Shapes: f, theta, phi (n, K); c0, c1 (n, K, 3).
+
+    >>> sample_sinusoid_params(5, 32)["c0"].shape
+    torch.Size([5, 1, 3])
+    """
+    max_freq = max(1, image_size // 4)
+    shape = (n, components)
+    # One draw per field in a fixed order, so a given generator state always yields the same images.
+    f = torch.randint(1, max_freq + 1, shape, generator=generator).double()
+    theta = torch.rand(shape, generator=generator, dtype=torch.float64) * math.pi
+    phi = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 * math.pi
+    c0 = torch.rand(shape + (3,), generator=generator, dtype=torch.float64)
+    c1 = torch.rand(shape + (3,), generator=generator, dtype=torch.float64)
+    return dict(f=f, theta=theta, phi=phi, c0=c0, c1=c1)
+
+
+def render_sinusoids(params: dict[str, torch.Tensor], image_size: int = 32) -> torch.Tensor:
+    """
+    Images in [0, 1], shape (n, 3, S, S): x(u, v) = c0 + (c1 - c0) * (1 + sin(2 pi f (u cos theta +
+    v sin theta) / S + phi)) / 2 with u the column and v the row index; K components are averaged.
+
+    >>> render_sinusoids(sample_sinusoid_params(2, 16), 16).shape
+    torch.Size([2, 3, 16, 16])
+    """
+    coords = torch.arange(image_size, dtype=torch.float64)
+    v, u = coords[:, None], coords[None, :]
+    f, theta, phi = (params[k][..., None, None] for k in ("f", "theta", "phi"))  # (n, K, 1, 1)
+    wave = 0.5 * (1 + torch.sin(2 * math.pi * f * (u * torch.cos(theta) + v * torch.sin(theta)) / image_size + phi))
+    c0, c1 = params["c0"][..., None, None], params["c1"][..., None, None]  # (n, K, 3, 1, 1)
+    images = c0 + (c1 - c0) * wave[:, :, None]
+    return images.mean(dim=1).float()
+
+
+def make_sinusoids(n: int, image_size: int = 32, generator: torch.Generator | None = None,
+                   components: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """
+    n sinusoid images in [-1, 1] (n, 3, S, S) and their parameters (see sample_sinusoid_params).
+
+    >>> images, params = make_sinusoids(8, 32, torch.Generator().manual_seed(0))
+    >>> images.shape, bool(images.min() >= -1), bool(images.max() <= 1)
+    (torch.Size([8, 3, 32, 32]), True, True)
+    """
+    params = sample_sinusoid_params(n, image_size, generator, components)
+    return render_sinusoids(params, image_size) * 2 - 1, params
+
+
+def _index_generator(seed: int, index: int) -> torch.Generator:
+    """A generator seeded from (seed, index) alone: item i never depends on the dataset length."""
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class SinusoidDataset(Dataset):
+    """Procedural sinusoid images (3xSxS in [-1, 1], label 0); item i is a pure function of (seed, i)."""
+
+    def __init__(self, num_samples: int, image_size: int = 32, seed: int = 0, components: int = 1):
+        self.num_samples = num_samples
+        self.image_size = image_size
+        self.seed = seed
+        self.components = components
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def params(self, index: int) -> dict[str, torch.Tensor]:
+        """The true parameters of item index (each with a leading batch dim of 1)."""
+        return sample_sinusoid_params(1, self.image_size, _index_generator(self.seed, index), self.components)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        return render_sinusoids(self.params(index), self.image_size)[0] * 2 - 1, 0
+
+
+#################################################################################
+#                                Fashion-MNIST                                  #
+#################################################################################
+
+def read_idx(path: str) -> np.ndarray:
+    """
+    Read an IDX file (optionally .gz): big-endian magic (0, 0, dtype code, ndim), ndim uint32 sizes,
+    then the data. Used by MNIST-family datasets.
+
+    >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").shape  # doctest: +SKIP
+    (10000,)
+    """
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code not in dtypes:
+        raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if array.size != math.prod(shape):
+        raise ValueError(f"{path}: header says {shape} but holds {array.size} values")
+    return array.reshape(shape).astype(dtypes[dtype_code][1:])
+
+
+class FashionMNISTDataset(Dataset):
+    """Fashion-MNIST from IDX files -> (1xSxS float in [-1, 1], class index); 28 -> 32 by zero padding."""
+
+    FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+    def __init__(self, root: str = FASHION_MNIST_ROOT, split: str = "train", image_size: int = 32,
+                 random_flip: bool = False):
+        if split not in self.FILES:
+            raise ValueError(f"split must be one of {list(self.FILES)}, got {split!r}")
+        image_file, label_file = (os.path.join(root, name) for name in self.FILES[split])
+        if not os.path.exists(image_file):
+            raise FileNotFoundError(f"{image_file} missing: `apt-get install dataset-fashion-mnist` "
+                                    f"or pass the folder holding the IDX .gz files")
+        images, self.labels = read_idx(image_file), read_idx(label_file).astype(np.int64)
+        if len(images) != len(self.labels):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels in {root}")
+        pad = image_size - images.shape[1]
+        if pad >= 0 and pad % 2 == 0:
+            # Padding with the black background keeps the pixels exact (no resampling blur).
+            images = np.pad(images, ((0, 0), (pad // 2, pad // 2), (pad // 2, pad // 2)))
+        else:
+            images = np.stack([np.array(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
+                               for im in images])
+        self.images = images
+        self.image_size = image_size
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        arr = self.images[index]
+        if self.random_flip and torch.rand(()) < 0.5:
+            arr = arr[:, ::-1]
+        return to_tensor(arr), int(self.labels[index])
+
+
+#################################################################################
+#                                 Factory                                       #
+#################################################################################
+
+def build_dataset(name: str, data_path: str | None = None, image_size: int | None = None,
+                  num_samples: int = 50_000, seed: int = 0, components: int = 1, split: str = "train",
+                  random_flip: bool | None = None, root: str | None = None,
+                  path: str | None = None) -> tuple[Dataset, int, int, int]:
+    """
+    Build a dataset by name and return (dataset, in_channels, image_size, num_classes), where
+    image_size is the spatial size the model sees (the latent size for "latents").
+
+    name: "sinusoid" | "fashion-mnist" | "imagenet" (pixels, ImageFolder at data_path) | "latents"
+    (extract_latents.py output at data_path). root= and path= are accepted as aliases of data_path.
+
+    >>> dataset, channels, size, classes = build_dataset("sinusoid", num_samples=100)
+    >>> channels, size, classes
+    (3, 32, 1)
+    """
+    data_path = data_path or root or path
+    if name == "sinusoid":
+        size = image_size or 32
+        return SinusoidDataset(num_samples, size, seed=seed, components=components), 3, size, 1
+    if name == "fashion-mnist":
+        size = image_size or 32
+        dataset = FashionMNISTDataset(data_path or FASHION_MNIST_ROOT, split=split, image_size=size,
+                                      random_flip=bool(random_flip))
+        return dataset, 1, size, 10
+    if data_path is None:
+        raise ValueError(f"dataset {name!r} needs data_path (--data-path)")
+    if name == "imagenet":
+        size = image_size or 256
+        dataset = ImageFolderDataset(data_path, size, random_flip=True if random_flip is None else random_flip)
+        return dataset, 3, size, len(dataset.classes)
+    if name == "latents":
+        dataset = LatentDataset(data_path)
+        channels, height, _ = dataset.latent_shape
+        if image_size not in (None, height, dataset.meta["image_size"]):
+            raise ValueError(f"latents in {data_path} are {dataset.meta['image_size']}px images "
+                             f"({height}x{height} latents), not image_size={image_size}")
+        return dataset, channels, height, dataset.num_classes
+    raise ValueError(f"unknown dataset {name!r}: use sinusoid, fashion-mnist, imagenet or latents")

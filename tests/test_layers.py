@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+
+import anm
+from anm import find_blocks, select_layers
+from toy_models import ToyBlock, ToyDiT
+
+
+class MLP(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.experts = nn.ModuleList(MLP(d) for _ in range(4))
+
+
+def names(pairs):
+    return [name for name, _ in pairs]
+
+
+def test_auto_finds_sit_style_blocks():
+    assert names(find_blocks(ToyDiT(depth=3))) == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_auto_skips_experts_inside_blocks_and_lists_of_bare_layers():
+    model = nn.Module()
+    model.layers = nn.ModuleList(MoEBlock() for _ in range(3))
+    model.heads = nn.ModuleList(nn.Linear(8, 8) for _ in range(50))
+    assert names(find_blocks(model)) == ["layers.0", "layers.1", "layers.2"]
+
+
+def test_auto_takes_two_stacks_like_flux_but_not_a_tiny_one():
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList(ToyBlock(16) for _ in range(2))
+    model.single_transformer_blocks = nn.ModuleList(MLP(16) for _ in range(4))
+    model.refiner = nn.ModuleList(MLP(2) for _ in range(2))  # far smaller: not a block stack
+    found = names(find_blocks(model))
+    assert found == ["transformer_blocks.0", "transformer_blocks.1"] + [f"single_transformer_blocks.{i}" for i in range(4)]
+
+
+def test_auto_error_lists_what_it_saw():
+    with pytest.raises(anm.ANMError, match=r"layers='auto' found no.*Top-level modules seen: 0 \(Linear\)"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+
+def test_wrapper_prefixes_are_ignored():
+    class Wrapper(nn.Module):  # what DDP / torch.compile do to names
+        def __init__(self, inner):
+            super().__init__()
+            self.module = nn.Module()
+            self.module._orig_mod = inner
+
+    wrapped = Wrapper(ToyDiT(depth=2))
+    assert names(find_blocks(wrapped)) == ["blocks.0", "blocks.1"]
+    assert names(select_layers(wrapped, "blocks.*")) == ["blocks.0", "blocks.1"]
+    assert names(select_layers(wrapped, "module._orig_mod.blocks.1")) == ["blocks.1"]
+
+
+def test_glob_star_stays_within_one_component():
+    model = ToyDiT(depth=2)
+    assert names(select_layers(model, "blocks.*")) == ["blocks.0", "blocks.1"]
+    assert "blocks.0.mlp.0" in names(select_layers(model, "blocks.**"))
+    assert names(select_layers(model, "blocks.[1].mlp")) == ["blocks.1.mlp"]
+
+
+def test_class_module_predicate_and_mixed_lists():
+    model = ToyDiT(depth=3)
+    assert names(select_layers(model, ToyBlock)) == ["blocks.0", "blocks.1", "blocks.2"]
+    assert names(select_layers(model, [model.blocks[2], model.blocks[0]])) == ["blocks.0", "blocks.2"]
+    assert names(select_layers(model, lambda n, m: n.endswith(".proj"))) == [f"blocks.{i}.proj" for i in range(3)]
+    assert names(select_layers(model, ["embed", ToyBlock])) == ["embed", "blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_no_match_error_lists_candidates():
+    with pytest.raises(anm.ANMError, match=r"matched no module.*blocks.0"):
+        select_layers(ToyDiT(), "layers.*")
+    with pytest.raises(anm.ANMError, match="not an nn.Module"):
+        select_layers(ToyDiT(), int)
+    with pytest.raises(anm.ANMError, match="empty list"):
+        select_layers(ToyDiT(), [])
+    with pytest.raises(anm.ANMError, match="use 'auto'"):
+        select_layers(ToyDiT(), 3)
+
+
+def test_meta_device_models_are_fine():
+    with torch.device("meta"):
+        model = ToyDiT(dim=1024, depth=4)
+    assert len(find_blocks(model)) == 4

@@ -1,0 +1,222 @@
+import gc
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import anm
+from anm import ANM
+from toy_models import ToyDiT, make_batch, reference_anm
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("site", ["update", "output"])
+@pytest.mark.parametrize("reduce", ["l2", "rms"])
+def test_gradients_equal_hook_free_reference(site, reduce):
+    torch.manual_seed(0)
+    base = ToyDiT(depth=3)
+    x, t = make_batch()
+    alpha = 2.0 if reduce == "l2" else 0.4  # some tokens on each side of alpha
+    ref_out, ref_anm = reference_anm(base, x, t, alpha, lam=10.0, weight=0.25, site=site, rms=reduce == "rms")
+    (ref_out.pow(2).mean() + ref_anm).backward()
+    expected = grads(base)
+    base.zero_grad()
+
+    model = ANM(base, alpha=alpha, lam=10.0, warmup=4, site=site, reduce=reduce)
+    out = model(x, t)
+    loss = model.loss(step=1)  # warm-up weight 0.25
+    torch.testing.assert_close(loss, ref_anm)
+    assert 0 < loss.item() < 10
+    (out.pow(2).mean() + loss).backward()
+    got = {k.removeprefix("model."): v for k, v in grads(model).items()}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_returns_exactly_what_the_model_returns():
+    base = ToyDiT()
+    model = ANM(base)
+    x, t = make_batch()
+    torch.testing.assert_close(model(x, t), base(x, t), rtol=0, atol=0)
+
+
+def test_attributes_fall_through_and_cfg_calls_are_collected():
+    model = ANM(ToyDiT(depth=2), site="output", warmup=0)
+    assert model.checkpointing is None and isinstance(model.head, nn.Linear)
+    model.forward_with_cfg(*make_batch(), scale=4.0)
+    assert len(model.collector.records) == 4  # two passes × two blocks, each counted once
+    assert model.loss().item() > 0
+    with pytest.raises(AttributeError):
+        model.not_an_attribute
+
+
+def test_several_forwards_count_once_each():
+    model = ANM(ToyDiT(depth=2), alpha=50.0, warmup=0)
+    x, t = make_batch()
+    x2, t2 = make_batch(seed=1)
+    model(x, t)
+    model(x2, t2)
+    both = model.loss()
+    model(x, t)
+    first = model.loss()
+    model(x2, t2)
+    second = model.loss()
+    torch.testing.assert_close(both, (first + second) / 2)
+
+
+def test_eval_and_no_grad_record_nothing_and_loss_is_a_safe_zero():
+    model = ANM(ToyDiT())
+    x, t = make_batch()
+    model.eval()
+    model(x, t)
+    model.train()
+    with torch.no_grad():
+        model(x, t)
+    loss = model.loss()
+    assert loss.item() == 0.0 and not loss.requires_grad and loss.dim() == 0
+    total = model(x, t).sum() * 0 + loss  # adding it to a real loss is fine
+    total.backward()
+
+
+def test_state_dict_is_the_models_and_loads_checkpoints_both_ways():
+    base = ToyDiT()
+    model = ANM(base)
+    assert list(model.state_dict()) == list(base.state_dict())
+    other = ToyDiT()
+    model.load_state_dict(other.state_dict())  # a plain checkpoint loads into the wrapper (strict)
+    torch.testing.assert_close(base.head.weight, other.head.weight)
+    fresh = ToyDiT()
+    fresh.load_state_dict(model.state_dict())  # and the wrapper's checkpoint loads into a plain model
+    torch.testing.assert_close(fresh.head.weight, other.head.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({k: v for k, v in other.state_dict().items() if k != "head.bias"})
+
+
+def test_state_dict_when_nested_in_another_module():
+    outer = nn.Module()
+    outer.net = ANM(ToyDiT())
+    keys = list(outer.state_dict())
+    assert keys == ["net." + k for k in ToyDiT().state_dict()]
+    source = ToyDiT()
+    outer.load_state_dict({"net." + k: v for k, v in source.state_dict().items()})
+    torch.testing.assert_close(outer.net.model.embed.weight, source.embed.weight)
+
+
+def test_warmup_position_is_resumable():
+    model = ANM(ToyDiT(), warmup=10)
+    for _ in range(3):
+        model.loss()
+    state = model.anm_state_dict()
+    resumed = ANM(ToyDiT(), warmup=10)
+    resumed.load_anm_state_dict(state)
+    model(*make_batch())
+    resumed.load_state_dict(model.state_dict())
+    resumed(*make_batch())
+    torch.testing.assert_close(model.loss(), resumed.loss())
+    assert model.stats()["anm/weight"] == resumed.stats()["anm/weight"] == 0.3
+    with pytest.raises(anm.ANMError, match="anm_state_dict"):
+        resumed.load_anm_state_dict({})
+
+
+def test_stats_are_detached_floats_per_layer():
+    model = ANM(ToyDiT(depth=2), alpha=3.0, warmup=0)
+    assert model.stats() == {}
+    model(*make_batch())
+    loss = model.loss()
+    stats = model.stats()
+    assert set(stats) == {"anm/loss", "anm/weight", "anm/step", "anm/frac_below_alpha", "anm/norm/blocks.0",
+                          "anm/norm/blocks.1"}
+    assert all(isinstance(v, float) for v in stats.values())
+    assert stats["anm/loss"] == pytest.approx(loss.item())
+    assert 0.0 <= stats["anm/frac_below_alpha"] <= 1.0
+
+
+def test_no_memory_or_graph_kept_alive_over_many_steps():
+    model = ANM(ToyDiT(dim=16, depth=2), warmup=0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    x, t = make_batch(batch=2, tokens=3)
+
+    def step():
+        out = model(x, t)
+        (out.pow(2).mean() + model.loss()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(20):
+        step()
+    gc.collect()
+    baseline = sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    for _ in range(1000):
+        step()
+    gc.collect()
+    assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= baseline
+    assert model.collector.records == []
+    assert all(not n.requires_grad for _, n in model._last["records"])
+
+
+def test_nonfinite_norms_raise_naming_the_layer_or_are_skipped():
+    def poison(model):
+        with torch.no_grad():
+            model.blocks[1].proj.bias.fill_(float("nan"))
+
+    model = ANM(ToyDiT(depth=3), warmup=0)
+    poison(model)
+    model(*make_batch())
+    with pytest.raises(anm.ANMError, match=r"non-finite.*'blocks.1'.*nonfinite='skip'"):
+        model.loss()
+    model = ANM(ToyDiT(depth=3), warmup=0, nonfinite="skip", site="output")
+    with torch.no_grad():
+        model.blocks[2].proj.bias.fill_(float("nan"))
+    model(*make_batch())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = model.loss()
+    assert torch.isfinite(loss) and "blocks.2" in str(caught[0].message)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"alpha": 0}, "alpha must be"), ({"lam": -1}, "lam must be"), ({"warmup": -1}, "warmup must be"),
+     ({"site": "input"}, "unknown site"), ({"objective": "hinge2"}, "unknown objective"),
+     ({"reduce": "max"}, "unknown reduce"), ({"nonfinite": "ignore"}, "unknown nonfinite"),
+     ({"layers": "nothing.*"}, "matched no module"), ({"granularity": "layer"}, "unknown granularity")],
+)
+def test_invalid_configuration_is_one_clear_error(kwargs, match):
+    with pytest.raises(anm.ANMError, match=match):
+        ANM(ToyDiT(), **kwargs)
+
+
+def test_unwrap_and_close_remove_every_hook():
+    base = ToyDiT()
+    model = ANM(base)
+    assert all(len(b._forward_hooks) == 1 for b in base.blocks)
+    assert model.unwrap() is base
+    assert all(len(b._forward_hooks) == 0 for b in base.blocks)
+    model.close()  # twice is fine
+
+
+def test_bf16_autocast_norms_are_fp32_and_match():
+    model = ANM(ToyDiT(), site="output", alpha=50.0, warmup=0)
+    x, t = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t)
+    assert all(n.dtype == torch.float32 for n in model.collector.norms())
+    low = model.loss()
+    model(x, t)
+    torch.testing.assert_close(low, model.loss(), rtol=2e-2, atol=1e-3)
+
+
+def test_step_counter_and_explicit_step():
+    model = ANM(ToyDiT(), warmup=4)
+    model.loss()
+    model.loss()
+    assert model.step == 2
+    model.loss(step=10)
+    assert model.step == 11 and model.stats()["anm/weight"] == 1.0
+    with pytest.raises(anm.ANMError, match="step must be >= 0"):
+        model.loss(step=-1)
