@@ -1,0 +1,101 @@
+"""ANM wraps popular model families built from configs (random weights, nothing downloaded)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import anm
+from anm import ANM
+
+
+def check_wrap(model, call, expected_layers, min_records=None):
+    """Output unchanged, every block recorded once per call, the loss has gradients for every block."""
+    model.train()
+    torch.manual_seed(0)
+    reference = call(model)
+    wrapped = ANM(model, alpha=1e4, warmup=0)  # alpha far above every norm: the hinge is active everywhere
+    assert wrapped.collector.names == expected_layers
+    torch.manual_seed(0)
+    out = call(wrapped)
+    ref_t = reference if torch.is_tensor(reference) else reference[0]
+    out_t = out if torch.is_tensor(out) else out[0]
+    torch.testing.assert_close(out_t, ref_t, rtol=0, atol=0)
+    assert len(wrapped.collector.records) == (min_records or len(expected_layers))
+    loss = wrapped.loss()
+    assert 0 < loss.item() <= 10
+    loss.backward()
+    for name in expected_layers:
+        block = dict(model.named_modules())[name]
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()), name
+    wrapped.unwrap()
+
+
+def test_hf_gpt2_from_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 50, (2, 8))
+    check_wrap(model, lambda m: m(input_ids=ids).logits, [f"transformer.h.{i}" for i in range(3)])
+
+
+def test_hf_llama_from_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=50)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 50, (2, 8))
+    check_wrap(model, lambda m: m(input_ids=ids).logits, ["model.layers.0", "model.layers.1"])
+
+
+def test_diffusers_dit_transformer_from_config():
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    )
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 3])
+    check_wrap(model, lambda m: m(x, timestep=t, class_labels=y).sample,
+               ["transformer_blocks.0", "transformer_blocks.1"])
+
+
+def test_diffusers_flux_double_and_single_stacks():
+    diffusers = pytest.importorskip("diffusers")
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    )
+    b, n_img, n_txt = 2, 6, 3
+    kwargs = dict(
+        hidden_states=torch.randn(b, n_img, 4), encoder_hidden_states=torch.randn(b, n_txt, 16),
+        pooled_projections=torch.randn(b, 16), timestep=torch.tensor([0.5, 0.7]),
+        img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3), guidance=None,
+    )
+    check_wrap(model, lambda m: m(**kwargs).sample,
+               ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                "single_transformer_blocks.1"])
+
+
+def test_timm_vit():
+    timm = pytest.importorskip("timm", reason="timm needs torchvision, which the CPU torch build lacks here")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    check_wrap(model, lambda m: m(x), ["blocks.0", "blocks.1"])
+
+
+def test_sit_example_model():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+    models = pytest.importorskip("models")
+    model = models.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+                       num_classes=10)
+    for block in model.blocks:  # leave adaLN-Zero's identity start so the updates are non-zero
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    check_wrap(model, lambda m: m(x, t, y), [f"blocks.{i}" for i in range(3)])
+    wrapped = ANM(model, warmup=0)
+    model.eval()
+    with torch.no_grad():
+        wrapped.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.tensor([1, 2, 10, 10]), 4.0)
+    assert wrapped.collector.records == []  # sampling: eval + no_grad records nothing

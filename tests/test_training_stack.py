@@ -1,0 +1,145 @@
+"""ANM inside a real training stack: torch.compile, activation checkpointing, DDP, autocast."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import anm
+from anm import ANM
+from toy_models import ToyDiT, make_batch
+
+ALPHA = 3.0  # the toy's update norms straddle this, so the hinge is active for some tokens
+
+
+def twin_models(depth=2, **kw):
+    torch.manual_seed(0)
+    a = ToyDiT(depth=depth, **kw)
+    b = ToyDiT(depth=depth, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train_step(model, wrapper, x, t, step=3):
+    out = model(x, t)
+    loss = out.pow(2).mean() + wrapper.loss(step=step)
+    loss.backward()
+    return loss.detach()
+
+
+def assert_same_grads(a, b, atol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=atol, msg=name)
+
+
+# -- torch.compile -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_gives_eager_gradients(backend):
+    torch._dynamo.reset()
+    eager_base, compiled_base = twin_models()
+    eager, wrapped = ANM(eager_base, alpha=ALPHA, warmup=5), ANM(compiled_base, alpha=ALPHA, warmup=5)
+    compiled = torch.compile(wrapped, fullgraph=True, backend=backend)
+    x, t = make_batch()
+    for step in range(2):  # the second call reuses the compiled graph
+        eager_loss = train_step(eager, eager, x, t, step=step + 2)
+        compiled_loss = train_step(compiled, wrapped, x, t, step=step + 2)
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert wrapped.stats()["anm/loss"] > 0
+    assert_same_grads(compiled_base, eager_base, atol=1e-5)
+
+
+def test_wrapping_an_already_compiled_model():
+    torch._dynamo.reset()
+    eager_base, compiled_base = twin_models()
+    eager = ANM(eager_base, alpha=ALPHA, warmup=0)
+    wrapped = ANM(torch.compile(compiled_base, backend="aot_eager"), alpha=ALPHA, warmup=0)
+    assert wrapped.collector.names == ["blocks.0", "blocks.1"]  # `_orig_mod.` is stripped
+    x, t = make_batch()
+    torch.testing.assert_close(train_step(wrapped, wrapped, x, t), train_step(eager, eager, x, t))
+    assert_same_grads(compiled_base, eager_base, atol=1e-5)
+
+
+# -- activation checkpointing --------------------------------------------------------------------------
+def test_non_reentrant_checkpointing_same_gradients_no_double_count():
+    plain_base, ckpt_base = twin_models(depth=3)
+    ckpt_base.checkpointing = "non-reentrant"
+    plain, ckpt = ANM(plain_base, alpha=ALPHA, warmup=0), ANM(ckpt_base, alpha=ALPHA, warmup=0)
+    x, t = make_batch()
+    out = ckpt(x, t)
+    assert len(ckpt.collector.records) == 3
+    loss = out.pow(2).mean() + ckpt.loss()
+    loss.backward()  # replays each block's forward: its hook must not record again
+    assert ckpt.collector.records == []
+    torch.testing.assert_close(loss.detach(), train_step(plain, plain, x, t, step=0))
+    assert_same_grads(ckpt_base, plain_base)
+
+
+def test_compile_with_checkpointing_needs_graph_breaks_but_stays_correct():
+    torch._dynamo.reset()
+    plain_base, ckpt_base = twin_models()
+    ckpt_base.checkpointing = "non-reentrant"
+    plain, wrapped = ANM(plain_base, alpha=ALPHA, warmup=0), ANM(ckpt_base, alpha=ALPHA, warmup=0)
+    compiled = torch.compile(wrapped, backend="aot_eager")  # fullgraph=False: dynamo splits at checkpoint
+    x, t = make_batch()
+    torch.testing.assert_close(train_step(compiled, wrapped, x, t), train_step(plain, plain, x, t))
+    assert_same_grads(ckpt_base, plain_base, atol=1e-5)
+
+
+def test_reentrant_checkpointing_is_a_clear_error_not_a_silent_zero():
+    base = ToyDiT()
+    base.checkpointing = "reentrant"
+    model = ANM(base)
+    x, t = make_batch()
+    x.requires_grad_(True)  # reentrant checkpoint needs a grad-requiring input to backprop at all
+    with pytest.raises(anm.ANMError, match="use_reentrant=False"):
+        model(x, t)
+
+
+def test_frozen_prefix_under_no_grad_is_not_mistaken_for_checkpointing():
+    model = ANM(ToyDiT(depth=2))
+    x, t = make_batch()
+    with torch.no_grad():  # inputs do not require grad: just an ordinary no_grad forward
+        model(x, t)
+    assert model.collector.records == []
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+def _ddp_worker(rank, world, init_file, out_dir, find_unused, wrap_order):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = ToyDiT(depth=2)
+    x, t = make_batch(batch=8)
+    shard = slice(rank * 4, rank * 4 + 4)
+    if wrap_order == "ddp(anm)":
+        wrapper = ANM(base, alpha=ALPHA, warmup=0)
+        model = DDP(wrapper, find_unused_parameters=find_unused)
+    else:
+        model = DDP(base, find_unused_parameters=find_unused)
+        wrapper = ANM(model, alpha=ALPHA, warmup=0)
+    for _ in range(2):  # two steps: the reducer must be ready again for the second
+        base.zero_grad()
+        out = model(x[shard], t[shard])
+        (out.pow(2).mean() + wrapper.loss()).backward()
+    torch.save({n: p.grad for n, p in base.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+@pytest.mark.parametrize("wrap_order", ["ddp(anm)", "anm(ddp)"])
+def test_ddp_two_processes_match_one_process_on_the_full_batch(find_unused, wrap_order, tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_ddp_worker, args=(2, init_file, str(tmp_path), find_unused, wrap_order), nprocs=2, join=True)
+    torch.manual_seed(0)
+    base = ToyDiT(depth=2)
+    single = ANM(base, alpha=ALPHA, warmup=0)
+    x, t = make_batch(batch=8)
+    (single(x, t).pow(2).mean() + single.loss()).backward()
+    for rank in range(2):
+        grads = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, p in base.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
