@@ -27,7 +27,8 @@ class _TokenNorm(torch.autograd.Function):
         diff = x if minus is None else x - minus
         # dtype= upcasts inside the reduction: no fp32 copy, and fp16 squares cannot overflow.
         dtype = torch.promote_types(diff.dtype, torch.float32)
-        return torch.linalg.vector_norm(diff, dim=-1, dtype=dtype) * scale
+        norm = torch.linalg.vector_norm(diff, dim=-1, dtype=dtype)
+        return norm if scale == 1.0 else norm * scale
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -38,15 +39,17 @@ class _TokenNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_norm: Tensor):
         x, minus, norm = ctx.saved_tensors
-        diff = x if minus is None else x - minus
         # d(s·‖a‖)/da = s·a/‖a‖ = s²·a/norm; 0 at a = 0 like vector_norm's subgradient (adaLN-Zero blocks
         # start with an update of exactly 0, where a naive a/‖a‖ would be NaN).
-        coeff = torch.where(norm > 0, grad_norm * (ctx.scale * ctx.scale) / norm.clamp_min(1e-30), 0.0)
-        grad = diff * coeff.unsqueeze(-1).to(diff.dtype)
+        scale2 = ctx.scale * ctx.scale
+        coeff = (grad_norm if scale2 == 1.0 else grad_norm * scale2) / norm
+        coeff = coeff.masked_fill(norm == 0, 0.0).unsqueeze(-1)
+        if minus is None:
+            return x * coeff.to(x.dtype), None, None
+        # The difference is a fresh tensor: scale it in place rather than allocate the gradient anew.
+        grad = (x - minus).mul_(coeff.to(torch.promote_types(x.dtype, minus.dtype)))
         grad_x = grad.to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_minus = None
-        if minus is not None and ctx.needs_input_grad[1]:
-            grad_minus = -grad.to(minus.dtype)
+        grad_minus = grad.neg().to(minus.dtype) if ctx.needs_input_grad[1] else None
         return grad_x, grad_minus, None
 
 
