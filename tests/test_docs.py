@@ -20,7 +20,7 @@ def python_blocks():
             yield pytest.param(block, id=f"{path.name}-{index}")
 
 
-@pytest.mark.parametrize("block", python_blocks())
+@pytest.mark.parametrize("block", list(python_blocks()))
 def test_doc_code_runs(block):
     exec(compile(block, "<doc>", "exec"), {})
 
