@@ -9,6 +9,7 @@ Datasets for the SiT example, all returning (image_or_latent tensor, int label):
 build_dataset(name, ...) picks one and says what the model needs (channels, size, classes).
 Only PIL + numpy + torch: nothing here downloads anything.
 """
+
 import gzip
 import json
 import math
@@ -20,7 +21,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT
@@ -29,6 +29,7 @@ LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT
 #################################################################################
 #                          ImageNet (ImageFolder layout)                        #
 #################################################################################
+
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     """
@@ -45,7 +46,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
-    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+    return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -107,6 +108,7 @@ class ImageFolderDataset(Dataset):
 #                      Pre-extracted VAE latents                                #
 #################################################################################
 
+
 def latent_chunk_path(path: str, chunk: int) -> str:
     """File holding the posterior moments of one chunk (shared with extract_latents.py)."""
     return os.path.join(path, f"chunk_{chunk:06d}.npy")
@@ -135,8 +137,10 @@ class LatentDataset(Dataset):
         self.num_chunks = math.ceil(self.meta["num_images"] / self.chunk_size)
         missing = [c for c in range(self.num_chunks) if not os.path.exists(latent_chunk_path(path, c))]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} of {self.num_chunks} latent chunks missing in {path} "
-                                    f"(first: {missing[0]}); rerun extract_latents.py to finish them")
+            raise FileNotFoundError(
+                f"{len(missing)} of {self.num_chunks} latent chunks missing in {path} "
+                f"(first: {missing[0]}); rerun extract_latents.py to finish them"
+            )
         self.labels = np.load(os.path.join(path, "labels.npy"))
         self.scale = self.meta.get("scaling_factor", LATENT_SCALE) if scale is None else scale
         self.latent_shape = tuple(self.meta["latent_shape"])
@@ -165,8 +169,10 @@ class LatentDataset(Dataset):
 #                      Procedural sinusoids (seed Fig. 1)                       #
 #################################################################################
 
-def sample_sinusoid_params(n: int, image_size: int = 32, generator: torch.Generator | None = None,
-                           components: int = 1) -> dict[str, torch.Tensor]:
+
+def sample_sinusoid_params(
+    n: int, image_size: int = 32, generator: torch.Generator | None = None, components: int = 1
+) -> dict[str, torch.Tensor]:
     """
     Draw the parameters of n images with K=components waves each: integer frequency f in 1..S/4
     (cycles per image, below Nyquist), direction theta ~ U[0, pi), phase phi ~ U[0, 2 pi), colours
@@ -197,14 +203,17 @@ def render_sinusoids(params: dict[str, torch.Tensor], image_size: int = 32) -> t
     coords = torch.arange(image_size, dtype=torch.float64)
     v, u = coords[:, None], coords[None, :]
     f, theta, phi = (params[k][..., None, None] for k in ("f", "theta", "phi"))  # (n, K, 1, 1)
-    wave = 0.5 * (1 + torch.sin(2 * math.pi * f * (u * torch.cos(theta) + v * torch.sin(theta)) / image_size + phi))
+    wave = 0.5 * (
+        1 + torch.sin(2 * math.pi * f * (u * torch.cos(theta) + v * torch.sin(theta)) / image_size + phi)
+    )
     c0, c1 = params["c0"][..., None, None], params["c1"][..., None, None]  # (n, K, 3, 1, 1)
     images = c0 + (c1 - c0) * wave[:, :, None]
     return images.mean(dim=1).float()
 
 
-def make_sinusoids(n: int, image_size: int = 32, generator: torch.Generator | None = None,
-                   components: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def make_sinusoids(
+    n: int, image_size: int = 32, generator: torch.Generator | None = None, components: int = 1
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """
     n sinusoid images in [-1, 1] (n, 3, S, S) and their parameters (see sample_sinusoid_params).
 
@@ -248,6 +257,7 @@ class SinusoidDataset(Dataset):
 #                                Fashion-MNIST                                  #
 #################################################################################
 
+
 def read_idx(path: str) -> np.ndarray:
     """
     Read an IDX file (optionally .gz): big-endian magic (0, 0, dtype code, ndim), ndim uint32 sizes,
@@ -263,7 +273,7 @@ def read_idx(path: str) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code not in dtypes:
         raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()})")
-    shape = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if array.size != math.prod(shape):
         raise ValueError(f"{path}: header says {shape} but holds {array.size} values")
@@ -273,17 +283,26 @@ def read_idx(path: str) -> np.ndarray:
 class FashionMNISTDataset(Dataset):
     """Fashion-MNIST from IDX files -> (1xSxS float in [-1, 1], class index); 28 -> 32 by zero padding."""
 
-    FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    FILES = {
+        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    }
 
-    def __init__(self, root: str = FASHION_MNIST_ROOT, split: str = "train", image_size: int = 32,
-                 random_flip: bool = False):
+    def __init__(
+        self,
+        root: str = FASHION_MNIST_ROOT,
+        split: str = "train",
+        image_size: int = 32,
+        random_flip: bool = False,
+    ):
         if split not in self.FILES:
             raise ValueError(f"split must be one of {list(self.FILES)}, got {split!r}")
         image_file, label_file = (os.path.join(root, name) for name in self.FILES[split])
         if not os.path.exists(image_file):
-            raise FileNotFoundError(f"{image_file} missing: `apt-get install dataset-fashion-mnist` "
-                                    f"or pass the folder holding the IDX .gz files")
+            raise FileNotFoundError(
+                f"{image_file} missing: `apt-get install dataset-fashion-mnist` "
+                f"or pass the folder holding the IDX .gz files"
+            )
         images, self.labels = read_idx(image_file), read_idx(label_file).astype(np.int64)
         if len(images) != len(self.labels):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels in {root}")
@@ -292,8 +311,12 @@ class FashionMNISTDataset(Dataset):
             # Padding with the black background keeps the pixels exact (no resampling blur).
             images = np.pad(images, ((0, 0), (pad // 2, pad // 2), (pad // 2, pad // 2)))
         else:
-            images = np.stack([np.array(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
-                               for im in images])
+            images = np.stack(
+                [
+                    np.array(Image.fromarray(im).resize((image_size, image_size), Image.BICUBIC))
+                    for im in images
+                ]
+            )
         self.images = images
         self.image_size = image_size
         self.random_flip = random_flip
@@ -312,10 +335,19 @@ class FashionMNISTDataset(Dataset):
 #                                 Factory                                       #
 #################################################################################
 
-def build_dataset(name: str, data_path: str | None = None, image_size: int | None = None,
-                  num_samples: int = 50_000, seed: int = 0, components: int = 1, split: str = "train",
-                  random_flip: bool | None = None, root: str | None = None,
-                  path: str | None = None) -> tuple[Dataset, int, int, int]:
+
+def build_dataset(
+    name: str,
+    data_path: str | None = None,
+    image_size: int | None = None,
+    num_samples: int = 50_000,
+    seed: int = 0,
+    components: int = 1,
+    split: str = "train",
+    random_flip: bool | None = None,
+    root: str | None = None,
+    path: str | None = None,
+) -> tuple[Dataset, int, int, int]:
     """
     Build a dataset by name and return (dataset, in_channels, image_size, num_classes), where
     image_size is the spatial size the model sees (the latent size for "latents").
@@ -333,20 +365,25 @@ def build_dataset(name: str, data_path: str | None = None, image_size: int | Non
         return SinusoidDataset(num_samples, size, seed=seed, components=components), 3, size, 1
     if name == "fashion-mnist":
         size = image_size or 32
-        dataset = FashionMNISTDataset(data_path or FASHION_MNIST_ROOT, split=split, image_size=size,
-                                      random_flip=bool(random_flip))
+        dataset = FashionMNISTDataset(
+            data_path or FASHION_MNIST_ROOT, split=split, image_size=size, random_flip=bool(random_flip)
+        )
         return dataset, 1, size, 10
     if data_path is None:
         raise ValueError(f"dataset {name!r} needs data_path (--data-path)")
     if name == "imagenet":
         size = image_size or 256
-        dataset = ImageFolderDataset(data_path, size, random_flip=True if random_flip is None else random_flip)
+        dataset = ImageFolderDataset(
+            data_path, size, random_flip=True if random_flip is None else random_flip
+        )
         return dataset, 3, size, len(dataset.classes)
     if name == "latents":
         dataset = LatentDataset(data_path)
         channels, height, _ = dataset.latent_shape
         if image_size not in (None, height, dataset.meta["image_size"]):
-            raise ValueError(f"latents in {data_path} are {dataset.meta['image_size']}px images "
-                             f"({height}x{height} latents), not image_size={image_size}")
+            raise ValueError(
+                f"latents in {data_path} are {dataset.meta['image_size']}px images "
+                f"({height}x{height} latents), not image_size={image_size}"
+            )
         return dataset, channels, height, dataset.num_classes
     raise ValueError(f"unknown dataset {name!r}: use sinusoid, fashion-mnist, imagenet or latents")

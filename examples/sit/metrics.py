@@ -5,13 +5,14 @@ k-NN precision/recall (Kynkaanniemi et al. 2019) and 1-D Wasserstein-1.
 Pure numpy/torch (no scipy), so the same math serves Inception features (evaluate.py) and
 sinusoid parameter features (sinusoid_metric.py).
 """
+
 import numpy as np
 import torch
-
 
 #################################################################################
 #                                Frechet Distance                               #
 #################################################################################
+
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
@@ -63,6 +64,7 @@ def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray)
 #                              MMD^2 / Kernel Inception Distance                #
 #################################################################################
 
+
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """KID kernel k(x, y) = (x.y / d + 1)^3."""
     return (x @ y.T / x.shape[1] + 1) ** 3
@@ -83,8 +85,13 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, kernel=polynomial_kernel) -> flo
     return float(term_xx + term_yy - 2 * k_xy.mean())
 
 
-def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    features1: np.ndarray,
+    features2: np.ndarray,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
     """
     KID (Binkowski et al. 2018): mean and std of the unbiased polynomial-kernel MMD^2 over random
     subsets of both sets (subset_size is capped at the smaller set).
@@ -106,28 +113,31 @@ def kernel_inception_distance(features1: np.ndarray, features2: np.ndarray, num_
 #                          k-NN Precision / Recall                              #
 #################################################################################
 
+
 def _kth_neighbour_radii(features: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     """Distance from each point to its k-th nearest other point of the same set."""
     radii = []
     for start in range(0, len(features), batch_size):
-        dists = torch.cdist(features[start:start + batch_size], features)
+        dists = torch.cdist(features[start : start + batch_size], features)
         # The k+1 smallest include the point itself at distance 0.
         radii.append(dists.topk(k + 1, dim=1, largest=False).values[:, -1])
     return torch.cat(radii)
 
 
-def _inside_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
-                     batch_size: int) -> torch.Tensor:
+def _inside_manifold(
+    queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Whether each query lies within the k-NN ball of at least one support point."""
     inside = []
     for start in range(0, len(queries), batch_size):
-        dists = torch.cdist(queries[start:start + batch_size], support)
+        dists = torch.cdist(queries[start : start + batch_size], support)
         inside.append((dists <= radii[None, :]).any(dim=1))
     return torch.cat(inside)
 
 
-def precision_recall(real_features: np.ndarray, gen_features: np.ndarray, k: int = 3,
-                     batch_size: int = 1024) -> tuple[float, float]:
+def precision_recall(
+    real_features: np.ndarray, gen_features: np.ndarray, k: int = 3, batch_size: int = 1024
+) -> tuple[float, float]:
     """
     Improved precision/recall (Kynkaanniemi et al. 2019): the real (generated) manifold is the union of
     balls around each real (generated) point reaching its k-th nearest neighbour; precision is the
@@ -148,6 +158,7 @@ def precision_recall(real_features: np.ndarray, gen_features: np.ndarray, k: int
 #################################################################################
 #                                Wasserstein-1                                  #
 #################################################################################
+
 
 def wasserstein1(a: np.ndarray, b: np.ndarray) -> float:
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 #################################################################################
 #               Embedding Layers for Timesteps and Class Labels                 #
 #################################################################################
+
 
 class TimestepEmbedder(nn.Module):
     """Embeds continuous timesteps t in [0, 1] into vectors: sinusoidal feature -> MLP."""
@@ -48,7 +49,9 @@ class TimestepEmbedder(nn.Module):
         Example: TimestepEmbedder.timestep_embedding(torch.rand(8), 256).shape == (8, 256)
         """
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         # t is used as is (no x1000 rescale): SiT feeds t in [0, 1], unlike DiT's integer steps.
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -82,7 +85,9 @@ class LabelEmbedder(nn.Module):
             drop_ids = force_drop_ids == 1
         return torch.where(drop_ids, self.num_classes, labels)
 
-    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -91,6 +96,7 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 #                      Patch Embedding, Attention and MLP                       #
 #################################################################################
+
 
 class PatchEmbed(nn.Module):
     """Cuts a (N, C, H, W) input into p x p patches and projects each to a token: (N, T, D), row-major."""
@@ -145,6 +151,7 @@ class Mlp(nn.Module):
 #                                 Core SiT Model                                #
 #################################################################################
 
+
 class SiTBlock(nn.Module):
     """A SiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
@@ -157,7 +164,9 @@ class SiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -206,10 +215,13 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
-        # Fixed sin-cos embedding; a frozen Parameter (not a buffer) so it sits in the state_dict like the reference.
+        # Fixed sin-cos embedding; a frozen Parameter (not a buffer) so that it sits in the state_dict
+        # like the reference.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
 
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -306,7 +318,8 @@ class SiT(nn.Module):
 
         Example:
             z = torch.randn(2, 4, 32, 32); y = torch.tensor([1, 2]); null = torch.full_like(y, 1000)
-            out = model.forward_with_cfg(torch.cat([z, z]), torch.rand(1).expand(4), torch.cat([y, null]), 1.5)
+            t = torch.full((4,), 0.5)
+            out = model.forward_with_cfg(torch.cat([z, z]), t, torch.cat([y, null]), cfg_scale=1.5)
             v = out[:2]  # guided velocity of z
         """
         half = x[: len(x) // 2]
@@ -326,6 +339,7 @@ class SiT(nn.Module):
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
+
 
 def get_1d_sincos_pos_embed(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
     """(M,) positions -> (M, embed_dim) [sin(pos * w), cos(pos * w)], w_k = 10000^(-k / (embed_dim / 2))."""
@@ -395,6 +409,7 @@ def create_model(name: str, **kwargs) -> SiT:
 #################################################################################
 #                              Checkpoint Loading                               #
 #################################################################################
+
 
 def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, object]) -> dict[str, torch.Tensor]:
     if isinstance(path_or_state_dict, Mapping):

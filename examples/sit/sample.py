@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
-
 from models import SiT, create_model, load_official_checkpoint
+from PIL import Image
 from samplers import Sampler
+from torch import nn
 from transport import create_transport
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by DiT/SiT
@@ -77,12 +77,14 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int =
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top: top + h, left: left + w] = image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
 
 
-def make_sample_fn(transport, mode: str, method: str, num_steps: int, last_step: str | None = "Mean") -> Callable:
+def make_sample_fn(transport, mode: str, method: str, num_steps: int,
+                   last_step: str | None = "Mean") -> Callable:
     """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see samplers.py)."""
     sampler = Sampler(transport)
     if mode == "ode":
@@ -121,7 +123,8 @@ def main(args: argparse.Namespace) -> str:
     """Write a grid of samples to args.out; returns the path."""
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_model(args.ckpt, device, args.model, args.image_size, args.num_classes, not args.no_ema)
+    model, info = load_model(args.ckpt, device, args.model, args.image_size, args.num_classes,
+                             use_ema=not args.no_ema)
     vae = None
     if info["latent"]:
         vae_path = args.vae or info["vae"]
@@ -143,17 +146,21 @@ def main(args: argparse.Namespace) -> str:
     x = generate(model, z.to(device), y.to(device), sample_fn, cfg_scale, args.cfg_channels,
                  generator=torch.Generator(device).manual_seed(args.seed))
     save_grid(decode_to_uint8(x, vae), args.out, nrow=args.nrow)
-    print(f"Saved {len(y)} samples ({args.mode} {args.method}, {num_steps} steps, cfg {cfg_scale}) to {args.out}")
+    print(f"Saved {len(y)} samples ({args.mode} {args.method}, {num_steps} steps, cfg {cfg_scale}) "
+          f"to {args.out}")
     return args.out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, required=True, help="train.py checkpoint or official .pt")
-    parser.add_argument("--model", type=str, default=None, help="config of an official checkpoint, e.g. SiT-XL/2")
+    parser.add_argument("--model", type=str, default=None,
+                        help="config of an official checkpoint, e.g. SiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256, help="official checkpoints: image pixels")
     parser.add_argument("--num-classes", type=int, default=1000, help="official checkpoints")
-    parser.add_argument("--vae", type=str, default=None, help="VAE dir or hub id (default: the one trained with)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="VAE dir or hub id (default: the one trained with)")
     parser.add_argument("--no-ema", action="store_true", help="our checkpoints: raw weights instead of EMA")
     parser.add_argument("--mode", choices=["ode", "sde"], default="ode")
     parser.add_argument("--method", choices=["euler", "heun"], default="heun")

@@ -20,13 +20,11 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
-from tqdm.auto import tqdm
-
 from npz import save_npz
+from PIL import Image
 from sample import decode_to_uint8, generate, load_model, load_vae, make_sample_fn
+from tqdm.auto import tqdm
 from transport import create_transport
-
 
 #################################################################################
 #                                 Helpers                                       #
@@ -81,10 +79,12 @@ def main(args: argparse.Namespace) -> str:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         created = True
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32  # faster, slightly less exact
 
-    model, info = load_model(args.ckpt, device, args.model, args.image_size, args.num_classes, not args.no_ema)
+    model, info = load_model(args.ckpt, device, args.model, args.image_size, args.num_classes,
+                             use_ema=not args.no_ema)
     vae = None
     if info["latent"]:
         if (args.vae or info["vae"]) is None:
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> str:
         sde_gen = torch.Generator(device).manual_seed(sample_seed(args.global_seed, indices[0], stream=1))
         x = generate(model, z.to(device), y.to(device), sample_fn, args.cfg_scale, args.cfg_channels, sde_gen)
         images = decode_to_uint8(x, vae)
-        for i, image in zip(indices, images):
+        for i, image in zip(indices, images, strict=True):
             if i in todo:
                 save_png(image, png_path(folder, i))
 
@@ -121,7 +121,9 @@ def main(args: argparse.Namespace) -> str:
         dist.barrier()
     npz_path = f"{folder}.npz"
     if rank == 0:
-        save_npz(folder, args.num_fid_samples, npz_path)
+        images = np.stack([np.array(Image.open(png_path(folder, i)).convert("RGB"))
+                           for i in range(args.num_fid_samples)])
+        save_npz(images, npz_path)  # ADM format: arr_0, uint8 N x H x W x 3
         print(f"Saved {npz_path}")
     if world_size > 1:
         dist.barrier()
@@ -131,12 +133,15 @@ def main(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=str, required=True, help="train.py checkpoint or official .pt")
-    parser.add_argument("--model", type=str, default=None, help="config of an official checkpoint, e.g. SiT-XL/2")
+    parser.add_argument("--model", type=str, default=None,
+                        help="config of an official checkpoint, e.g. SiT-XL/2")
     parser.add_argument("--image-size", type=int, default=256, help="official checkpoints: image pixels")
     parser.add_argument("--num-classes", type=int, default=1000, help="official checkpoints")
-    parser.add_argument("--vae", type=str, default=None, help="VAE dir or hub id (default: the one trained with)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="VAE dir or hub id (default: the one trained with)")
     parser.add_argument("--no-ema", action="store_true", help="our checkpoints: raw weights instead of EMA")
     parser.add_argument("--mode", choices=["ode", "sde"], default="sde")
     parser.add_argument("--method", choices=["euler", "heun"], default="euler")

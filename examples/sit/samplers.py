@@ -1,4 +1,4 @@
-"""ODE and SDE samplers for SiT transports: noise z at t=0 -> sample at t=1 (see transport.py for the time convention).
+"""ODE and SDE samplers for SiT transports: noise z at t=0 -> sample at t=1 (time convention: transport.py).
 
 Every sample_* method returns a function  fn(z, model_fn, generator=None, **model_kwargs) -> x  that calls
 model_fn(x, t, **model_kwargs) with t of shape (N,) and returns the final sample only. generator seeds the
@@ -15,10 +15,9 @@ Use nfe_to_steps / steps_to_nfe instead of doing this arithmetic by hand.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 from transport import ModelFn, Tensor, Transport, expand_t_like_x
 
 SampleFn = Callable[..., Tensor]
@@ -28,6 +27,7 @@ SampleFn = Callable[..., Tensor]
 #                               NFE bookkeeping                                 #
 #################################################################################
 
+
 def _evals_per_step(method: str) -> int:
     method = method.lower()
     if method not in ("euler", "heun"):
@@ -35,7 +35,9 @@ def _evals_per_step(method: str) -> int:
     return 1 if method == "euler" else 2
 
 
-def steps_to_nfe(num_steps: int, method: str = "heun", sde: bool = False, last_step: str | None = "Mean") -> int:
+def steps_to_nfe(
+    num_steps: int, method: str = "heun", sde: bool = False, last_step: str | None = "Mean"
+) -> int:
     """Network evaluations of sample_ode(num_steps, method) or, with sde=True, of sample_sde(...).
 
     Example: steps_to_nfe(125, "heun") == 250; steps_to_nfe(250, "euler", sde=True) == 250
@@ -62,6 +64,7 @@ def nfe_to_steps(nfe: int, method: str = "heun", sde: bool = False, last_step: s
 #                              SDE diffusion forms                              #
 #################################################################################
 
+
 def diffusion_coefficient(transport: Transport, t: Tensor, form: str = "sigma", norm: float = 1.0) -> Tensor:
     """w(t) in  dx = [v + w s] dt + sqrt(2 w) dW  (any w >= 0 keeps the marginals of the ODE).
 
@@ -82,16 +85,21 @@ def diffusion_coefficient(transport: Transport, t: Tensor, form: str = "sigma", 
         return norm * (1 - t)
     if form == "decreasing":
         return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
-    if form in ("increasing-decreasing", "inccreasing-decreasing"):  # second spelling: the reference's CLI value
+    if form in (
+        "increasing-decreasing",
+        "inccreasing-decreasing",
+    ):  # second spelling: the reference's CLI value
         return norm * torch.sin(math.pi * t) ** 2
     raise ValueError(
-        f"unknown diffusion_form {form!r}; choose constant, SBDM, sigma, linear, decreasing, increasing-decreasing"
+        f"unknown diffusion_form {form!r}; choose constant, SBDM, sigma, linear, decreasing, "
+        "increasing-decreasing"
     )
 
 
 #################################################################################
 #                                   Sampler                                     #
 #################################################################################
+
 
 class Sampler:
     """Builds fixed-step ODE/SDE (and optional adaptive ODE) sampling functions for a Transport."""
@@ -129,10 +137,12 @@ class Sampler:
         ts = torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64).tolist()
 
         @torch.no_grad()
-        def sample(z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs) -> Tensor:
+        def sample(
+            z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs
+        ) -> Tensor:
             self.last_nfe = 0
             x = z
-            for t_cur, t_next in zip(ts[:-1], ts[1:]):
+            for t_cur, t_next in zip(ts[:-1], ts[1:], strict=True):
                 dt = t_next - t_cur
                 d_cur = self._velocity(model_fn, x, t_cur, model_kwargs)
                 if per_step == 1:
@@ -157,7 +167,9 @@ class Sampler:
         t0, t1 = self.transport.interval(sample=True)
 
         @torch.no_grad()
-        def sample(z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs) -> Tensor:
+        def sample(
+            z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs
+        ) -> Tensor:
             self.last_nfe = 0
 
             def func(t: Tensor, x: Tensor) -> Tensor:
@@ -198,14 +210,18 @@ class Sampler:
             last_step_size = 0.0
         diffusion_coefficient(self.transport, torch.zeros(1), diffusion_form)  # fail early on a bad name
         transport = self.transport
-        t0, t1 = transport.interval(sample=True, sde=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
+        t0, t1 = transport.interval(
+            sample=True, sde=True, diffusion_form=diffusion_form, last_step_size=last_step_size
+        )
         ts = torch.linspace(t0, t1, num_steps, dtype=torch.float64).tolist()
         dt = (t1 - t0) / (num_steps - 1)
 
         t1_tensor = torch.tensor([t1], dtype=torch.float64)
-        if per_step == 2 and float(transport.path.sigma(t1_tensor)[0]) == 0 and float(
-            diffusion_coefficient(transport, t1_tensor, diffusion_form, diffusion_norm)
-        ) != 0:
+        if (
+            per_step == 2
+            and float(transport.path.sigma(t1_tensor)[0]) == 0
+            and float(diffusion_coefficient(transport, t1_tensor, diffusion_form, diffusion_norm)) != 0
+        ):
             raise ValueError(
                 f"SDE heun with diffusion_form={diffusion_form!r} evaluates the score at t={t1}, where it is "
                 "infinite; use a last_step ('Mean') or a form that vanishes at t=1 ('sigma', 'linear')"
@@ -226,7 +242,9 @@ class Sampler:
             return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
         @torch.no_grad()
-        def sample(z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs) -> Tensor:
+        def sample(
+            z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs
+        ) -> Tensor:
             self.last_nfe = 0
             x = z
             for t_cur in ts[:-1]:

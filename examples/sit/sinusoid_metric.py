@@ -7,24 +7,28 @@ the least-squares optimum, and a per-channel regression on [1, sin, cos] gives p
 ratio rho = |x - x_hat|^2 / |x - mean|^2 says whether the image is a sinusoid at all (valid: rho < 0.05).
 
 Sets of images are compared by a Frechet distance on standardised [f, cos 2theta, sin 2theta, cos phi,
-sin phi, c0, c1], per-parameter Wasserstein-1 and unbiased MMD^2; the same numbers for two independent
-real sets of the same size are the noise floor, and are always reported with them.
+sin phi, c0, c1] plus two fixed-scale defect coordinates (residual, distance of f to an integer), so
+that noise and off-lattice frequencies count too; per-parameter Wasserstein-1 and unbiased MMD^2
+complete it. The same numbers for two independent real sets of the same size are the noise floor,
+and are always reported with them.
 """
+
 import math
 
 import numpy as np
 import torch
-
 from data import make_sinusoids
 from metrics import frechet_distance_from_features, mmd2_unbiased, wasserstein1
 
-
-VALID_RHO = 0.05
+VALID_RHO = 0.05  # residual ratio under which an image counts as a valid sinusoid
+MIN_FREQ = 0.5  # cycles per image; the lowest wave vector the fit considers
+LATTICE_SCALE = 0.1  # cycles off the integer lattice that count like one standard deviation
 
 
 #################################################################################
 #                               Parameter fitting                               #
 #################################################################################
+
 
 def to_unit_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """
@@ -48,12 +52,16 @@ def _axis_sums(freq: torch.Tensor, size: int) -> torch.Tensor:
     """
     half = math.pi * freq / size
     small = half.abs() < 1e-9
-    ratio = torch.where(small, torch.full_like(half, size), torch.sin(size * half) / torch.where(small, 1.0, torch.sin(half)))
+    ratio = torch.where(
+        small, torch.full_like(half, size), torch.sin(size * half) / torch.where(small, 1.0, torch.sin(half))
+    )
     phase = half * (size - 1)
     return torch.complex(ratio * torch.cos(phase), ratio * torch.sin(phase))
 
 
-def _fit_at(x: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fit_at(
+    x: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Least-squares fit of each channel on [1, sin psi, cos psi], psi = 2 pi (fx u + fy v) / S, for a grid of
     candidate wave vectors per image. x: (n, C, S, S) centred per channel; fx: (n, A), fy: (n, B).
@@ -78,10 +86,10 @@ def _fit_at(x: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor) -> tuple[torch.
     g1 = _axis_sums(fx, size)[:, None, :] * _axis_sums(fy, size)[:, :, None]  # (n, B, A)
     g2 = _axis_sums(2 * fx, size)[:, None, :] * _axis_sums(2 * fy, size)[:, :, None]
     mean_sin, mean_cos = g1.imag / npix, g1.real / npix
-    ss = (npix - g2.real) / 2 - npix * mean_sin ** 2
-    cc = (npix + g2.real) / 2 - npix * mean_cos ** 2
+    ss = (npix - g2.real) / 2 - npix * mean_sin**2
+    cc = (npix + g2.real) / 2 - npix * mean_cos**2
     sc = g2.imag / 2 - npix * mean_sin * mean_cos
-    det = (ss * cc - sc ** 2).clamp_min(1e-12)
+    det = (ss * cc - sc**2).clamp_min(1e-12)
     ps, pc = z.imag, z.real
     coef_sin = (cc[..., None] * ps - sc[..., None] * pc) / det[..., None]
     coef_cos = (ss[..., None] * pc - sc[..., None] * ps) / det[..., None]
@@ -90,8 +98,9 @@ def _fit_at(x: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor) -> tuple[torch.
 
 
 @torch.no_grad()
-def fit_sinusoid_params(images: torch.Tensor | np.ndarray, pad: int = 2, refine_steps: int = 12,
-                        batch_size: int = 4096) -> dict[str, torch.Tensor]:
+def fit_sinusoid_params(
+    images: torch.Tensor | np.ndarray, pad: int = 2, refine_steps: int = 12, batch_size: int = 4096
+) -> dict[str, torch.Tensor]:
     """
     Fit one sinusoid to each image. Returns float64 tensors f, theta (in [0, pi)), phi (in [0, 2 pi)),
     rho (n,) and c0, c1 (n, 3). The model is symmetric under (phi, c0, c1) -> (phi + pi, c1, c0); the fit
@@ -104,8 +113,10 @@ def fit_sinusoid_params(images: torch.Tensor | np.ndarray, pad: int = 2, refine_
     """
     x = to_unit_images(images)
     if len(x) > batch_size:
-        parts = [fit_sinusoid_params(x[i:i + batch_size] * 2 - 1, pad, refine_steps, batch_size)
-                 for i in range(0, len(x), batch_size)]
+        parts = [
+            fit_sinusoid_params(x[i : i + batch_size] * 2 - 1, pad, refine_steps, batch_size)
+            for i in range(0, len(x), batch_size)
+        ]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -128,6 +139,10 @@ def fit_sinusoid_params(images: torch.Tensor | np.ndarray, pad: int = 2, refine_
     for _ in range(refine_steps):
         cand_x, cand_y = fx[:, None] + step * offsets, fy[:, None] + step * offsets
         explained, _, _ = _fit_at(centred, cand_x, cand_y)
+        # Near DC the centred sin/cos are nearly collinear with the constant: keep the search away
+        # from there, or a flat (e.g. heavily blurred) image gets unbounded colours.
+        too_low = torch.hypot(cand_x[:, None, :], cand_y[:, :, None]) < MIN_FREQ
+        explained = explained.masked_fill(too_low, -torch.inf)
         best = explained.flatten(1).argmax(1)
         fy, fx = cand_y[torch.arange(n), best // 3], cand_x[torch.arange(n), best % 3]
         step /= 2
@@ -149,13 +164,19 @@ def fit_sinusoid_params(images: torch.Tensor | np.ndarray, pad: int = 2, refine_
 
     # Rank-1 reconstruction and its residual ratio.
     coords = torch.arange(size, dtype=torch.float64)
-    psi = 2 * math.pi * (fx[:, None, None] * coords[None, None, :] + fy[:, None, None] * coords[None, :, None]) / size
+    psi = (
+        2
+        * math.pi
+        * (fx[:, None, None] * coords[None, None, :] + fy[:, None, None] * coords[None, :, None])
+        / size
+    )
     wave = torch.sin(psi + phi[:, None, None])  # (n, S, S)
     offset = x.mean(dim=(2, 3)) - amp * wave.mean(dim=(1, 2))[:, None]  # (n, C) = (c0 + c1) / 2
     recon = offset[..., None, None] + amp[..., None, None] * wave[:, None]
     rho = (x - recon).pow(2).sum((1, 2, 3)) / centred.pow(2).sum((1, 2, 3)).clamp_min(1e-12)
-    return dict(f=torch.hypot(fx, fy), theta=torch.atan2(fy, fx), phi=phi,
-                c0=offset - amp, c1=offset + amp, rho=rho)
+    return dict(
+        f=torch.hypot(fx, fy), theta=torch.atan2(fy, fx), phi=phi, c0=offset - amp, c1=offset + amp, rho=rho
+    )
 
 
 def canonicalize_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,42 +188,85 @@ def canonicalize_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     f, theta, phi = (params[k] if params[k].ndim == 1 else params[k][:, 0] for k in ("f", "theta", "phi"))
     c0, c1 = (params[k] if params[k].ndim == 2 else params[k][:, 0] for k in ("c0", "c1"))
     swap = (c1 - c0).sum(-1) < 0
-    return dict(f=f, theta=theta, phi=torch.remainder(torch.where(swap, phi + math.pi, phi), 2 * math.pi),
-                c0=torch.where(swap[:, None], c1, c0), c1=torch.where(swap[:, None], c0, c1))
+    return dict(
+        f=f,
+        theta=theta,
+        phi=torch.remainder(torch.where(swap, phi + math.pi, phi), 2 * math.pi),
+        c0=torch.where(swap[:, None], c1, c0),
+        c1=torch.where(swap[:, None], c0, c1),
+    )
 
 
 def param_features(fit: dict[str, torch.Tensor]) -> np.ndarray:
     """(n, 11) features [f, cos 2theta, sin 2theta, cos phi, sin phi, c0 (3), c1 (3)]: angles as points on
     the circle (theta has period pi) so that nearby angles across the wrap-around are close."""
     theta, phi = fit["theta"], fit["phi"]
-    columns = [fit["f"][:, None], torch.cos(2 * theta)[:, None], torch.sin(2 * theta)[:, None],
-               torch.cos(phi)[:, None], torch.sin(phi)[:, None], fit["c0"], fit["c1"]]
+    columns = [
+        fit["f"][:, None],
+        torch.cos(2 * theta)[:, None],
+        torch.sin(2 * theta)[:, None],
+        torch.cos(phi)[:, None],
+        torch.sin(phi)[:, None],
+        fit["c0"],
+        fit["c1"],
+    ]
     return torch.cat(columns, 1).double().numpy()
+
+
+def defect_features(fit: dict[str, torch.Tensor]) -> np.ndarray:
+    """
+    (n, 2) features that are ~0 on real data, on fixed scales (standardising by the real set's ~0 spread
+    would blow them up): sqrt(rho / VALID_RHO), which is 1 at the validity threshold and sees noise and
+    clutter the parameters do not, and the distance of f to the nearest integer in LATTICE_SCALE units,
+    which sees off-lattice frequencies a Gaussian fit of f alone barely notices.
+    """
+    residual = torch.sqrt(fit["rho"] / VALID_RHO)
+    off_lattice = (fit["f"] - fit["f"].round()).abs() / LATTICE_SCALE
+    return torch.stack([residual, off_lattice], 1).double().numpy()
+
+
+def metric_features(
+    gen: dict[str, torch.Tensor], real: dict[str, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of both sets for the set distances: parameters standardised by the real set, then defects."""
+    params_gen, params_real = param_features(gen), param_features(real)
+    mean, std = params_real.mean(0), params_real.std(0) + 1e-8
+    feats_gen = np.concatenate([(params_gen - mean) / std, defect_features(gen)], 1)
+    feats_real = np.concatenate([(params_real - mean) / std, defect_features(real)], 1)
+    return feats_gen, feats_real
 
 
 #################################################################################
 #                              Set-level comparison                             #
 #################################################################################
 
-def compare_fits(gen: dict[str, torch.Tensor], real: dict[str, torch.Tensor],
-                 mmd_max_samples: int = 2000) -> dict[str, float]:
+
+def compare_fits(
+    gen: dict[str, torch.Tensor], real: dict[str, torch.Tensor], mmd_max_samples: int = 2000
+) -> dict[str, float]:
     """
-    Distances between two fitted sets: Frechet and MMD^2 on features standardised by the real set,
-    Wasserstein-1 per parameter (f in cycles, theta/phi in radians, c0/c1 averaged over RGB), and
-    the validity rate of the first set.
+    Distances between two fitted sets: Frechet and MMD^2 on metric_features, Wasserstein-1 per parameter
+    (f in cycles, theta/phi in radians, c0/c1 averaged over RGB), and the validity rate of the first set.
     """
-    feats_gen, feats_real = param_features(gen), param_features(real)
-    mean, std = feats_real.mean(0), feats_real.std(0) + 1e-8
-    feats_gen, feats_real = (feats_gen - mean) / std, (feats_real - mean) / std
+    feats_gen, feats_real = metric_features(gen, real)
     # MMD^2 is O(N^2) in memory: cap it (deterministically) on large sets.
     mmd = mmd2_unbiased(feats_gen[:mmd_max_samples], feats_real[:mmd_max_samples])
-    result = dict(frechet=frechet_distance_from_features(feats_gen, feats_real), mmd2=mmd,
-                  validity=float((gen["rho"] < VALID_RHO).double().mean()))
+    result = dict(
+        frechet=frechet_distance_from_features(feats_gen, feats_real),
+        mmd2=mmd,
+        validity=float((gen["rho"] < VALID_RHO).double().mean()),
+    )
     for key in ("f", "theta", "phi"):
         result[f"w1_{key}"] = wasserstein1(gen[key].numpy(), real[key].numpy())
     for key in ("c0", "c1"):
-        result[f"w1_{key}"] = float(np.mean([wasserstein1(gen[key][:, c].numpy(), real[key][:, c].numpy())
-                                             for c in range(gen[key].shape[1])]))
+        result[f"w1_{key}"] = float(
+            np.mean(
+                [
+                    wasserstein1(gen[key][:, c].numpy(), real[key][:, c].numpy())
+                    for c in range(gen[key].shape[1])
+                ]
+            )
+        )
     return result
 
 

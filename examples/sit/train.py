@@ -1,8 +1,9 @@
 """
 Train SiT (flow matching) with optional Activation-Norm Maximization (ANM), with PyTorch DDP.
 
-    torchrun --nproc_per_node 8 examples/sit/train.py --data latents --data-path latents/ --model SiT-B/4 --anm
-    python examples/sit/train.py --data sinusoid --model SiT-T/4 --image-size 32 --max-steps 2000   # CPU, 1 process
+    torchrun --nproc_per_node 8 examples/sit/train.py --data latents --data-path latents/ \
+        --model SiT-B/4 --anm
+    python examples/sit/train.py --data sinusoid --model SiT-T/4 --max-steps 2000   # CPU, one process
 
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data.
 Layout of a run: <results-dir>/<exp-name>/{checkpoints/, samples/, log.csv, log.txt}.
@@ -29,18 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from data import build_dataset
+from models import SIT_SIZES, SiT
+from sample import decode_to_uint8, generate, save_grid
+from samplers import Sampler as FlowSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
+from transport import create_transport
 
 import anm
-from data import build_dataset
-from models import SIT_SIZES, SiT
-from sample import decode_to_uint8, generate, save_grid
-from samplers import Sampler as FlowSampler
-from transport import create_transport
 
 LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by DiT/SiT
 
@@ -74,8 +75,8 @@ class TqdmHandler(logging.StreamHandler):
         tqdm.write(self.format(record))
 
 
-def create_logger(logging_dir: str | None, rank: int) -> logging.Logger:
-    """A logger that writes to stdout and <logging_dir>/log.txt on rank 0 and is silent elsewhere."""
+def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> logging.Logger:
+    """A logger that writes to the console and <logging_dir>/log.txt on rank 0 and is silent elsewhere."""
     logger = logging.getLogger("sit-train")
     for handler in logger.handlers:  # main() may run several times in one process (tests, demo.py)
         handler.close()
@@ -84,7 +85,10 @@ def create_logger(logging_dir: str | None, rank: int) -> logging.Logger:
     if rank == 0 and logging_dir is not None:
         logger.setLevel(logging.INFO)
         fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        for handler in (TqdmHandler(), logging.FileHandler(os.path.join(logging_dir, "log.txt"))):
+        handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(logging_dir, "log.txt"))]
+        if console:
+            handlers.append(TqdmHandler())
+        for handler in handlers:
             handler.setFormatter(fmt)
             logger.addHandler(handler)
     else:
@@ -105,7 +109,8 @@ def atomic_save(obj: Any, path: str) -> None:
 
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
     """Path of the highest-step checkpoint in a directory, or None."""
-    paths = [p for p in glob(os.path.join(checkpoint_dir, "*.pt")) if re.fullmatch(r"\d+\.pt", os.path.basename(p))]
+    paths = [p for p in glob(os.path.join(checkpoint_dir, "*.pt"))
+             if re.fullmatch(r"\d+\.pt", os.path.basename(p))]
     return max(paths, key=lambda p: int(os.path.basename(p)[:-3])) if paths else None
 
 
@@ -214,7 +219,8 @@ class StreamSampler(Sampler):
     (index, item seed) so that per-item augmentations replay identically after a resume."""
 
     def __init__(self, num_items: int, local_batch: int, rank: int, world_size: int, seed: int) -> None:
-        self.order = DistributedSampler(range(num_items), world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        self.order = DistributedSampler(range(num_items), world_size, rank, shuffle=True, seed=seed,
+                                        drop_last=True)
         self.local_batch, self.seed = local_batch, seed
         self.steps_per_epoch = len(self.order) // local_batch
         if self.steps_per_epoch == 0:
@@ -228,8 +234,8 @@ class StreamSampler(Sampler):
         self.order.set_epoch(epoch)
 
     def __iter__(self):
-        indices = list(self.order)[self.start_step * self.local_batch: self.steps_per_epoch * self.local_batch]
-        for index in indices:
+        begin, end = self.start_step * self.local_batch, self.steps_per_epoch * self.local_batch
+        for index in list(self.order)[begin:end]:
             yield index, ((self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + index) % 2**63
 
     def __len__(self) -> int:
@@ -339,7 +345,8 @@ def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int,
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, transport, heldout: dict, batch_size: int, rank: int, world_size: int) -> float:
+def heldout_loss(model: nn.Module, transport, heldout: dict, batch_size: int, rank: int,
+                 world_size: int) -> float:
     """Mean FM loss of `model` on the fixed held-out set (no RNG used); the set is split over ranks."""
     was_training = model.training
     model.eval()
@@ -360,7 +367,8 @@ def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
     if args.data == "sinusoid":
         return dict(num_samples=args.data_size, image_size=args.image_size, seed=args.global_seed)
     if args.data == "fashion-mnist":
-        return dict(root=path or "/usr/share/datasets/fashion-mnist", split="train", image_size=args.image_size)
+        return dict(root=path or "/usr/share/datasets/fashion-mnist", split="train",
+                    image_size=args.image_size)
     if path is None:
         raise ValueError(f"--data {args.data} needs --data-path")
     if args.data == "imagenet":
@@ -396,7 +404,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
 
     # Experiment folder and resume point:
-    exp_name = args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
+    kind = "anm" if args.anm else "baseline"
+    exp_name = args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{kind}"
     experiment_dir = os.path.join(args.results_dir, exp_name)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     sample_dir = os.path.join(experiment_dir, "samples")
@@ -405,14 +414,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         os.makedirs(sample_dir, exist_ok=True)
     if world_size > 1:
         dist.barrier()
-    logger = create_logger(experiment_dir, rank)
+    logger = create_logger(experiment_dir, rank, console=args.console_log)
     resume_path = latest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
     checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
     logger.info(f"Experiment directory: {experiment_dir}  (rank {rank}/{world_size}, device {device})")
 
     # Data:
     vae = load_vae(args.vae, device) if args.data == "imagenet" else None
-    dataset, data_channels, data_size, num_classes = build_dataset(args.data, **data_kwargs(args, args.data_path))
+    dataset, data_channels, data_size, num_classes = build_dataset(args.data,
+                                                                   **data_kwargs(args, args.data_path))
     latent = args.data in ("imagenet", "latents")
     in_channels, input_size = (4, data_size // 8) if args.data == "imagenet" else (data_channels, data_size)
     sampler = StreamSampler(len(dataset), local_batch, rank, world_size, seed=args.global_seed)
@@ -477,7 +487,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Held-out set and the fixed noise / labels of the sample grids:
     heldout = build_heldout(args, dataset, data_size, device, vae) if args.eval_every > 0 else None
     grid_gen = torch.Generator().manual_seed(args.global_seed)
-    grid_noise = torch.randn(args.sample_grid, in_channels, input_size, input_size, generator=grid_gen).to(device)
+    grid_noise = torch.randn(args.sample_grid, in_channels, input_size, input_size, generator=grid_gen)
+    grid_noise = grid_noise.to(device)
     grid_labels = torch.randint(0, num_classes, (args.sample_grid,), generator=grid_gen).to(device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -501,9 +512,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     tb.add_scalar(key, value, row["step"])
 
     def evaluate(step: int) -> dict:
-        return dict(heldout_fm_loss=heldout_loss(raw, transport, heldout, args.eval_batch_size, rank, world_size),
-                    heldout_fm_loss_ema=heldout_loss(ema, transport, heldout, args.eval_batch_size, rank,
-                                                     world_size))
+        losses = [heldout_loss(net, transport, heldout, args.eval_batch_size, rank, world_size)
+                  for net in (raw, ema)]
+        return dict(heldout_fm_loss=losses[0], heldout_fm_loss_ema=losses[1])
 
     def save_checkpoint(step: int) -> str:
         rng = gather_objects(rng_state(generator, device), world_size)  # every rank's streams
@@ -514,7 +525,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "step": step, "epoch": epoch, "epoch_step": epoch_step,  # data position
                 "rng": rng, "world_size": world_size,
                 "anm": anm_model.anm_state_dict() if anm_model is not None else None,
-                "args": vars(args), "model_config": config, "latent": latent, "vae": args.vae if latent else None,
+                "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
+                "latent": latent, "vae": args.vae if latent else None,
             }, path)
             logger.info(f"Saved checkpoint to {path}")
         if world_size > 1:
@@ -536,7 +548,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # Training loop: every step is in plain sight here.
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
     progress = tqdm(total=max_steps, initial=train_steps, disable=rank != 0 or not args.progress,
-                    desc=exp_name, dynamic_ncols=True)
+                    desc=exp_name, dynamic_ncols=True, position=args.progress_position)
     running = torch.zeros(2, device=device)  # FM loss, ANM loss summed since the last log
     log_steps, start_time, run_start = 0, time.time(), time.time()
     while train_steps < max_steps:
@@ -548,7 +560,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     x = vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
             with torch.autocast(**autocast):
                 fm_loss = transport.training_losses(model, x, dict(y=y), generator=generator)["loss"].mean()
-                anm_loss = anm_model.loss(step=train_steps) if anm_model is not None else torch.zeros((), device=device)
+                anm_loss = fm_loss.new_zeros(()) if anm_model is None else anm_model.loss(step=train_steps)
                 loss = fm_loss + anm_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -608,16 +620,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("data")
-    group.add_argument("--data", choices=["sinusoid", "fashion-mnist", "imagenet", "latents"], default="latents")
+    group.add_argument("--data", choices=["sinusoid", "fashion-mnist", "imagenet", "latents"],
+                       default="latents")
     group.add_argument("--data-path", type=str, default=None,
                        help="ImageNet train folder (imagenet), extract_latents.py output (latents), "
                             "or the Fashion-MNIST folder")
     group.add_argument("--eval-data-path", type=str, default=None, help="held-out set for imagenet/latents")
     group.add_argument("--data-size", type=int, default=100_000, help="number of sinusoid images")
     group.add_argument("--image-size", type=int, default=None,
-                       help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from the data)")
+                       help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from data)")
     group.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="hub id or local dir")
     group.add_argument("--num-workers", type=int, default=4)
     group = parser.add_argument_group("model")
@@ -648,7 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--anm-lambda", type=float, default=10.0)
     group.add_argument("--anm-warmup", type=int, default=2000)
     group.add_argument("--anm-site", choices=["update", "output"], default="update")
-    group.add_argument("--anm-layers", type=str, default="auto", help="'auto', a glob, or comma-separated globs")
+    group.add_argument("--anm-layers", type=str, default="auto",
+                       help="'auto', a glob, or comma-separated globs")
     group.add_argument("--anm-reduce", choices=["l2", "rms"], default="l2")
     group.add_argument("--anm-objective", choices=["hinge", "exp"], default="hinge")
     group.add_argument("--anm-granularity", choices=["token", "sample", "batch"], default="token")
@@ -663,7 +678,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--sample-num-steps", type=int, default=50, help="Heun steps for the grids")
     group.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG scale for the grids")
     group.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    group.add_argument("--progress-position", type=int, default=0, help="tqdm line (parallel runs)")
+    group.add_argument("--console-log", action=argparse.BooleanOptionalAction, default=True,
+                       help="log lines on the console too (always in log.txt)")
     return parser.parse_args(argv)
 
 

