@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.dev: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,examples]"
+	$(BIN)/python -m pip install -q -e ".[dev,examples,eval]"
 	touch $@
 
 $(VENV)/.examples: $(BIN)/python pyproject.toml

@@ -5,9 +5,8 @@ Sample many images in parallel (e.g. 50,000 for FID) and pack them into an ADM-f
         --vae /path/to/sd-vae-ft-ema --cfg-scale 1.5 --mode sde --num-steps 250
     python examples/sit/sample_ddp.py --ckpt results/run/checkpoints/0002000.pt --num-fid-samples 1000
 
-Sample i draws its label and starting noise from a generator seeded by (global seed, i) alone, so the images
-do not depend on the number of processes or the per-process batch size (ODE sampling; SDE Brownian noise
-is seeded per batch, so SDE samples also depend on --per-proc-batch-size, not on the world size).
+Sample i draws its label, starting noise and SDE Brownian noise from generators seeded by (global seed, i)
+alone, so the images do not depend on the number of processes or the per-process batch size.
 Finished PNGs are kept: rerunning the same command skips them and only fills the gaps.
 Writes <sample-dir>/<folder>/{000000..}.png and <sample-dir>/<folder>.npz (arr_0: uint8 N x H x W x 3).
 """
@@ -110,8 +109,9 @@ def main(args: argparse.Namespace) -> str:
         if not todo:
             continue  # finished by an earlier run
         y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
-        sde_gen = torch.Generator(device).manual_seed(sample_seed(args.global_seed, indices[0], stream=1))
-        x = generate(model, z.to(device), y.to(device), sample_fn, args.cfg_scale, args.cfg_channels, sde_gen)
+        # SDE Brownian noise from one generator per sample: independent of batch size and world size.
+        sde_gens = [torch.Generator(device).manual_seed(sample_seed(args.global_seed, i, stream=1)) for i in indices]
+        x = generate(model, z.to(device), y.to(device), sample_fn, args.cfg_scale, args.cfg_channels, sde_gens)
         images = decode_to_uint8(x, vae)
         for i, image in zip(indices, images, strict=True):
             if i in todo:

@@ -2,7 +2,8 @@
 
 Every sample_* method returns a function  fn(z, model_fn, generator=None, **model_kwargs) -> x  that calls
 model_fn(x, t, **model_kwargs) with t of shape (N,) and returns the final sample only. generator seeds the
-SDE noise (ODE samplers are deterministic and ignore it).
+SDE noise (ODE samplers are deterministic and ignore it); SDE samplers also take a list of generators, one
+per sample, so that a sample's noise does not depend on the batch it is drawn in.
 
 Cost in network function evaluations (NFE), the number that sampling time and paper tables refer to:
     ODE euler: num_steps             ODE heun: 2 * num_steps   (the paper's "250 NFE" = 125 Heun steps)
@@ -19,6 +20,9 @@ from collections.abc import Callable
 
 import torch
 from transport import ModelFn, Tensor, Transport, expand_t_like_x
+
+# SDE noise: one generator for the batch, one per sample (batch-size independent), or None (global RNG).
+Generators = torch.Generator | list[torch.Generator] | None
 
 SampleFn = Callable[..., Tensor]
 
@@ -237,14 +241,23 @@ class Sampler:
             # Where w = 0 (e.g. sigma form at t=1) the score may be infinite; 0 * inf must not poison x.
             return v + torch.where(w == 0, torch.zeros_like(s), w * s)
 
-        def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        def noise_like(x: Tensor, generator: Generators) -> Tensor:
+            if isinstance(generator, (list, tuple)):
+                # One generator per sample: each sample's Brownian path is independent of the batch it
+                # is in. A batch that repeats the samples (CFG's [z; z]) repeats their noise too.
+                per_sample = torch.stack([
+                    torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator
+                ]).to(x.device)
+                return per_sample.repeat(x.shape[0] // len(generator), *[1] * (x.dim() - 1))
             device = generator.device if generator is not None else x.device
             return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
         @torch.no_grad()
         def sample(
-            z: Tensor, model_fn: ModelFn, generator: torch.Generator | None = None, **model_kwargs
+            z: Tensor, model_fn: ModelFn, generator: Generators = None, **model_kwargs
         ) -> Tensor:
+            if isinstance(generator, (list, tuple)) and z.shape[0] % len(generator):
+                raise ValueError(f"{len(generator)} generators for a batch of {z.shape[0]}: pass one per sample")
             self.last_nfe = 0
             x = z
             for t_cur in ts[:-1]:

@@ -118,6 +118,25 @@ def test_sample_ddp_batch_size_independent_resumable_npz(ckpt: str, tmp_path: Pa
     assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]  # no temp files left
 
 
+def test_sde_samples_are_batch_size_independent_too(ckpt: str, tmp_path: Path) -> None:
+    def run(folder: str, batch: str) -> np.ndarray:
+        args = ddp_args(ckpt, tmp_path / folder, "--num-fid-samples", "5", "--per-proc-batch-size", batch)
+        args.mode, args.num_steps, args.cfg_scale = "sde", 4, 2.0  # Brownian noise and CFG's doubled batch
+        with np.load(sample_ddp.main(args)) as npz:
+            return npz["arr_0"]
+
+    assert np.array_equal(run("a", "2"), run("b", "3"))
+
+
+def test_sde_sampler_rejects_a_wrong_number_of_generators() -> None:
+    from samplers import Sampler
+    from transport import create_transport
+
+    fn = Sampler(create_transport()).sample_sde(num_steps=3)
+    with pytest.raises(ValueError, match="one per sample"):
+        fn(torch.zeros(3, 1), lambda x, t: x, generator=[torch.Generator()] * 2)
+
+
 def test_sample_seed_depends_on_seed_and_index_only() -> None:
     seeds = {sample_ddp.sample_seed(s, i) for s in range(3) for i in range(100)}
     assert len(seeds) == 300
