@@ -245,19 +245,19 @@ class Sampler:
             if isinstance(generator, (list, tuple)):
                 # One generator per sample: each sample's Brownian path is independent of the batch it
                 # is in. A batch that repeats the samples (CFG's [z; z]) repeats their noise too.
-                per_sample = torch.stack([
-                    torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator
-                ]).to(x.device)
+                per_sample = torch.stack(
+                    [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+                ).to(x.device)
                 return per_sample.repeat(x.shape[0] // len(generator), *[1] * (x.dim() - 1))
             device = generator.device if generator is not None else x.device
             return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
         @torch.no_grad()
-        def sample(
-            z: Tensor, model_fn: ModelFn, generator: Generators = None, **model_kwargs
-        ) -> Tensor:
+        def sample(z: Tensor, model_fn: ModelFn, generator: Generators = None, **model_kwargs) -> Tensor:
             if isinstance(generator, (list, tuple)) and z.shape[0] % len(generator):
-                raise ValueError(f"{len(generator)} generators for a batch of {z.shape[0]}: pass one per sample")
+                raise ValueError(
+                    f"{len(generator)} generators for a batch of {z.shape[0]}: pass one per sample"
+                )
             self.last_nfe = 0
             x = z
             for t_cur in ts[:-1]:

@@ -223,13 +223,13 @@ class Transport:
             loss = transport.training_losses(model, x1, dict(y=y))["loss"].mean()
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
-        if t is None:
-            t = self.sample_time(x1.shape[0], x1.device, generator)
+        # Noise first, then t: the reference's draw order, so that a seed gives the same batch as there.
         if noise is None:
             gen_device = generator.device if generator is not None else x1.device
-            noise = torch.randn(x1.shape, generator=generator, device=gen_device, dtype=x1.dtype).to(
-                x1.device
-            )
+            noise = torch.randn(x1.shape, generator=generator, device=gen_device, dtype=x1.dtype)
+            noise = noise.to(x1.device)
+        if t is None:
+            t = self.sample_time(x1.shape[0], x1.device, generator)
         t = t.to(device=x1.device, dtype=torch.promote_types(x1.dtype, torch.float32))
         x0 = noise
         xt, ut = self.plan(t, x0, x1)

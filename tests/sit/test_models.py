@@ -1,4 +1,4 @@
-"""Tests for examples/sit/models.py: configs, reference layout, init, CFG, checkpoint slicing, checkpointing."""
+"""Tests for examples/sit/models.py: configs, layout, init, CFG, checkpoint slicing, checkpointing."""
 
 import pytest
 import torch
@@ -20,11 +20,19 @@ EXPECTED_PARAMS = {
     "SiT-S/8": 33_148_160,
 }
 # Rounded figures quoted in the SiT paper / spec.
-PAPER_PARAMS_M = {"SiT-S/2": 32.96, "SiT-B/2": 130.51, "SiT-L/2": 458.10, "SiT-XL/2": 675.13, "SiT-B/4": 130.48}
+PAPER_PARAMS_M = {
+    "SiT-S/2": 32.96,
+    "SiT-B/2": 130.51,
+    "SiT-L/2": 458.10,
+    "SiT-XL/2": 675.13,
+    "SiT-B/4": 130.48,
+}
 
 
 def tiny_sit(**kwargs) -> SiT:
-    defaults = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+    defaults = dict(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10
+    )
     defaults.update(kwargs)
     return SiT(**defaults)
 
@@ -110,7 +118,9 @@ def test_state_dict_layout_matches_reference():
 
 def test_contract_attributes():
     model = tiny_sit()
-    assert isinstance(model.blocks, torch.nn.ModuleList) and all(isinstance(b, SiTBlock) for b in model.blocks)
+    assert isinstance(model.blocks, torch.nn.ModuleList) and all(
+        isinstance(b, SiTBlock) for b in model.blocks
+    )
     assert (model.in_channels, model.out_channels, model.patch_size, model.num_classes) == (4, 4, 2, 10)
     assert model.grad_checkpointing is False
     assert tiny_sit(learn_sigma=True).out_channels == 8

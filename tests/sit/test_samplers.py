@@ -90,7 +90,9 @@ def test_model_kwargs_pass_through_and_sit_smoke():
     z = torch.randn(2, 4, 8, 8)
     y = torch.tensor([0, 3])  # [label; null]
     sampler = Sampler(create_transport())
-    x = sampler.sample_ode(num_steps=2)(torch.cat([z, z]), model.forward_with_cfg, y=y.repeat(2), cfg_scale=1.5)
+    x = sampler.sample_ode(num_steps=2)(
+        torch.cat([z, z]), model.forward_with_cfg, y=y.repeat(2), cfg_scale=1.5
+    )
     assert x.shape == (4, 4, 8, 8)
     x = sampler.sample_sde(num_steps=3)(z, model, generator=torch.Generator().manual_seed(0), y=y)
     assert x.shape == z.shape and torch.isfinite(x).all()

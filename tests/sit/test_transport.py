@@ -92,8 +92,12 @@ def test_path_coefficients(path_type):
     a, da = path.alpha(t)
     b, db = path.sigma(t)
     h = 1e-6
-    torch.testing.assert_close(da, (path.alpha(t + h)[0] - path.alpha(t - h)[0]) / (2 * h), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(db, (path.sigma(t + h)[0] - path.sigma(t - h)[0]) / (2 * h), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        da, (path.alpha(t + h)[0] - path.alpha(t - h)[0]) / (2 * h), rtol=1e-6, atol=1e-7
+    )
+    torch.testing.assert_close(
+        db, (path.sigma(t + h)[0] - path.sigma(t - h)[0]) / (2 * h), rtol=1e-6, atol=1e-7
+    )
     torch.testing.assert_close(path.d_log_alpha(t), da / a)
     torch.testing.assert_close(path.alpha_over_d_alpha(t), a / da)
     torch.testing.assert_close(path.sbdm_diffusion(t), (da / a) * b**2 - b * db)
