@@ -23,6 +23,7 @@ $(VENV)/.examples: $(BIN)/python pyproject.toml
 	touch $@
 
 test: $(VENV)/.dev
+	$(BIN)/ruff check anm tests examples benchmarks
 	$(BIN)/python -m pytest
 
 test-slow: $(VENV)/.dev

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Union
 
 from torch import nn
 
@@ -13,7 +12,7 @@ from .errors import ANMError
 __all__ = ["find_blocks", "select_layers", "LayerSpec", "clean_name"]
 
 # A selection: "auto", a glob, a module class, a module, a predicate(name, module) -> bool, or a list of these.
-LayerSpec = Union[str, type, nn.Module, Callable[[str, nn.Module], bool], Iterable]
+LayerSpec = str | type | nn.Module | Callable[[str, nn.Module], bool] | Iterable
 
 # Wrappers that insert a path component of their own; names are matched with these removed so that
 # "blocks.*" selects the same blocks under DDP, torch.compile, FSDP or checkpoint wrappers.

@@ -158,7 +158,7 @@ class ANM(nn.Module):
         loss_value, below = summary.tolist()  # one device sync for all of them
         stats["anm/loss"] = loss_value
         stats["anm/frac_below_alpha"] = below
-        for index, mean in zip(by_layer, layer_means.tolist()):
+        for index, mean in zip(by_layer, layer_means.tolist(), strict=True):
             stats[f"anm/norm/{names[index]}"] = mean
         return stats
 
@@ -208,7 +208,7 @@ class ANM(nn.Module):
         if torch.isfinite(torch.cat([norms.reshape(-1) for _, norms in records]).sum()):
             return records
         finite = torch.stack([torch.isfinite(norms).all() for _, norms in records]).tolist()
-        bad = sorted({self.collector.names[index] for (index, _), ok in zip(records, finite) if not ok})
+        bad = sorted({self.collector.names[index] for (index, _), ok in zip(records, finite, strict=True) if not ok})
         if self.nonfinite == "raise":
             raise ANMError(
                 f"non-finite activation norms (NaN/inf) in layer(s) {bad}: the model itself diverged "
@@ -216,7 +216,7 @@ class ANM(nn.Module):
                 "nonfinite='skip' to leave such layers out of the ANM term for that step."
             )
         warnings.warn(f"ANM: skipping non-finite norms of layer(s) {bad} this step.", stacklevel=3)
-        return [record for record, ok in zip(records, finite) if ok]
+        return [record for record, ok in zip(records, finite, strict=True) if ok]
 
 
 def _install_state_dict_passthrough(wrapper: nn.Module) -> None:

@@ -1,10 +1,10 @@
 import pytest
 import torch
 from torch import nn
+from toy_models import ToyDiT, make_batch
 
 import anm
 from anm import ActivationCollector
-from toy_models import ToyDiT, make_batch
 
 
 def test_records_update_and_output_norms_per_call():
@@ -30,7 +30,7 @@ def test_values_match_manual_computation():
     collector = ActivationCollector(model, site="update", keep_activations=True)
     model(x, t)
     h, c = model.embed(x), model.cond(t[:, None])
-    for name, recorded, kept in zip(collector.names, collector.norms(), collector.activations.values()):
+    for name, recorded, kept in zip(collector.names, collector.norms(), collector.activations.values(), strict=True):
         new = model.blocks[int(name[-1])](h, c)
         torch.testing.assert_close(recorded, (new - h).norm(dim=-1))
         torch.testing.assert_close(kept[0], new - h)
@@ -124,4 +124,4 @@ def test_invalid_arguments():
     with pytest.raises(anm.ANMError, match="unknown reduce"):
         ActivationCollector(ToyDiT(), reduce="l1")
     with pytest.raises(anm.ANMError, match="keep_activations=True"):
-        ActivationCollector(ToyDiT()).activations
+        _ = ActivationCollector(ToyDiT()).activations

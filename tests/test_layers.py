@@ -1,10 +1,10 @@
 import pytest
 import torch
 from torch import nn
+from toy_models import ToyBlock, ToyDiT
 
 import anm
 from anm import find_blocks, select_layers
-from toy_models import ToyBlock, ToyDiT
 
 
 class MLP(nn.Module):
@@ -41,7 +41,8 @@ def test_auto_takes_two_stacks_like_flux_but_not_a_tiny_one():
     model.single_transformer_blocks = nn.ModuleList(MLP(16) for _ in range(4))
     model.refiner = nn.ModuleList(MLP(2) for _ in range(2))  # far smaller: not a block stack
     found = names(find_blocks(model))
-    assert found == ["transformer_blocks.0", "transformer_blocks.1"] + [f"single_transformer_blocks.{i}" for i in range(4)]
+    singles = [f"single_transformer_blocks.{i}" for i in range(4)]
+    assert found == ["transformer_blocks.0", "transformer_blocks.1", *singles]
 
 
 def test_auto_error_lists_what_it_saw():

@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
+from toy_models import ToyDiT, make_batch
 
 import anm
 from anm import ANM
-from toy_models import ToyDiT, make_batch
 
 ALPHA = 3.0  # the toy's update norms straddle this, so the hinge is active for some tokens
 
@@ -32,7 +32,7 @@ def train_step(model, wrapper, x, t, step=3):
 
 
 def assert_same_grads(a, b, atol=1e-6):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=atol, msg=name)
 
 

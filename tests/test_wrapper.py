@@ -4,10 +4,10 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from toy_models import ToyDiT, make_batch, reference_anm
 
 import anm
 from anm import ANM
-from toy_models import ToyDiT, make_batch, reference_anm
 
 
 def grads(model):
@@ -52,7 +52,7 @@ def test_attributes_fall_through_and_cfg_calls_are_collected():
     assert len(model.collector.records) == 4  # two passes × two blocks, each counted once
     assert model.loss().item() > 0
     with pytest.raises(AttributeError):
-        model.not_an_attribute
+        _ = model.not_an_attribute
 
 
 def test_several_forwards_count_once_each():

@@ -1,0 +1,62 @@
+"""Smoke tests of the benchmark scripts: they run end to end at their smallest and write the JSON they
+promise. No timing is asserted (CI machines are too noisy for that)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_smoke(tmp_path):
+    bench = load("train_step")
+    out = tmp_path / "train_step.json"
+    bench.main(bench.parse_args([
+        "--device", "cpu", "--configs", "tiny", "--batch-size", "2", "--steps", "1", "--repeats", "2",
+        "--warmup", "1", "--check-steps", "2", "--no-compile", "--threads", "1", "--out", str(out),
+    ]))
+    result = json.loads(out.read_text())
+    assert {"date", "torch", "device", "threads", "steps", "repeats"} <= result["meta"].keys()
+    assert [row["mode"] for row in result["rows"]] == ["reference", "ref-bf16", "fast"]
+    for row in result["rows"]:
+        assert row["config"] == "tiny" and row["batch"] == 2 and len(row["ms_all"]) == 2
+        assert row["ms_median"] > 0 and row["speedup_vs_reference"] > 0 and row["speedup_vs_ref_bf16"] > 0
+    reference, ref_bf16, fast = result["rows"]
+    assert (reference["precision"], reference["online_vae"]) == ("fp32", True)
+    assert (ref_bf16["precision"], ref_bf16["online_vae"]) == ("bf16", False)
+    assert (fast["precision"], fast["online_vae"], fast["compile"]) == ("bf16", False, False)
+    (check,) = result["checks"]
+    assert check["steps"] == 2 and len(check["fast_losses"]) == len(check["fp32_losses"]) == 2
+    assert math.isfinite(check["max_rel_diff"]) and check["max_rel_diff"] < 0.1  # bf16 vs fp32, same draws
+
+
+def test_sampling_smoke(tmp_path):
+    bench = load("sampling")
+    out = tmp_path / "sampling.json"
+    bench.main(bench.parse_args([
+        "--device", "cpu", "--configs", "tiny", "--num-steps", "2", "--batch-size", "6", "--repeats", "1",
+        "--check-samples", "6", "--threads", "1", "--out", str(out),
+    ]))
+    result = json.loads(out.read_text())
+    assert {"date", "torch", "device", "num_steps", "cfg_scale", "repeats"} <= result["meta"].keys()
+    reference, fast = result["rows"]
+    assert (reference["mode"], reference["batch"], reference["precision"]) == ("reference", 4, "fp32")
+    assert (fast["mode"], fast["batch"], fast["precision"]) == ("fast", 6, "bf16")
+    for row in result["rows"]:
+        assert row["num_steps"] == 2 and row["img_per_s_median"] > 0 and row["speedup_vs_reference"] > 0
+    (check,) = result["checks"]
+    assert check["samples"] == 6
+    # Same labels, noise and Brownian increments: batch size must not change fp32 samples beyond rounding.
+    assert check["fp32_batch4_vs_batchN"]["latent_max_abs"] < 1e-3
+    assert check["fp32_batch4_vs_batchN"]["uint8_max_abs"] <= 1
+    assert math.isfinite(check["bf16_vs_fp32"]["latent_max_abs"])
