@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The three benchmarks of issue #4 on one GPU, in about 6-8 minutes on an H100 (each part has its own time
+# limit, so the whole stays under 10 minutes): JSON and logs go to $OUT if set, else benchmarks/results/.
+#
+#   bash benchmarks/gpu_suite.sh                      # all three: overhead, train_step, sampling
+#   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
+#
+# Goals checked (see docs/benchmarks.md): ANM overhead <= 1% at XL/2 bf16 (overhead.py); fast training step
+# >= 2x the reference bf16 step, <= 60 ms for XL/2 bs32 on an H100 (train_step.py); sampling >= 3x the
+# reference images/s (sampling.py).
+#
+# Needs torch with CUDA and diffusers (train_step.py and sampling.py build an AutoencoderKL). A machine
+# without diffusers gets it from a wheel in .whl/ (gitignored), prepared where there is network with
+#   python -m pip download diffusers==0.42.1 --no-deps -d .whl
+# and carried along (device run: carry [".whl"]); it is installed with --no-deps into a temp folder.
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PYTHON=${PYTHON:-python3}
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p "$OUT_DIR"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # `import anm` from the checkout
+
+if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+    wheel=$(ls .whl/diffusers-*.whl 2>/dev/null | head -n 1)
+    if [ -n "$wheel" ]; then
+        "$PYTHON" -m pip install --quiet --no-deps --no-index --target /tmp/gpu_suite_pkgs "$wheel"
+        export PYTHONPATH="$PYTHONPATH:/tmp/gpu_suite_pkgs"
+    else
+        echo "diffusers missing and no .whl/diffusers-*.whl: train_step.py and sampling.py will fail" >&2
+    fi
+fi
+
+"$PYTHON" - <<'EOF'
+import torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}", flush=True)
+EOF
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(overhead train_step sampling)
+status=0
+for part in "${parts[@]}"; do
+    case $part in
+        overhead)  # eager; add --compile when there is time (three XL/2 compilations, ~3 more minutes)
+            limit=120; cmd=(benchmarks/overhead.py --configs XL/2 --precisions bf16 fp32 --steps 5 --repeats 5) ;;
+        train_step)  # compiles the fast path once (~1-2 min), then a 30-step loss-curve check
+            limit=250; cmd=(benchmarks/train_step.py --configs XL/2 --steps 5 --repeats 7 --check-steps 30) ;;
+        sampling)  # SDE 250 steps, CFG 1.5; fast batch 128 (~20 s a batch), reference batch 4
+            limit=210; cmd=(benchmarks/sampling.py --configs XL/2 --num-steps 250 --batch-size 128 --repeats 2
+                            --compile --check-samples 8) ;;
+        *) echo "unknown part $part (overhead, train_step, sampling)" >&2; status=2; continue ;;
+    esac
+    echo "=== $part: ${cmd[*]} (limit ${limit}s) $(date -u +%FT%TZ)"
+    start=$(date +%s)
+    timeout "$limit" "$PYTHON" "${cmd[@]}" --out "$OUT_DIR/$part.json" 2>&1 | tee "$OUT_DIR/$part.log"
+    rc=${PIPESTATUS[0]}
+    echo "=== $part: exit $rc after $(( $(date +%s) - start ))s"
+    [ "$rc" -ne 0 ] && status=$rc
+done
+exit $status

@@ -1,0 +1,222 @@
+"""What ANM costs per training step: time and memory with and without it, side by side in one process.
+
+Each mode (no ANM, the library's ANM, and the naive hook from measurements.md) gets its own copy of the
+same SiT, the same inputs and the same optimizer, and the modes are timed interleaved, repeat after
+repeat, so drift in the machine's speed hits them all alike. Prints a table last and writes JSON.
+
+    python benchmarks/overhead.py                              # tiny SiT on CPU, fp32 and bf16
+    python benchmarks/overhead.py --configs XL/2 B/4 --precisions bf16 fp32 --compile   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from models import SiT  # noqa: E402
+
+import anm  # noqa: E402
+
+# name: (model kwargs, batch size). "tiny"/"small" are CPU sizes; XL/2 and B/4 are the GPU anchors.
+CONFIGS = {
+    "tiny": (dict(input_size=16, patch_size=2, hidden_size=128, depth=6, num_heads=4), 32),
+    "small": (dict(input_size=16, patch_size=2, hidden_size=384, depth=12, num_heads=6), 16),
+    "B/4": (dict(input_size=32, patch_size=4, hidden_size=768, depth=12, num_heads=12), 256),
+    "XL/2": (dict(input_size=32, patch_size=2, hidden_size=1152, depth=28, num_heads=16), 32),
+}
+MODES = ("baseline", "anm", "naive")
+
+
+class NaiveANM:
+    """The anchor of measurements.md: a hook per block appending vector_norm(output) to a list."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float = 70.0, lam: float = 10.0) -> None:
+        self.alpha, self.lam, self.norms = alpha, lam, []
+        for block in model.blocks:
+            block.register_forward_hook(
+                lambda module, args, out: self.norms.append(
+                    torch.linalg.vector_norm(out, dim=-1, dtype=torch.float32)
+                )
+            )
+
+    def loss(self) -> torch.Tensor:
+        norms, self.norms = self.norms, []
+        return self.lam * torch.stack([torch.relu(self.alpha - n).mean() / self.alpha for n in norms]).mean()
+
+
+def build(mode: str, template: SiT, compile_model: bool):
+    model = copy.deepcopy(template)
+    regulariser = None
+    if mode == "anm":
+        model = regulariser = anm.ANM(model, warmup=0, nonfinite="propagate")
+    elif mode == "naive":
+        regulariser = NaiveANM(model)
+    fused = template.pos_embed.device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused)
+    runner = torch.compile(model) if compile_model else model
+    return runner, regulariser, opt
+
+
+def train_step(runner, regulariser, opt, batch, precision: str) -> torch.Tensor:
+    x1, noise, t, y = batch
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * noise  # linear path, t=1 is data
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        pred = runner(xt, t, y)
+    loss = F.mse_loss(pred.float(), x1 - noise)
+    if regulariser is not None:
+        loss = loss + regulariser.loss()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def saved_for_backward_mib(runner, regulariser, batch, precision: str) -> float:
+    """Bytes autograd keeps for backward in one forward (distinct storages), in MiB."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    x1, noise, t, y = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * noise
+        with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pred = runner(xt, t, y)
+        loss = F.mse_loss(pred.float(), x1 - noise)
+        if regulariser is not None:
+            loss = loss + regulariser.loss()
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_case(name: str, precision: str, compile_model: bool, args, device) -> list[dict]:
+    model_kwargs, batch_size = CONFIGS[name]
+    batch_size = args.batch_size or batch_size
+    torch.manual_seed(0)
+    template = SiT(**model_kwargs, in_channels=4, num_classes=1000, learn_sigma=False).to(device)
+    # Leave adaLN-Zero's identity start so that updates and ANM gradients are non-zero, as mid-training.
+    for block in template.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    gen = torch.Generator(device).manual_seed(0)
+    size = model_kwargs["input_size"]
+    batch = (
+        torch.randn(batch_size, 4, size, size, device=device, generator=gen),
+        torch.randn(batch_size, 4, size, size, device=device, generator=gen),
+        torch.rand(batch_size, device=device, generator=gen),
+        torch.randint(0, 1000, (batch_size,), device=device, generator=gen),
+    )
+    modes = {mode: build(mode, template, compile_model) for mode in MODES}
+    memory = {mode: saved_for_backward_mib(*modes[mode][:2], batch, precision) for mode in MODES}
+    for mode in MODES:  # warm-up: compilation, allocator, autotuning
+        for _ in range(args.warmup):
+            train_step(*modes[mode], batch, precision)
+    sync(device)
+    times = {mode: [] for mode in MODES}
+    peaks = {mode: [] for mode in MODES}
+    for repeat in range(args.repeats):
+        order = MODES[repeat % len(MODES):] + MODES[: repeat % len(MODES)]  # rotate who goes first
+        for mode in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(*modes[mode], batch, precision)
+            sync(device)
+            times[mode].append((time.perf_counter() - start) / args.steps * 1e3)
+            if device.type == "cuda":
+                peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
+    rows = []
+    base = statistics.median(times["baseline"])
+    for mode in MODES:
+        median = statistics.median(times[mode])
+        q = statistics.quantiles(times[mode], n=4) if len(times[mode]) > 1 else [median, median, median]
+        rows.append(
+            dict(
+                config=name, batch=batch_size, precision=precision, compile=compile_model, mode=mode,
+                ms_median=median, ms_q1=q[0], ms_q3=q[2], ms_all=times[mode],
+                overhead_pct=(median / base - 1) * 100,
+                saved_mib=memory[mode], saved_extra_mib=memory[mode] - memory["baseline"],
+                peak_gib=max(peaks[mode]) if peaks[mode] else None,
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    header = f"{'config':<6} {'bs':>4} {'prec':<5} {'compile':<7} {'mode':<9} {'ms/step':>9} {'IQR':>15} " \
+             f"{'overhead':>9} {'saved MiB':>10} {'+saved':>8} {'peak GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(
+            f"{r['config']:<6} {r['batch']:>4} {r['precision']:<5} {str(r['compile']):<7} {r['mode']:<9} "
+            f"{r['ms_median']:>9.2f} {r['ms_q1']:>7.2f}-{r['ms_q3']:<7.2f} {r['overhead_pct']:>+8.1f}% "
+            f"{r['saved_mib']:>10.1f} {r['saved_extra_mib']:>+8.1f} {peak:>9}"
+        )
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    configs = args.configs or (["XL/2", "B/4"] if device.type == "cuda" else ["tiny"])
+    rows = []
+    for name in configs:
+        for precision in args.precisions:
+            for compile_model in [False, True] if args.compile else [False]:
+                rows.extend(bench_case(name, precision, compile_model, args, device))
+                print(f"done {name} {precision} compile={compile_model}", flush=True)
+    meta = dict(
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        threads=torch.get_num_threads(), steps=args.steps, repeats=args.repeats, argv=sys.argv[1:],
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print_table(rows)
+    print(f"\n{meta['device']}, torch {meta['torch']}, {meta['threads']} threads; JSON: {out}")
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None)
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per mode")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="benchmarks/results/overhead.json")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
