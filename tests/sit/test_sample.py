@@ -128,6 +128,16 @@ def test_sde_samples_are_batch_size_independent_too(ckpt: str, tmp_path: Path) -
     assert np.array_equal(run("a", "2"), run("b", "3"))
 
 
+def test_bf16_sampling_stays_close_to_fp32(ckpt: str, tmp_path: Path) -> None:
+    def run(folder: str, *extra: str) -> np.ndarray:
+        with np.load(sample_ddp.main(ddp_args(ckpt, tmp_path / folder, "--num-fid-samples", "3", *extra))) as npz:
+            return npz["arr_0"].astype(int)
+
+    fp32, bf16 = run("fp32"), run("bf16", "--precision", "bf16")
+    assert (fp32 != bf16).any(), "bf16 autocast was not applied"
+    assert np.abs(fp32 - bf16).max() <= 16 and np.abs(fp32 - bf16).mean() < 2
+
+
 def test_sde_sampler_rejects_a_wrong_number_of_generators() -> None:
     from samplers import Sampler
     from transport import create_transport
