@@ -128,13 +128,23 @@ def test_sde_samples_are_batch_size_independent_too(ckpt: str, tmp_path: Path) -
     assert np.array_equal(run("a", "2"), run("b", "3"))
 
 
-def test_bf16_sampling_stays_close_to_fp32(ckpt: str, tmp_path: Path) -> None:
+def test_bf16_sampling_runs_under_autocast_and_stays_close_to_fp32(ckpt: str, tmp_path: Path, monkeypatch) -> None:
+    seen = []
+    original = sample_ddp.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sample_ddp, "generate", spy)
+
     def run(folder: str, *extra: str) -> np.ndarray:
         with np.load(sample_ddp.main(ddp_args(ckpt, tmp_path / folder, "--num-fid-samples", "3", *extra))) as npz:
             return npz["arr_0"].astype(int)
 
-    fp32, bf16 = run("fp32"), run("bf16", "--precision", "bf16")
-    assert (fp32 != bf16).any(), "bf16 autocast was not applied"
+    fp32 = run("fp32")
+    bf16 = run("bf16", "--precision", "bf16")
+    assert seen == [False, True]
     assert np.abs(fp32 - bf16).max() <= 16 and np.abs(fp32 - bf16).mean() < 2
 
 
