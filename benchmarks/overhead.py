@@ -35,7 +35,9 @@ CONFIGS = {
     "B/4": (dict(input_size=32, patch_size=4, hidden_size=768, depth=12, num_heads=12), 256),
     "XL/2": (dict(input_size=32, patch_size=2, hidden_size=1152, depth=28, num_heads=16), 32),
 }
-MODES = ("baseline", "anm", "naive")
+# "control" is a second, identical copy of the baseline: its "overhead" is the noise floor of the
+# measurement (allocation and cache placement differ between copies, which alone can move a CPU step).
+MODES = ("baseline", "anm", "naive", "control")
 
 
 class NaiveANM:
@@ -130,6 +132,9 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
             train_step(*modes[mode], batch, precision)
     sync(device)
     times = {mode: [] for mode in MODES}
+    # Process CPU time per step: on a CPU shared with other jobs it barely moves when wall time does, so
+    # with --threads 1 it is the steadier measure of the work each mode does (on CUDA: host time only).
+    cpu_times = {mode: [] for mode in MODES}
     peaks = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
         order = MODES[repeat % len(MODES):] + MODES[: repeat % len(MODES)]  # rotate who goes first
@@ -137,15 +142,17 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 train_step(*modes[mode], batch, precision)
             sync(device)
             times[mode].append((time.perf_counter() - start) / args.steps * 1e3)
+            cpu_times[mode].append((time.process_time() - cpu_start) / args.steps * 1e3)
             if device.type == "cuda":
                 peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
     rows = []
     base = statistics.median(times["baseline"])
+    cpu_base = statistics.median(cpu_times["baseline"])
     for mode in MODES:
         median = statistics.median(times[mode])
         q = statistics.quantiles(times[mode], n=4) if len(times[mode]) > 1 else [median, median, median]
@@ -154,6 +161,8 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
                 config=name, batch=batch_size, precision=precision, compile=compile_model, mode=mode,
                 ms_median=median, ms_q1=q[0], ms_q3=q[2], ms_all=times[mode],
                 overhead_pct=(median / base - 1) * 100,
+                cpu_ms_median=statistics.median(cpu_times[mode]),
+                cpu_overhead_pct=(statistics.median(cpu_times[mode]) / cpu_base - 1) * 100,
                 saved_mib=memory[mode], saved_extra_mib=memory[mode] - memory["baseline"],
                 peak_gib=max(peaks[mode]) if peaks[mode] else None,
             )
@@ -164,7 +173,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
 def print_table(rows: list[dict]) -> None:
     print()
     header = f"{'config':<6} {'bs':>4} {'prec':<5} {'compile':<7} {'mode':<9} {'ms/step':>9} {'IQR':>15} " \
-             f"{'overhead':>9} {'saved MiB':>10} {'+saved':>8} {'peak GiB':>9}"
+             f"{'overhead':>9} {'cpu ms':>8} {'cpu ovh':>8} {'saved MiB':>10} {'+saved':>8} {'peak GiB':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -172,6 +181,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{r['config']:<6} {r['batch']:>4} {r['precision']:<5} {str(r['compile']):<7} {r['mode']:<9} "
             f"{r['ms_median']:>9.2f} {r['ms_q1']:>7.2f}-{r['ms_q3']:<7.2f} {r['overhead_pct']:>+8.1f}% "
+            f"{r['cpu_ms_median']:>8.2f} {r['cpu_overhead_pct']:>+7.1f}% "
             f"{r['saved_mib']:>10.1f} {r['saved_extra_mib']:>+8.1f} {peak:>9}"
         )
 
