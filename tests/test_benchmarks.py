@@ -60,3 +60,18 @@ def test_sampling_smoke(tmp_path):
     assert check["fp32_batch4_vs_batchN"]["latent_max_abs"] < 1e-3
     assert check["fp32_batch4_vs_batchN"]["uint8_max_abs"] <= 1
     assert math.isfinite(check["bf16_vs_fp32"]["latent_max_abs"])
+
+
+def test_overhead_smoke(tmp_path):
+    bench = load("overhead")
+    out = tmp_path / "overhead.json"
+    bench.main(bench.parse_args([
+        "--device", "cpu", "--configs", "tiny", "--precisions", "fp32", "--batch-size", "2", "--steps", "1",
+        "--repeats", "2", "--warmup", "1", "--threads", "1", "--out", str(out),
+    ]))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["baseline", "anm", "naive", "control"]
+    assert rows[0]["overhead_pct"] == 0.0 and all(len(row["ms_all"]) == 2 for row in rows)
+    # The library keeps one fp32 norm per token for backward, never a copy of an activation.
+    anm_row = rows[1]
+    assert 0 < anm_row["saved_extra_mib"] < 0.05 and rows[3]["saved_extra_mib"] == 0
