@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from models import SiT  # noqa: E402
+from report import run_metadata, write_json  # noqa: E402
 
 import anm  # noqa: E402
 
@@ -200,14 +199,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             for compile_model in [False, True] if args.compile else [False]:
                 rows.extend(bench_case(name, precision, compile_model, args, device))
                 print(f"done {name} {precision} compile={compile_model}", flush=True)
-    meta = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        threads=torch.get_num_threads(), steps=args.steps, repeats=args.repeats, argv=sys.argv[1:],
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    meta = run_metadata(device, steps=args.steps, repeats=args.repeats)
+    out = write_json(args.out, dict(meta=meta, rows=rows))
     print_table(rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['threads']} threads; JSON: {out}")
     return rows

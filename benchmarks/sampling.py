@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from models import SiT  # noqa: E402
+from report import run_metadata, write_json  # noqa: E402
 from sample import decode_to_uint8, generate, make_sample_fn  # noqa: E402
 from sample_ddp import sample_inputs, sample_seed  # noqa: E402
 from train_step import build_vae  # noqa: E402
@@ -223,16 +221,10 @@ def main(args: argparse.Namespace) -> dict:
         if check is not None:
             checks.append(check)
         print(f"done {name}", flush=True)
-    meta = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        threads=torch.get_num_threads(), num_steps=args.num_steps, cfg_scale=args.cfg_scale,
-        repeats=args.repeats, argv=sys.argv[1:], out=args.out,
-    )
+    meta = run_metadata(device, num_steps=args.num_steps, cfg_scale=args.cfg_scale, repeats=args.repeats,
+                        out=args.out)
     result = dict(meta=meta, rows=rows, checks=checks)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print_table(rows, checks, meta)
     return result
 

@@ -28,20 +28,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from extract_latents import encode_moments  # noqa: E402
 from models import SiT  # noqa: E402
+from report import run_metadata, write_json  # noqa: E402
 from train import update_ema  # noqa: E402
 from transport import create_transport  # noqa: E402
 
@@ -282,16 +281,10 @@ def main(args: argparse.Namespace) -> dict:
         if check is not None:
             checks.append(check)
         print(f"done {name}", flush=True)
-    meta = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        threads=torch.get_num_threads(), steps=args.steps, repeats=args.repeats, warmup=args.warmup,
-        no_ema=args.no_ema, argv=sys.argv[1:], out=args.out,
-    )
+    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, warmup=args.warmup, no_ema=args.no_ema,
+                        out=args.out)
     result = dict(meta=meta, rows=rows, checks=checks)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print_table(rows, checks, meta)
     return result
 

@@ -151,9 +151,8 @@ def main(args: argparse.Namespace) -> str:
     return args.out
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which model to load (shared with sample_ddp.py)."""
     parser.add_argument("--ckpt", type=str, required=True, help="train.py checkpoint or official .pt")
     parser.add_argument("--model", type=str, default=None,
                         help="config of an official checkpoint, e.g. SiT-XL/2")
@@ -162,6 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae", type=str, default=None,
                         help="VAE dir or hub id (default: the one trained with)")
     parser.add_argument("--no-ema", action="store_true", help="our checkpoints: raw weights instead of EMA")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
     parser.add_argument("--mode", choices=["ode", "sde"], default="ode")
     parser.add_argument("--method", choices=["euler", "heun"], default="heun")
     parser.add_argument("--num-steps", type=int, default=None, help="default: 125 (ODE heun) / 250 (SDE)")

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from npz import save_npz
 from PIL import Image
-from sample import decode_to_uint8, generate, load_model, load_vae, make_sample_fn
+from sample import add_checkpoint_args, decode_to_uint8, generate, load_model, load_vae, make_sample_fn
 from tqdm.auto import tqdm
 from transport import create_transport
 
@@ -139,14 +139,7 @@ def main(args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=str, required=True, help="train.py checkpoint or official .pt")
-    parser.add_argument("--model", type=str, default=None,
-                        help="config of an official checkpoint, e.g. SiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=256, help="official checkpoints: image pixels")
-    parser.add_argument("--num-classes", type=int, default=1000, help="official checkpoints")
-    parser.add_argument("--vae", type=str, default=None,
-                        help="VAE dir or hub id (default: the one trained with)")
-    parser.add_argument("--no-ema", action="store_true", help="our checkpoints: raw weights instead of EMA")
+    add_checkpoint_args(parser)
     parser.add_argument("--mode", choices=["ode", "sde"], default="sde")
     parser.add_argument("--method", choices=["euler", "heun"], default="euler")
     parser.add_argument("--num-steps", type=int, default=250, help="SDE: 250 = 250 NFE; ODE heun: 2 NFE/step")
