@@ -23,9 +23,7 @@ def test_matched_alpha_keeps_the_per_feature_rms():
 
 def test_arm_alpha_used_per_scaling():
     assert ablate.Arm("a", alpha=50.0, scaling="raw").alpha_used(64) == 50.0
-    assert ablate.Arm("a", alpha=50.0, scaling="matched").alpha_used(64) == pytest.approx(
-        50 * math.sqrt(64 / 1152)
-    )
+    assert ablate.Arm("a", alpha=50.0, scaling="matched").alpha_used(64) == pytest.approx(50 * math.sqrt(64 / 1152))
     rms = ablate.Arm("a", alpha=70.0, scaling="rms")
     assert rms.reduce == "rms" and rms.alpha_used(64) == pytest.approx(70 / math.sqrt(1152))
     assert ablate.Arm("a", scaling="matched").reduce == "l2"
@@ -36,9 +34,7 @@ def test_rms_arm_is_the_matched_l2_arm_up_to_scale():
     h = torch.randn(4, 16, 64) * 1.7
     hidden = h.shape[-1]
     l2 = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=ablate.matched_alpha(70.0, hidden))
-    rms = anm.anm_loss(
-        anm.activation_norms(h, "rms"), alpha=ablate.Arm("r", scaling="rms").alpha_used(hidden)
-    )
+    rms = anm.anm_loss(anm.activation_norms(h, "rms"), alpha=ablate.Arm("r", scaling="rms").alpha_used(hidden))
     raw = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=70.0)
     assert rms.item() == pytest.approx(l2.item(), rel=1e-5)
     assert raw.item() > l2.item()  # the raw alpha pushes harder on a narrow model
@@ -65,10 +61,16 @@ def test_speedup_stats():
         1: dict(steps=[0, 50, 100], heldout=[1.0, 0.8, 0.6]),
     }
     stats = ablate.speedup_stats(arm, base)
-    assert stats["per_seed"][0] == dict(steps=50, baseline_steps=100, speedup=2.0)
-    assert stats["per_seed"][1] == dict(steps=None, baseline_steps=50, speedup=None)
+    assert stats["per_seed"][0] == dict(steps=50, baseline_steps=100, speedup=2.0, equiv=None, equiv_ratio=None)
+    assert stats["per_seed"][1] == dict(steps=None, baseline_steps=50, speedup=None, equiv=50, equiv_ratio=0.5)
     assert stats["reached"] == 1 and stats["seeds"] == 2
     assert stats["speedup_mean"] == stats["speedup_min"] == stats["speedup_max"] == 2.0
+    assert stats["equiv_ratio_mean"] is None  # seed 0 is ahead of the whole baseline curve
+    # A slower arm: the baseline got to its final loss in half (seed 0) or a quarter (seed 1) of the steps.
+    slow = {0: dict(steps=[0, 50, 100], heldout=[1.0, 0.9, 0.7]), 1: dict(steps=[0, 50, 100], heldout=[1, 1, 1])}
+    stats = ablate.speedup_stats(slow, base)
+    assert stats["reached"] == 0 and stats["speedup_mean"] is None
+    assert (stats["equiv_ratio_mean"], stats["equiv_ratio_min"]) == (0.25, 0.0)
     # The baseline against itself is a speed-up of exactly 1.
     assert ablate.speedup_stats(base, base)["speedup_mean"] == 1.0
 

@@ -8,17 +8,7 @@ from pathlib import Path
 import demo
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_matched_alpha_keeps_the_papers_rms() -> None:

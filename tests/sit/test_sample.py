@@ -19,15 +19,6 @@ from PIL import Image
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> str:
     """A train.py checkpoint of a tiny pixel-space SiT on 8x8 sinusoids (2 steps)."""

@@ -15,15 +15,6 @@ import train
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_args(results: Path, *extra: str):
     """8x8 sinusoids, a 2-block width-32 SiT, 6 steps per epoch (48 images / batch 8)."""
     return train.parse_args([
