@@ -102,7 +102,7 @@ class ActivationCollector:
         self.records: list[tuple[int, Tensor]] = []
         self._activations: list[tuple[int, Tensor]] = []
         self._handles = [
-            module.register_forward_hook(self._make_hook(index), with_kwargs=True)
+            module.register_forward_hook(_Hook(self, index), with_kwargs=True)
             for index, (_, module) in enumerate(self.layers)
         ]
 
@@ -161,44 +161,40 @@ class ActivationCollector:
         )
 
     # -- the hook ------------------------------------------------------------------------------------
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            grad_on = torch.is_grad_enabled()
-            if self.training_only and not (module.training and grad_on):
-                if module.training:
-                    self._refuse_reentrant_checkpoint(index, _hidden_input(args, kwargs))
-                return
-            hidden_in = _hidden_input(args, kwargs)
-            activation = self._select(output, hidden_in)
-            if not isinstance(activation, Tensor):
+    def _record(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.training_only and not (module.training and torch.is_grad_enabled()):
+            if module.training:
+                self._refuse_reentrant_checkpoint(index, _hidden_input(args, kwargs))
+            return
+        hidden_in = _hidden_input(args, kwargs)
+        activation = self._select(output, hidden_in)
+        if not isinstance(activation, Tensor):
+            raise ANMError(
+                f"select= returned {type(activation).__name__} for layer {self.names[index]!r}; "
+                "it must return the hidden-state tensor."
+            )
+        minus = None
+        if self.site == "update":
+            if hidden_in is None:
                 raise ANMError(
-                    f"select= returned {type(activation).__name__} for layer {self.names[index]!r}; "
-                    "it must return the hidden-state tensor."
+                    f"layer {self.names[index]!r} got no tensor input, so its residual update cannot be "
+                    "formed: use site='output' or hook the blocks themselves."
                 )
-            minus = None
-            if self.site == "update":
-                if hidden_in is None:
-                    raise ANMError(
-                        f"layer {self.names[index]!r} got no tensor input, so its residual update cannot be "
-                        "formed: use site='output' or hook the blocks themselves."
-                    )
-                if hidden_in.shape != activation.shape:
-                    raise ANMError(
-                        f"layer {self.names[index]!r} maps {tuple(hidden_in.shape)} to "
-                        f"{tuple(activation.shape)}, so it has no residual update: use site='output', "
-                        "a select= that returns the hidden state, or hook other layers."
-                    )
-                minus = hidden_in
-            norms = activation_norms(activation, self.reduce, minus=minus)
-            if self.training_only and _replaying_for_backward():
-                # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
-                # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
-                return
-            self.records.append((index, norms))
-            if self.keep_activations:
-                self._activations.append((index, activation if minus is None else activation - minus))
-
-        return hook
+            if hidden_in.shape != activation.shape:
+                raise ANMError(
+                    f"layer {self.names[index]!r} maps {tuple(hidden_in.shape)} to "
+                    f"{tuple(activation.shape)}, so it has no residual update: use site='output', "
+                    "a select= that returns the hidden state, or hook other layers."
+                )
+            minus = hidden_in
+        norms = activation_norms(activation, self.reduce, minus=minus)
+        if self.training_only and _replaying_for_backward():
+            # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
+            # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
+            return
+        self.records.append((index, norms))
+        if self.keep_activations:
+            self._activations.append((index, activation if minus is None else activation - minus))
 
     def _refuse_reentrant_checkpoint(self, index: int, hidden_in: Tensor | None) -> None:
         # A block in training mode running without autograd on an input that *requires* grad is what
@@ -210,6 +206,18 @@ class ActivationCollector:
                 "silently get no gradient. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), "
                 "or leave layers that run under torch.no_grad() out of layers=."
             )
+
+
+class _Hook:
+    """The forward hook of one layer. An object rather than a closure so that ``copy.deepcopy`` of a
+    hooked model copies the collector along with it, instead of leaving the copy recording into the
+    original's collector."""
+
+    def __init__(self, collector: ActivationCollector, index: int) -> None:
+        self.collector, self.index = collector, index
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.collector._record(self.index, module, args, kwargs, output)
 
 
 def _hidden_input(args: tuple, kwargs: dict) -> Tensor | None:

@@ -220,3 +220,24 @@ def test_step_counter_and_explicit_step():
     assert model.step == 11 and model.stats()["anm/weight"] == 1.0
     with pytest.raises(anm.ANMError, match="step must be >= 0"):
         model.loss(step=-1)
+
+
+def test_deepcopy_gives_an_independent_wrapper():
+    import copy
+
+    model = ANM(ToyDiT(depth=2), warmup=0)
+    twin = copy.deepcopy(model)  # e.g. an EMA copy or a second run made from the wrapped model
+    twin(*make_batch())
+    assert model.collector.records == [] and len(twin.collector.records) == 2
+    assert twin.collector.layers[0][1] is twin.model.blocks[0]
+    assert twin.loss().item() > 0 and model.loss().item() == 0.0
+
+
+def test_copy_of_the_bare_model_does_not_record_into_the_original():
+    import copy
+
+    base = ToyDiT(depth=2)
+    model = ANM(base, warmup=0)
+    ema = copy.deepcopy(base)  # hooks come along, but with their own collector
+    ema(*make_batch())
+    assert model.collector.records == []
