@@ -111,7 +111,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # The transpose alone leaves a (N, D, T)-strided view, and elementwise ops keep that layout, so the
+        # whole residual stream would run with features strided by T (slower LayerNorms, linears and
+        # per-token norms: -4.6% step time on CPU for the tiny benchmark config when made contiguous).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class Attention(nn.Module):

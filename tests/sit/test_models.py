@@ -351,3 +351,14 @@ def test_grad_checkpointing_goes_through_checkpoint(monkeypatch):
     calls.clear()
     model.eval()(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))
     assert calls == []  # no recomputation at inference
+
+
+def test_residual_stream_is_token_major_contiguous():
+    from models import SiT
+
+    model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    seen = []
+    model.blocks[1].register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    block_in, block_out = seen[0]
+    assert block_in.is_contiguous() and block_out.is_contiguous()
