@@ -152,13 +152,15 @@ class ANM(nn.Module):
         by_layer: dict[int, list[Tensor]] = {}
         for index, norms in records:
             by_layer.setdefault(index, []).append(norms.reshape(-1))
-        layer_means = torch.stack([torch.cat(chunks).mean() for chunks in by_layer.values()])
         every = torch.cat([norms.reshape(-1) for _, norms in records])
-        summary = torch.stack([self._last["loss"].float(), (every < self.alpha).float().mean()])
-        loss_value, below = summary.tolist()  # one device sync for all of them
+        summary = torch.stack(
+            [self._last["loss"].float(), (every < self.alpha).float().mean()]
+            + [torch.cat(chunks).mean() for chunks in by_layer.values()]
+        )
+        loss_value, below, *layer_means = summary.tolist()  # one device sync for all of them
         stats["anm/loss"] = loss_value
         stats["anm/frac_below_alpha"] = below
-        for index, mean in zip(by_layer, layer_means.tolist(), strict=True):
+        for index, mean in zip(by_layer, layer_means, strict=True):
             stats[f"anm/norm/{names[index]}"] = mean
         return stats
 
