@@ -134,6 +134,11 @@ def test_stats_are_detached_floats_per_layer():
     assert all(isinstance(v, float) for v in stats.values())
     assert stats["anm/loss"] == pytest.approx(loss.item())
     assert 0.0 <= stats["anm/frac_below_alpha"] <= 1.0
+    for index, name in enumerate(["blocks.0", "blocks.1"]):
+        norms = torch.cat([n.reshape(-1) for i, n in model._last["records"] if i == index])
+        assert stats[f"anm/norm/{name}"] == pytest.approx(norms.mean().item())
+    every = torch.cat([n.reshape(-1) for _, n in model._last["records"]])
+    assert stats["anm/frac_below_alpha"] == pytest.approx((every < 3.0).float().mean().item())
 
 
 def test_no_memory_or_graph_kept_alive_over_many_steps():
