@@ -77,6 +77,7 @@ class ANM(nn.Module):
         )
         self.step = 0  # warm-up position: number of loss() calls so far unless step= is passed
         self._last: dict[str, Any] | None = None
+        self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
         _install_state_dict_passthrough(self)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -108,6 +109,7 @@ class ANM(nn.Module):
             >>> model.loss(step=5).item() > 0, model.loss().item()   # nothing new recorded
             (True, 0.0)
         """
+        self._raise_on_pending_nonfinite()  # the previous step's queued check, before _last is replaced
         records = self.collector.pop()
         if step is None:
             step = self.step
@@ -142,6 +144,7 @@ class ANM(nn.Module):
             >>> model.stats()["anm/frac_below_alpha"]
             1.0
         """
+        self._raise_on_pending_nonfinite()
         if self._last is None:
             return {}
         stats = {"anm/weight": float(self._last["weight"]), "anm/step": float(self.step - 1)}
@@ -206,19 +209,47 @@ class ANM(nn.Module):
         return torch.device("cpu")
 
     def _check_finite(self, records: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
-        # One reduction and one device sync in the common all-finite case; per-layer detail only on failure.
-        if torch.isfinite(torch.cat([norms.reshape(-1) for _, norms in records]).sum()):
+        all_finite = torch.isfinite(torch.cat([norms.reshape(-1) for _, norms in records]).sum())
+        if all_finite.device.type == "cuda" and self.nonfinite == "raise":
+            # No device sync on the training step's hot path: the flag is copied to the host in the
+            # background and read by the next loss() or stats() call, which then names the layers.
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(all_finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending_check = (host, done)
             return records
-        finite = torch.stack([torch.isfinite(norms).all() for _, norms in records]).tolist()
-        bad = sorted({self.collector.names[index] for (index, _), ok in zip(records, finite, strict=True) if not ok})
+        if bool(all_finite):  # free on the CPU; "skip" needs the answer now on any device
+            return records
+        finite = self._finite_per_record(records)
         if self.nonfinite == "raise":
-            raise ANMError(
-                f"non-finite activation norms (NaN/inf) in layer(s) {bad}: the model itself diverged "
-                "there (lower the learning rate, check inputs / mixed precision), or pass "
-                "nonfinite='skip' to leave such layers out of the ANM term for that step."
-            )
+            raise self._nonfinite_error(records, finite, when="")
+        bad = self._bad_layers(records, finite)
         warnings.warn(f"ANM: skipping non-finite norms of layer(s) {bad} this step.", stacklevel=3)
         return [record for record, ok in zip(records, finite, strict=True) if ok]
+
+    def _raise_on_pending_nonfinite(self) -> None:
+        if self._pending_check is None:
+            return
+        (host, done), self._pending_check = self._pending_check, None
+        done.synchronize()  # waits for the previous step's flag only, not for work queued since
+        if not bool(host):
+            records = self._last["records"]
+            raise self._nonfinite_error(records, self._finite_per_record(records), when=f" at step {self.step - 1}")
+
+    @staticmethod
+    def _finite_per_record(records: list[tuple[int, Tensor]]) -> list[bool]:
+        return torch.stack([torch.isfinite(norms).all() for _, norms in records]).tolist()
+
+    def _bad_layers(self, records: list[tuple[int, Tensor]], finite: list[bool]) -> list[str]:
+        return sorted({self.collector.names[index] for (index, _), ok in zip(records, finite, strict=True) if not ok})
+
+    def _nonfinite_error(self, records: list[tuple[int, Tensor]], finite: list[bool], when: str) -> ANMError:
+        return ANMError(
+            f"non-finite activation norms (NaN/inf){when} in layer(s) {self._bad_layers(records, finite)}: the "
+            "model itself diverged there (lower the learning rate, check inputs / mixed precision), or pass "
+            "nonfinite='skip' to leave such layers out of the ANM term for that step."
+        )
 
 
 def _install_state_dict_passthrough(wrapper: nn.Module) -> None:

@@ -246,3 +246,25 @@ def test_copy_of_the_bare_model_does_not_record_into_the_original():
     ema = copy.deepcopy(base)  # hooks come along, but with their own collector
     ema(*make_batch())
     assert model.collector.records == []
+
+
+def test_deferred_nonfinite_check_raises_on_the_next_call_naming_layer_and_step():
+    # On CUDA the check is queued without a device sync and read by the next loss()/stats(); emulate the
+    # queued flag here (the CPU path checks at once).
+    class DoneEvent:
+        def synchronize(self):
+            pass
+
+    model = ANM(ToyDiT(depth=3), warmup=0, nonfinite="propagate")
+    with torch.no_grad():
+        model.blocks[1].proj.bias.fill_(float("nan"))
+    model(*make_batch())
+    model.loss(step=7)
+    model.nonfinite = "raise"
+    model._pending_check = (torch.tensor(False), DoneEvent())
+    with pytest.raises(anm.ANMError, match=r"at step 7 in layer\(s\) \['blocks.1'"):
+        model.stats()
+    assert model._pending_check is None
+    model._pending_check = (torch.tensor(True), DoneEvent())  # a finite step passes and is cleared
+    model.loss()
+    assert model._pending_check is None
