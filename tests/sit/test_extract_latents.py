@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,18 @@ def run_args(image_root, vae, out, **overrides):
     return args
 
 
+def cli_args(image_root, vae_dir, out) -> list[str]:
+    """The extraction settings every command-line run here shares (both ranks' runs compare to one)."""
+    return ["--data-path", image_root, "--vae", vae_dir, "--out", str(out), "--image-size", "32",
+            "--chunk-size", "3", "--batch-size", "2", "--num-workers", "0", "--dtype", "float32"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def straight_run(tiny_vae_dir, image_root, tmp_path_factory):
     """A complete extraction through the command line, started from another working directory."""
@@ -82,22 +95,7 @@ def straight_run(tiny_vae_dir, image_root, tmp_path_factory):
         [
             sys.executable,
             str(SCRIPT),
-            "--data-path",
-            image_root,
-            "--vae",
-            tiny_vae_dir,
-            "--out",
-            str(out),
-            "--image-size",
-            "32",
-            "--chunk-size",
-            "3",
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--dtype",
-            "float32",
+            *cli_args(image_root, tiny_vae_dir, out),
         ],
         check=True,
         cwd=tmp_path_factory.mktemp("elsewhere"),
@@ -204,24 +202,9 @@ def test_torchrun_two_ranks_gloo(straight_run, tiny_vae_dir, image_root, tmp_pat
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29517",
+            f"--master_port={free_port()}",
             str(SCRIPT),
-            "--data-path",
-            image_root,
-            "--vae",
-            tiny_vae_dir,
-            "--out",
-            str(out),
-            "--image-size",
-            "32",
-            "--chunk-size",
-            "3",
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--dtype",
-            "float32",
+            *cli_args(image_root, tiny_vae_dir, out),
         ],
         check=True,
         cwd=tmp_path,
