@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The three benchmarks of issue #4 on one GPU, kept under 10 minutes by a time limit per part (not yet run on a
-# GPU yet): JSON and logs go to $OUT if set, else benchmarks/results/.
+# GPU): JSON and logs go to $OUT if set, else benchmarks/results/.
 #
 #   bash benchmarks/gpu_suite.sh                      # all three: overhead, train_step, sampling
 #   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
