@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compiled import classes_with_compiled_forward
 from .errors import ANMError
 from .layers import LayerSpec, select_layers
 from .norms import REDUCTIONS, activation_norms
@@ -98,6 +99,15 @@ class ActivationCollector:
         self._select = select or default_select
         self.layers = select_layers(model, layers)
         self.names = [name for name, _ in self.layers]
+        # Modules whose forward runs the hooked layers inside it: a graph compiled for one of these
+        # before the hooks existed would skip them (see compiled.py).
+        named = dict(model.named_modules(remove_duplicate=False))
+        hooked = {id(module) for _, module in self.layers}
+        hooked_paths = [path for path, module in named.items() if id(module) in hooked]
+        self._ancestors = [
+            module for path, module in named.items()
+            if id(module) not in hooked and any(_is_inside(inner, path) for inner in hooked_paths)
+        ]
         # (layer index, norms) per hooked call; owned here so torch.compile sees one outside list.
         self.records: list[tuple[int, Tensor]] = []
         self._activations: list[tuple[int, Tensor]] = []
@@ -137,6 +147,22 @@ class ActivationCollector:
     def clear(self) -> None:
         """Forget everything recorded so far (hooks stay)."""
         self.pop()
+
+    def compiled_without_hooks(self) -> list[str]:
+        """Classes enclosing the hooked layers whose ``forward`` torch.compile has compiled in this process.
+
+        When a forward in training mode recorded nothing and this is not empty, the compiled graph was
+        most likely traced before the hooks were registered: Dynamo does not notice hooks added later.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from anm import ActivationCollector
+            >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+            >>> ActivationCollector(net, site="output").compiled_without_hooks()
+            []
+        """
+        return classes_with_compiled_forward(self._ancestors)
 
     # -- lifetime ------------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -218,6 +244,10 @@ class _Hook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self.collector._record(self.index, module, args, kwargs, output)
+
+
+def _is_inside(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name.startswith(ancestor + ".")
 
 
 def _hidden_input(args: tuple, kwargs: dict) -> Tensor | None:

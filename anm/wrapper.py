@@ -98,7 +98,9 @@ class ANM(nn.Module):
 
         ``step`` is the optimizer step for the warm-up; by default the number of earlier ``loss()`` calls
         (pass it explicitly with gradient accumulation). Returns a 0-dim fp32 tensor, a constant 0 when
-        nothing was recorded (eval / no_grad forwards), and forgets what it consumed.
+        nothing was recorded (eval / no_grad forwards), and forgets what it consumed. Raises ``ANMError``
+        when a training-mode step recorded nothing while torch.compile holds graphs of an enclosing
+        ``forward``: such a graph was traced before the hooks existed and skips them.
 
         Example:
             >>> import torch, anm
@@ -118,6 +120,7 @@ class ANM(nn.Module):
         if records and self.nonfinite != "propagate":
             records = self._check_finite(records)
         if not records:
+            self._refuse_stale_compiled_graph()
             self._last = {"weight": weight, "loss": None, "records": []}
             return torch.zeros((), device=self._device())
         norms = [norms for _, norms in records]
@@ -203,6 +206,22 @@ class ANM(nn.Module):
         )
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _refuse_stale_compiled_graph(self) -> None:
+        # Nothing recorded is normal after eval or no_grad forwards. In training mode it is what a graph
+        # compiled before the hooks existed looks like: the loss would silently stay 0 for the whole run.
+        if not (self.model.training and torch.is_grad_enabled()):
+            return
+        stale = self.collector.compiled_without_hooks()
+        if stale:
+            raise ANMError(
+                f"no activations were recorded although the model is in training mode, and torch.compile "
+                f"holds compiled graphs of {', '.join(stale)}.forward: a graph traced before ANM's hooks "
+                "existed (for this model or another instance of its class) is reused without them, since "
+                "Dynamo does not guard on module hooks. Call torch.compiler.reset() after creating "
+                "anm.ANM(...) (compiled code then recompiles with the hooks), or wrap before compiling. "
+                "(If this step's forwards all ran under torch.no_grad() on purpose, skip loss() for it.)"
+            )
+
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():
             return tensor.device

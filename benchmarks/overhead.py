@@ -6,12 +6,14 @@ repeat, so drift in the machine's speed hits them all alike. Prints a table last
 
     python benchmarks/overhead.py                              # tiny SiT on CPU, fp32 and bf16
     python benchmarks/overhead.py --configs XL/2 B/4 --precisions bf16 fp32 --compile   # on a GPU
+    python benchmarks/overhead.py --threads 1 --tuned-malloc   # CPU without glibc's page-fault churn
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -24,6 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from models import SiT  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
+
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counter
+    resource = None
 
 import anm  # noqa: E402
 
@@ -56,16 +63,31 @@ class NaiveANM:
         return self.lam * torch.stack([torch.relu(self.alpha - n).mean() / self.alpha for n in norms]).mean()
 
 
-def build(mode: str, template: SiT, compile_model: bool):
+class Entry(torch.nn.Module):
+    """A forward of its own for the naive mode. Compiled graphs live on the outermost forward's code and
+    Dynamo does not guard on submodule hooks, so compiling the hooked SiT directly would reuse the
+    baseline's hook-free SiT.forward graph (the library's ANM has its own forward and raises if a
+    stale graph hides its hooks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def build(mode: str, template: SiT, compile_model: bool, backend: str = "inductor"):
     model = copy.deepcopy(template)
     regulariser = None
     if mode == "anm":
         model = regulariser = anm.ANM(model, warmup=0, nonfinite="propagate")
     elif mode == "naive":
         regulariser = NaiveANM(model)
+        model = Entry(model)
     fused = template.pos_embed.device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=fused)
-    runner = torch.compile(model) if compile_model else model
+    runner = torch.compile(model, backend=backend) if compile_model else model
     return runner, regulariser, opt
 
 
@@ -103,6 +125,19 @@ def saved_for_backward_mib(runner, regulariser, batch, precision: str) -> float:
     return sum(storages.values()) / 2**20
 
 
+def minor_page_faults() -> int | None:
+    """Page faults of this process so far. On CPU they are a hidden cost of fresh allocations: glibc's
+    malloc serves large tensors from new pages whenever its adaptive mmap/trim thresholds say so, and a
+    mode that allocates differently can move every other op's faults too (see docs/benchmarks.md)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else None
+
+
+# glibc settings that keep freed memory in the process, so steady-state steps take no page faults.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+                "MALLOC_TOP_PAD_": "268435456"}
+MALLOC_ENV = (*TUNED_MALLOC, "LD_PRELOAD")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -135,18 +170,22 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
     # with --threads 1 it is the steadier measure of the work each mode does (on CUDA: host time only).
     cpu_times = {mode: [] for mode in MODES}
     peaks = {mode: [] for mode in MODES}
+    faults = {mode: [] for mode in MODES}
     for repeat in range(args.repeats):
         order = MODES[repeat % len(MODES):] + MODES[: repeat % len(MODES)]  # rotate who goes first
         for mode in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
+            faults_start = minor_page_faults()
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 train_step(*modes[mode], batch, precision)
             sync(device)
             times[mode].append((time.perf_counter() - start) / args.steps * 1e3)
             cpu_times[mode].append((time.process_time() - cpu_start) / args.steps * 1e3)
+            if faults_start is not None:
+                faults[mode].append((minor_page_faults() - faults_start) / args.steps)
             if device.type == "cuda":
                 peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
     rows = []
@@ -164,6 +203,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
                 cpu_overhead_pct=(statistics.median(cpu_times[mode]) / cpu_base - 1) * 100,
                 saved_mib=memory[mode], saved_extra_mib=memory[mode] - memory["baseline"],
                 peak_gib=max(peaks[mode]) if peaks[mode] else None,
+                page_faults_per_step=statistics.median(faults[mode]) if faults[mode] else None,
             )
         )
     return rows
@@ -171,21 +211,27 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
 
 def print_table(rows: list[dict]) -> None:
     print()
-    header = f"{'config':<6} {'bs':>4} {'prec':<5} {'compile':<7} {'mode':<9} {'ms/step':>9} {'IQR':>15} " \
-             f"{'overhead':>9} {'cpu ms':>8} {'cpu ovh':>8} {'saved MiB':>10} {'+saved':>8} {'peak GiB':>9}"
+    header = (
+        f"{'config':<6} {'bs':>4} {'prec':<5} {'compile':<7} {'mode':<9} {'ms/step':>9} {'IQR':>15} {'overhead':>9} "
+        f"{'cpu ms':>8} {'cpu ovh':>8} {'saved MiB':>10} {'+saved':>8} {'peak GiB':>9} {'faults':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        faults = f"{r['page_faults_per_step']:.0f}" if r["page_faults_per_step"] is not None else "-"
         print(
             f"{r['config']:<6} {r['batch']:>4} {r['precision']:<5} {str(r['compile']):<7} {r['mode']:<9} "
             f"{r['ms_median']:>9.2f} {r['ms_q1']:>7.2f}-{r['ms_q3']:<7.2f} {r['overhead_pct']:>+8.1f}% "
             f"{r['cpu_ms_median']:>8.2f} {r['cpu_overhead_pct']:>+7.1f}% "
-            f"{r['saved_mib']:>10.1f} {r['saved_extra_mib']:>+8.1f} {peak:>9}"
+            f"{r['saved_mib']:>10.1f} {r['saved_extra_mib']:>+8.1f} {peak:>9} {faults:>7}"
         )
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    if args.tuned_malloc and any(os.environ.get(name) != value for name, value in TUNED_MALLOC.items()):
+        # glibc reads these once, at start-up: run this script again in a process that has them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,10 +245,12 @@ def main(args: argparse.Namespace) -> list[dict]:
             for compile_model in [False, True] if args.compile else [False]:
                 rows.extend(bench_case(name, precision, compile_model, args, device))
                 print(f"done {name} {precision} compile={compile_model}", flush=True)
-    meta = run_metadata(device, steps=args.steps, repeats=args.repeats)
+    malloc_env = {name: os.environ[name] for name in MALLOC_ENV if name in os.environ}
+    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, malloc_env=malloc_env)
     out = write_json(args.out, dict(meta=meta, rows=rows))
     print_table(rows)
-    print(f"\n{meta['device']}, torch {meta['torch']}, {meta['threads']} threads; JSON: {out}")
+    print(f"\n{meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
+          f"malloc env {malloc_env or 'default'}; faults = minor page faults per step; JSON: {out}")
     return rows
 
 
@@ -217,6 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="rerun in a process whose glibc malloc keeps freed memory (no page-fault churn)")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")
     return parser.parse_args(argv)
 
