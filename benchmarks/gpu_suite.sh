@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_suite.sh                      # all three: overhead, train_step, sampling
 #   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
+#   bash benchmarks/gpu_suite.sh overhead_compile     # extra part: ANM overhead with torch.compile (XL/2 bf16)
 #
 # Goals checked (see docs/benchmarks.md): ANM overhead <= 1% at XL/2 bf16 (overhead.py); fast training step
 # >= 2x the reference bf16 step, <= 60 ms for XL/2 bs32 on an H100 (train_step.py); sampling >= 3x the
@@ -43,14 +44,17 @@ parts=("$@")
 status=0
 for part in "${parts[@]}"; do
     case $part in
-        overhead)  # eager; add --compile when there is time (three XL/2 compilations, ~3 more minutes)
+        overhead)  # eager, all four modes
             limit=120; cmd=(benchmarks/overhead.py --configs XL/2 --precisions bf16 fp32 --steps 5 --repeats 5) ;;
+        overhead_compile)  # the example's fast path: two XL/2 compilations (baseline, ANM)
+            limit=240; cmd=(benchmarks/overhead.py --configs XL/2 --precisions bf16 --compile on --modes anm
+                            --steps 5 --repeats 5) ;;
         train_step)  # compiles the fast path once (~1-2 min), then a 30-step loss-curve check
             limit=250; cmd=(benchmarks/train_step.py --configs XL/2 --steps 5 --repeats 7 --check-steps 30) ;;
         sampling)  # SDE 250 steps, CFG 1.5; fast batch 128 (~20 s a batch), reference batch 4
             limit=210; cmd=(benchmarks/sampling.py --configs XL/2 --num-steps 250 --batch-size 128 --repeats 2
                             --compile --check-samples 8) ;;
-        *) echo "unknown part $part (overhead, train_step, sampling)" >&2; status=2; continue ;;
+        *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling)" >&2; status=2; continue ;;
     esac
     echo "=== $part: ${cmd[*]} (limit ${limit}s) $(date -u +%FT%TZ)"
     start=$(date +%s)

@@ -159,20 +159,21 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
         torch.rand(batch_size, device=device, generator=gen),
         torch.randint(0, 1000, (batch_size,), device=device, generator=gen),
     )
-    modes = {mode: build(mode, template, compile_model) for mode in MODES}
-    memory = {mode: saved_for_backward_mib(*modes[mode][:2], batch, precision) for mode in MODES}
-    for mode in MODES:  # warm-up: compilation, allocator, autotuning
+    names = tuple(mode for mode in MODES if mode in args.modes)  # in MODES order: baseline first
+    modes = {mode: build(mode, template, compile_model) for mode in names}
+    memory = {mode: saved_for_backward_mib(*modes[mode][:2], batch, precision) for mode in names}
+    for mode in names:  # warm-up: compilation, allocator, autotuning
         for _ in range(args.warmup):
             train_step(*modes[mode], batch, precision)
     sync(device)
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in names}
     # Process CPU time per step: on a CPU shared with other jobs it barely moves when wall time does, so
     # with --threads 1 it is the steadier measure of the work each mode does (on CUDA: host time only).
-    cpu_times = {mode: [] for mode in MODES}
-    peaks = {mode: [] for mode in MODES}
-    faults = {mode: [] for mode in MODES}
+    cpu_times = {mode: [] for mode in names}
+    peaks = {mode: [] for mode in names}
+    faults = {mode: [] for mode in names}
     for repeat in range(args.repeats):
-        order = MODES[repeat % len(MODES):] + MODES[: repeat % len(MODES)]  # rotate who goes first
+        order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotate who goes first
         for mode in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -191,7 +192,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
     rows = []
     base = statistics.median(times["baseline"])
     cpu_base = statistics.median(cpu_times["baseline"])
-    for mode in MODES:
+    for mode in names:
         median = statistics.median(times[mode])
         q = statistics.quantiles(times[mode], n=4) if len(times[mode]) > 1 else [median, median, median]
         rows.append(
@@ -229,6 +230,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(args: argparse.Namespace) -> list[dict]:
+    args.modes = ["baseline", *(mode for mode in args.modes if mode != "baseline")]
     if args.tuned_malloc and any(os.environ.get(name) != value for name, value in TUNED_MALLOC.items()):
         # glibc reads these once, at start-up: run this script again in a process that has them.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
@@ -242,7 +244,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in configs:
         for precision in args.precisions:
-            for compile_model in [False, True] if args.compile else [False]:
+            for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
                 rows.extend(bench_case(name, precision, compile_model, args, device))
                 print(f"done {name} {precision} compile={compile_model}", flush=True)
     malloc_env = {name: os.environ[name] for name in MALLOC_ENV if name in os.environ}
@@ -258,7 +260,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=None)
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "on", "both"],
+                        help="time torch.compile'd models too (--compile = both), or only them (--compile on)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="modes to time; baseline always runs (the others are relative to it)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per mode")

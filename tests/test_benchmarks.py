@@ -97,3 +97,30 @@ def test_overhead_every_mode_records_when_compiled_after_the_baseline():
                 assert len(regulariser.norms) == 2
             if regulariser is not None:
                 assert regulariser.loss().item() > 0
+
+
+def test_overhead_mode_subset_always_times_the_baseline(tmp_path):
+    bench = load("overhead")
+    assert bench.parse_args(["--compile"]).compile == "both"
+    assert bench.parse_args(["--compile", "on"]).compile == "on"
+    out = tmp_path / "overhead.json"
+    bench.main(bench.parse_args([
+        "--device", "cpu", "--configs", "tiny", "--precisions", "bf16", "--batch-size", "2", "--steps", "1",
+        "--repeats", "2", "--warmup", "1", "--threads", "1", "--modes", "anm", "--out", str(out),
+    ]))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mode"], row["precision"]) for row in rows] == [("baseline", "bf16"), ("anm", "bf16")]
+
+
+def test_gpu_suite_commands_parse():
+    # The suite runs only on a lent GPU, with minutes of device time: a stale flag must fail here instead.
+    import re
+    import shlex
+
+    suite = (BENCHMARKS / "gpu_suite.sh").read_text()
+    commands = re.findall(r"cmd=\((.*?)\)", suite, flags=re.S)
+    assert len(commands) == 4
+    for command in commands:
+        script, *argv = shlex.split(command.replace("\\\n", " "))
+        module = load(Path(script).stem)
+        module.parse_args(argv)
