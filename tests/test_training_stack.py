@@ -205,3 +205,47 @@ def test_ddp_two_processes_match_one_process_on_the_full_batch(find_unused, wrap
         grads = torch.load(tmp_path / f"rank{rank}.pt")
         for name, p in base.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------
+def _fsdp_worker(rank, world, init_file, out_dir, wrap_order):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    base = ToyDiT(depth=2)
+    if wrap_order == "anm-then-shard":
+        wrapper = ANM(base, alpha=ALPHA, warmup=0)
+    for block in base.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(base, mesh=mesh)
+    if wrap_order == "shard-then-anm":
+        wrapper = ANM(base, alpha=ALPHA, warmup=0)
+    x, t = make_batch(batch=8)
+    shard = slice(rank * 4, rank * 4 + 4)
+    for _ in range(2):
+        base.zero_grad()
+        (wrapper(x[shard], t[shard]).pow(2).mean() + wrapper.loss()).backward()
+    grads = {name: p.grad.full_tensor() for name, p in base.named_parameters()}  # DTensor shards → whole
+    torch.save((wrapper.collector.names, grads), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    os._exit(0)  # as in _ddp_worker
+
+
+@pytest.mark.parametrize("wrap_order", ["anm-then-shard", "shard-then-anm"])
+def test_fsdp2_two_processes_match_one_process_on_the_full_batch(wrap_order, tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_fsdp_worker, args=(2, init_file, str(tmp_path), wrap_order), nprocs=2, join=True)
+    torch.manual_seed(0)
+    base = ToyDiT(depth=2)
+    single = ANM(base, alpha=ALPHA, warmup=0)
+    x, t = make_batch(batch=8)
+    (single(x, t).pow(2).mean() + single.loss()).backward()
+    for rank in range(2):
+        names, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert names == ["blocks.0", "blocks.1"]
+        for name, p in base.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
