@@ -77,3 +77,21 @@ def test_errors_name_the_fix():
         activation_norms(torch.randn(2, 3), minus=torch.randn(2, 4))
     with pytest.raises(anm.ANMError, match="floating-point"):
         activation_norms(torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_gradient_of_a_small_update_on_a_large_stream(dtype):
+    # Traced, backward computes x·c − minus·c (so that the partitioner saves no difference): with the
+    # stream 100× the update, that must run in fp32 or bf16's rounding would swamp the gradient.
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    stream = 100 * torch.randn(4, 8, 64, generator=gen)
+    x0, m0 = (stream + torch.randn(4, 8, 64, generator=gen)).to(dtype), stream.to(dtype)
+    x, m = x0.clone().requires_grad_(True), m0.clone().requires_grad_(True)
+    norms = torch.compile(lambda a, b: activation_norms(a, minus=b), backend="aot_eager")(x, m)
+    norms.sum().backward()
+    diff = x0.double() - m0.double()
+    expected = diff / diff.norm(dim=-1, keepdim=True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # the result itself is rounded to the input dtype
+    torch.testing.assert_close(x.grad.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(m.grad.double(), -expected, rtol=tol, atol=tol)
