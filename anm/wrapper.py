@@ -113,6 +113,8 @@ class ANM(nn.Module):
         """
         self._raise_on_pending_nonfinite()  # the previous step's queued check, before _last is replaced
         records = self.collector.pop()
+        if not records:
+            self._refuse_stale_compiled_graph()
         if step is None:
             step = self.step
         weight = warmup_weight(step, self.warmup, self.warmup_kind)
@@ -120,7 +122,6 @@ class ANM(nn.Module):
         if records and self.nonfinite != "propagate":
             records = self._check_finite(records)
         if not records:
-            self._refuse_stale_compiled_graph()
             self._last = {"weight": weight, "loss": None, "records": []}
             return torch.zeros((), device=self._device())
         norms = [norms for _, norms in records]

@@ -122,6 +122,17 @@ def test_compiled_model_in_eval_or_wrapped_first_raises_nothing():
     assert wrapped.loss().item() == 0.0  # nothing recorded in eval mode is normal, not an error
 
 
+def test_compiled_model_with_every_norm_skipped_as_nonfinite_is_not_called_stale():
+    torch._dynamo.reset()
+    base, _ = twin_models()
+    wrapped = ANM(base, alpha=ALPHA, warmup=0, nonfinite="skip", site="output")
+    compiled = torch.compile(base, backend="eager")
+    x, t = make_batch()
+    compiled(torch.full_like(x, float("nan")), t)  # recorded, then dropped: not a graph without hooks
+    with pytest.warns(UserWarning, match="skipping non-finite"):
+        assert wrapped.loss().item() == 0.0
+
+
 # -- activation checkpointing --------------------------------------------------------------------------
 def test_non_reentrant_checkpointing_same_gradients_no_double_count():
     plain_base, ckpt_base = twin_models(depth=3)
