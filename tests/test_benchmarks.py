@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -124,3 +126,33 @@ def test_gpu_suite_commands_parse():
         script, *argv = shlex.split(command.replace("\\\n", " "))
         module = load(Path(script).stem)
         module.parse_args(argv)
+
+
+@pytest.mark.slow  # runs all four parts at tiny size: ~1 min on 2 cores
+def test_gpu_suite_runs_end_to_end_on_tiny_configs(tmp_path):
+    # The suite itself (argument arrays, time limits, tee/exit codes, $OUT) runs nowhere but on a lent GPU;
+    # here a stand-in interpreter shrinks every command to the tiny CPU config.
+    import os
+    import subprocess
+
+    shim = tmp_path / "python"
+    shim.write_text(f"""#!{sys.executable}
+import os, sys
+shrink = {{"XL/2": "tiny", "250": "2", "128": "4", "30": "2", "8": "4", "7": "1", "5": "1"}}
+argv = [shrink.get(a, a) for a in sys.argv[1:] if a not in ("--compile", "on")]
+if argv and argv[0].endswith(".py"):
+    argv += ["--threads", "1"] + ([] if argv[0].endswith("sampling.py") else ["--warmup", "1"])
+os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
+""")
+    shim.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(shim), "OUT": str(tmp_path / "out")}
+    parts = ["overhead", "overhead_compile", "train_step", "sampling"]
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), *parts], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for part in parts:
+        assert f"=== {part}: exit 0" in run.stdout
+        assert json.loads((tmp_path / "out" / f"{part}.json").read_text())["rows"]
+    bogus = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "bogus"], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert bogus.returncode == 2 and "unknown part bogus" in bogus.stderr
