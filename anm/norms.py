@@ -38,6 +38,11 @@ class _UpdateNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_norm: Tensor):
+        if grad_norm.device.type == "cpu" and not torch.compiler.is_compiling() and not grad_norm.any():
+            # Every norm is past the hinge (the usual state once warmed up): a zero gradient costs a
+            # recompute, a scale and two accumulations of the full activation; None costs nothing. Only
+            # on the CPU, where asking is free; on an accelerator the answer would be a device sync.
+            return None, None, None
         x, minus, norm = ctx.saved_tensors
         # d(s·‖a‖)/da = s·a/‖a‖ = s²·a/norm; 0 at a = 0 like vector_norm's subgradient (adaLN-Zero blocks
         # start with an update of exactly 0, where a naive a/‖a‖ would be NaN).
