@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
-from models import SiT  # noqa: E402
-from report import run_metadata, write_json  # noqa: E402
-
 try:
     import resource
 except ImportError:  # Windows: no page-fault counter
     resource = None
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from device import pick_device, sync  # noqa: E402
+from models import SiT  # noqa: E402
+from report import run_metadata, write_json  # noqa: E402
 
 import anm  # noqa: E402
 
@@ -138,11 +139,6 @@ TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_":
 MALLOC_ENV = (*TUNED_MALLOC, "LD_PRELOAD")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_case(name: str, precision: str, compile_model: bool, args, device) -> list[dict]:
     model_kwargs, batch_size = CONFIGS[name]
     batch_size = args.batch_size or batch_size
@@ -234,12 +230,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.tuned_malloc and any(os.environ.get(name) != value for name, value in TUNED_MALLOC.items()):
         # glibc reads these once, at start-up: run this script again in a process that has them.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args.device, args.threads)
     configs = args.configs or (["XL/2", "B/4"] if device.type == "cuda" else ["tiny"])
     rows = []
     for name in configs:
@@ -269,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timed blocks per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--tuned-malloc", action="store_true",
                         help="rerun in a process whose glibc malloc keeps freed memory (no page-fault churn)")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")

@@ -27,7 +27,6 @@ import copy
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from device import fp32_exact, pick_device, sync  # noqa: E402
 from models import SiT  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
 from sample import decode_to_uint8, generate, make_sample_fn  # noqa: E402
@@ -86,16 +86,6 @@ def sample_batch(model: SiT, vae, sample_fn, indices: range, precision: str, arg
         return x, decode_to_uint8(x, vae)
 
 
-@contextmanager
-def fp32_exact():
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def checked_samples(model, vae, sample_fn, n: int, batch: int, precision: str, args, device, shape):
     """(latents, uint8 images) of samples 0..n-1, computed `batch` at a time."""
     latents, images = [], []
@@ -139,8 +129,8 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict 
     for repeat in range(args.repeats):
         shift = repeat % len(args.modes)
         for m in args.modes[shift:] + args.modes[:shift]:  # rotate who goes first
+            sync(device)
             if device.type == "cuda":
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             run(modes[m], sample_fn, repeat)  # ends with the images on the CPU: synchronised
@@ -204,13 +194,7 @@ def print_table(rows: list[dict], checks: list[dict], meta: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":  # sample_ddp.py's --tf32 default (and the reference's)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args.device, args.threads)  # on CUDA with TF32: sample_ddp.py's --tf32 default
     if args.num_steps is None:
         args.num_steps = 250 if device.type == "cuda" else 10
     configs = args.configs or (["XL/2"] if device.type == "cuda" else ["tiny"])

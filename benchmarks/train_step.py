@@ -38,6 +38,7 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from device import fp32_exact, pick_device, sync  # noqa: E402
 from extract_latents import encode_moments  # noqa: E402
 from models import SiT  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
@@ -131,11 +132,6 @@ class Mode:
         return loss.detach()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_template(model_kwargs: dict, device: torch.device) -> SiT:
     torch.manual_seed(0)
     template = SiT(**model_kwargs, in_channels=4, num_classes=1000, learn_sigma=False).to(device)
@@ -220,12 +216,8 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict]
         exact = Mode("fp32-check", template, device, compile_model=False, ema=False)
         initial = copy.deepcopy(template.state_dict())
         fast_losses = loss_curve(fast, initial, transport, data, args.check_steps, device)
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
+        with fp32_exact():
             fp32_losses = loss_curve(exact, initial, transport, data, args.check_steps, device)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         rel = [abs(a - b) / abs(b) for a, b in zip(fast_losses, fp32_losses, strict=True)]
         check = dict(config=name, steps=args.check_steps, fast_compile=fast.compiled,
                      fast_losses=fast_losses, fp32_losses=fp32_losses,
@@ -261,13 +253,7 @@ def print_table(rows: list[dict], checks: list[dict], meta: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device.type == "cuda":  # the reference runs fp32 with TF32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args.device, args.threads)  # on CUDA with TF32, as the reference runs "fp32"
     if args.compile is None:
         args.compile = device.type == "cuda"
     configs = args.configs or (["XL/2"] if device.type == "cuda" else ["tiny"])
