@@ -177,7 +177,30 @@ def test_frozen_prefix_under_no_grad_is_not_mistaken_for_checkpointing():
     assert model.collector.records == []
 
 
-# -- DDP -----------------------------------------------------------------------------------------------
+# -- DDP / FSDP2: two gloo processes, each on half the batch, against one process on all of it ---------
+def _finish_rank(out_dir, rank, names, grads):
+    torch.save((names, grads), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    # Leave without interpreter teardown: gloo's threads can abort a process at exit ("terminate called
+    # without an active exception"), which would fail the test after the results are already written.
+    os._exit(0)
+
+
+def _assert_ranks_match_one_process_on_the_full_batch(worker, tmp_path, *worker_args):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(worker, args=(2, init_file, str(tmp_path), *worker_args), nprocs=2, join=True)
+    torch.manual_seed(0)
+    base = ToyDiT(depth=2)
+    single = ANM(base, alpha=ALPHA, warmup=0)
+    x, t = make_batch(batch=8)
+    (single(x, t).pow(2).mean() + single.loss()).backward()
+    for rank in range(2):
+        names, grads = torch.load(tmp_path / f"rank{rank}.pt")
+        assert names == ["blocks.0", "blocks.1"]
+        for name, p in base.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _ddp_worker(rank, world, init_file, out_dir, find_unused, wrap_order):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -195,30 +218,15 @@ def _ddp_worker(rank, world, init_file, out_dir, find_unused, wrap_order):
         base.zero_grad()
         out = model(x[shard], t[shard])
         (out.pow(2).mean() + wrapper.loss()).backward()
-    torch.save({n: p.grad for n, p in base.named_parameters()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    # Leave without interpreter teardown: gloo's threads can abort a process at exit ("terminate called
-    # without an active exception"), which would fail the test after the results are already written.
-    os._exit(0)
+    _finish_rank(out_dir, rank, wrapper.collector.names, {n: p.grad for n, p in base.named_parameters()})
 
 
 @pytest.mark.parametrize("find_unused", [False, True])
 @pytest.mark.parametrize("wrap_order", ["ddp(anm)", "anm(ddp)"])
 def test_ddp_two_processes_match_one_process_on_the_full_batch(find_unused, wrap_order, tmp_path):
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_ddp_worker, args=(2, init_file, str(tmp_path), find_unused, wrap_order), nprocs=2, join=True)
-    torch.manual_seed(0)
-    base = ToyDiT(depth=2)
-    single = ANM(base, alpha=ALPHA, warmup=0)
-    x, t = make_batch(batch=8)
-    (single(x, t).pow(2).mean() + single.loss()).backward()
-    for rank in range(2):
-        grads = torch.load(tmp_path / f"rank{rank}.pt")
-        for name, p in base.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_ranks_match_one_process_on_the_full_batch(_ddp_worker, tmp_path, find_unused, wrap_order)
 
 
-# -- FSDP2 ---------------------------------------------------------------------------------------------
 def _fsdp_worker(rank, world, init_file, out_dir, wrap_order):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -241,9 +249,7 @@ def _fsdp_worker(rank, world, init_file, out_dir, wrap_order):
         base.zero_grad()
         (wrapper(x[shard], t[shard]).pow(2).mean() + wrapper.loss()).backward()
     grads = {name: p.grad.full_tensor() for name, p in base.named_parameters()}  # DTensor shards → whole
-    torch.save((wrapper.collector.names, grads), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    os._exit(0)  # as in _ddp_worker
+    _finish_rank(out_dir, rank, wrapper.collector.names, grads)
 
 
 @pytest.mark.parametrize("wrap_order", ["anm-then-shard", "shard-then-anm"])
@@ -251,15 +257,4 @@ def test_fsdp2_two_processes_match_one_process_on_the_full_batch(wrap_order, tmp
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("torch.distributed.fsdp.fully_shard is public from torch 2.6 on")
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_fsdp_worker, args=(2, init_file, str(tmp_path), wrap_order), nprocs=2, join=True)
-    torch.manual_seed(0)
-    base = ToyDiT(depth=2)
-    single = ANM(base, alpha=ALPHA, warmup=0)
-    x, t = make_batch(batch=8)
-    (single(x, t).pow(2).mean() + single.loss()).backward()
-    for rank in range(2):
-        names, grads = torch.load(tmp_path / f"rank{rank}.pt")
-        assert names == ["blocks.0", "blocks.1"]
-        for name, p in base.named_parameters():
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _assert_ranks_match_one_process_on_the_full_batch(_fsdp_worker, tmp_path, wrap_order)
