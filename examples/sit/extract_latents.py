@@ -30,30 +30,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data import LATENT_SCALE, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from sample import load_vae  # noqa: E402
 
 #################################################################################
 #                                  Helpers                                      #
 #################################################################################
-
-
-def load_vae(name_or_path: str, device: torch.device | str = "cpu"):
-    """
-    diffusers AutoencoderKL from a local directory (offline) or a hub id. A pipeline directory with a
-    vae/ subfolder works too.
-
-    >>> vae = load_vae("/models/sd-vae-ft-ema")  # doctest: +SKIP
-    """
-    from diffusers.models import AutoencoderKL
-
-    subfolder = None
-    if (
-        os.path.isdir(name_or_path)
-        and not os.path.exists(os.path.join(name_or_path, "config.json"))
-        and os.path.exists(os.path.join(name_or_path, "vae", "config.json"))
-    ):
-        subfolder = "vae"
-    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
-    return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -51,11 +51,24 @@ def load_model(ckpt: str, device: torch.device, model_name: str | None = None, i
     return model.to(device).eval(), info
 
 
-def load_vae(name_or_path: str, device: torch.device) -> nn.Module:
-    """diffusers AutoencoderKL from a local directory (works offline) or a hub id."""
+def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module:
+    """
+    diffusers AutoencoderKL from a local directory (offline) or a hub id, frozen, in eval mode. A pipeline
+    directory with a vae/ subfolder works too.
+
+    >>> vae = load_vae("/models/sd-vae-ft-ema")  # doctest: +SKIP
+    """
     from diffusers.models import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(name_or_path).to(device).eval().requires_grad_(False)
+    subfolder = None
+    if (
+        os.path.isdir(name_or_path)
+        and not os.path.exists(os.path.join(name_or_path, "config.json"))
+        and os.path.exists(os.path.join(name_or_path, "vae", "config.json"))
+    ):
+        subfolder = "vae"
+    vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from data import build_dataset
 from models import SIT_SIZES, SiT
-from sample import decode_to_uint8, generate, save_grid
+from sample import decode_to_uint8, generate, load_vae, save_grid
 from samplers import Sampler as FlowSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -374,15 +374,6 @@ def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
     if args.data == "imagenet":
         return dict(root=path, image_size=args.image_size)
     return dict(path=path)
-
-
-def load_vae(name_or_path: str, device: torch.device) -> nn.Module:
-    """diffusers AutoencoderKL from a local directory or a hub id (the latter downloads once)."""
-    from diffusers.models import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
-    requires_grad(vae, False)
-    return vae
 
 
 #################################################################################

@@ -216,3 +216,15 @@ def test_torchrun_two_ranks_gloo(straight_run, tiny_vae_dir, image_root, tmp_pat
             np.load(latent_chunk_path(str(straight_run), chunk)),
             atol=1e-6,
         )
+
+
+def test_load_vae_takes_a_pipeline_directory_with_a_vae_subfolder(tiny_vae_dir, tmp_path):
+    import shutil
+
+    from sample import load_vae
+
+    shutil.copytree(tiny_vae_dir, tmp_path / "pipeline" / "vae")
+    direct, nested = load_vae(tiny_vae_dir), load_vae(str(tmp_path / "pipeline"))
+    for (name, a), b in zip(direct.state_dict().items(), nested.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not nested.training and not any(p.requires_grad for p in nested.parameters())
