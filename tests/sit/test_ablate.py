@@ -17,7 +17,7 @@ def test_matched_alpha_keeps_the_per_feature_rms():
     assert ablate.matched_alpha(70.0, 1152) == pytest.approx(70.0)
     assert ablate.matched_alpha(70.0, 64) == pytest.approx(70.0 * math.sqrt(64 / 1152))
     assert ablate.matched_alpha(70.0, 64) == pytest.approx(16.499, abs=1e-3)  # the demo's alpha (D=64)
-    for width in (384, 1152):  # the demo's model widths on both scales
+    for width in (384, 1152):  # the demo's GPU width, the paper's width
         assert ablate.matched_alpha(70.0, width) / math.sqrt(width) == pytest.approx(70 / math.sqrt(1152))
     # Same RMS per feature at both widths: alpha / sqrt(D) is constant.
     assert ablate.matched_alpha(70.0, 64) / math.sqrt(64) == pytest.approx(70.0 / math.sqrt(1152))
