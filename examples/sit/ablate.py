@@ -369,7 +369,7 @@ def train_group(job: tuple) -> list[str]:
     states = []
     for arm in arms:
         net = copy.deepcopy(base)  # identical initial weights in every arm
-        alpha_used = arm.alpha_used(hidden) if arm.anm else Arm("default").alpha_used(hidden)
+        alpha_used = arm.alpha_used(hidden)  # the baseline's (default alpha) is where it counts norms below
         model = net
         if arm.anm:
             model = anm.ANM(
@@ -419,23 +419,24 @@ def train_group(job: tuple) -> list[str]:
     evaluate(0)
     for step in range(steps):
         tick = time.time()
-        x, t, noise = (v.to(device) for v in stream.next())
+        batch = stream.next()
+        batch_sum = checksum(batch)  # on the host copy: no device syncs for it
+        x, t, noise = (v.to(device) for v in batch)
         y = torch.zeros(len(x), dtype=torch.long, device=device)
-        batch_sum = checksum([x, t, noise])
         for s in states:  # every arm trains on exactly this batch
             if s["log"]["diverged_at"] is not None:
                 continue
             fm = transport.training_losses(s["model"], x, dict(y=y), t=t, noise=noise)["loss"].mean()
             reg = s["model"].loss(step=step) if s["arm"].anm else torch.zeros((), device=device)
-            total = fm + reg
-            if not torch.isfinite(total):
+            fm_value, reg_value = torch.stack([fm.detach(), reg.detach()]).tolist()  # one sync per arm
+            if not math.isfinite(fm_value + reg_value):
                 s["log"]["diverged_at"] = step
                 continue
             s["opt"].zero_grad(set_to_none=True)
-            total.backward()
+            (fm + reg).backward()
             s["opt"].step()
-            s["acc"][0] += fm.item()
-            s["acc"][1] += reg.item()
+            s["acc"][0] += fm_value
+            s["acc"][1] += reg_value
             s["acc"][2] += 1
             s["log"]["data_checksum"] += batch_sum
         timing["train_s"] += time.time() - tick
@@ -476,8 +477,7 @@ def train_group(job: tuple) -> list[str]:
             reduce=s["arm"].reduce,
             warmup_steps=s["arm"].warmup_steps(steps) if s["arm"].anm else 0,
             base_init_checksum=init_sum,
-            group_wall_s=None,
-            config={k: v for k, v in cfg.items() if k not in ("arms",)},
+            config=cfg,  # main() passes the cache key: the config without arms and workers
             **log,
         )
         record["group_wall_s"], record["timing"] = time.time() - start, timing
@@ -518,7 +518,7 @@ def read_cached(out_dir: str, dataset: str, seed: int, arm: str, cfg: dict) -> d
         return None
     with open(path) as f:
         record = json.load(f)
-    wanted = json.loads(json.dumps({k: v for k, v in cfg.items() if k != "arms"}))
+    wanted = json.loads(json.dumps(cfg))  # as stored: tuples became lists
     return record if record.get("config") == wanted else None  # a different budget/size: retrain
 
 
@@ -885,12 +885,11 @@ def main(args: argparse.Namespace) -> dict:
         torch=torch.__version__,
         arms=[asdict(a) for a in arms],
         wall_s_this_call=time.time() - start,
-        group_wall_s={
-            f"{d}/seed{s}": max(r["group_wall_s"] for r in runs[d][n].values() if r["seed"] == s)
-            for d in runs
+        group_wall_s={  # every arm of a (dataset, seed) group stores the group's wall time: read the first
+            f"{d}/seed{s}": first_arm[s]["group_wall_s"]
+            for d, first_arm in ((d, next(iter(runs[d].values()))) for d in runs)
             for s in cfg["seeds"]
-            for n in list(runs[d])[:1]
-            if s in runs[d][n]
+            if s in first_arm
         },
         date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     )
