@@ -183,6 +183,7 @@ def main(args: argparse.Namespace) -> dict:
                              site="update",
                              reduce="l2")),
     )
+    logs = {}
     for name, out in runs.items():
         ema, _ = load_model(out["checkpoint"], device)  # the run's final EMA weights
         images = torch.cat([generate(ema, part, y[: len(part)], sample_fn) for part in z.split(256)])
@@ -192,15 +193,14 @@ def main(args: argparse.Namespace) -> dict:
         sinusoid = metric(uint8)
         trained = load_model(out["checkpoint"], device, use_ema=False)[0]
         norms = update_norms(trained, cfg["image_size"], alpha, seed=args.seed + 999)
-        log = read_log(out["log_csv"])
+        log = logs[name] = read_log(out["log_csv"])
         results[name] = dict(
             final_fm_loss=log["fm_loss"][-1][1] if log["fm_loss"] else None,
             heldout_fm_loss=out.get("heldout_fm_loss"),
             heldout_fm_loss_ema=out.get("heldout_fm_loss_ema"),
             update_norms=norms, sinusoid=sinusoid, train_wall_s=out["wall_s"], checkpoint=out["checkpoint"],
         )
-        results[name]["_log"] = log
-    plot_losses({name: results[name].pop("_log") for name in runs}, os.path.join(args.out, "loss.png"))
+    plot_losses(logs, os.path.join(args.out, "loss.png"))
     results["wall_s"] = time.time() - start
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
