@@ -39,6 +39,9 @@ def test_no_warmup_is_constant(step):
 def test_known_values():
     assert warmup_weight(500, 2000) == 0.25
     assert math.isclose(warmup_weight(1000, 2000, "cosine"), 0.5)
+    # Off the midpoint the two ramps differ: cosine starts slower (0.146 vs 0.25 a quarter in).
+    assert math.isclose(warmup_weight(500, 2000, "cosine"), (1 - math.cos(math.pi / 4)) / 2)
+    assert math.isclose(warmup_weight(1500, 2000, "cosine"), (1 - math.cos(3 * math.pi / 4)) / 2)
 
 
 @pytest.mark.parametrize(
