@@ -39,7 +39,7 @@ def test_train_step_smoke(tmp_path):
     assert (fast["precision"], fast["online_vae"], fast["compile"]) == ("bf16", False, False)
     (check,) = result["checks"]
     assert check["steps"] == 2 and len(check["fast_losses"]) == len(check["fp32_losses"]) == 2
-    assert math.isfinite(check["max_rel_diff"]) and check["max_rel_diff"] < 0.1  # bf16 vs fp32, same draws
+    assert math.isfinite(check["max_rel_diff"]) and check["max_rel_diff"] < 2e-3  # bf16 vs fp32, same draws: ~1e-4
 
 
 def test_sampling_smoke(tmp_path):

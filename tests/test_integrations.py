@@ -77,7 +77,9 @@ def test_diffusers_flux_double_and_single_stacks():
 
 
 def test_timm_vit():
-    timm = pytest.importorskip("timm", reason="timm needs torchvision, which the CPU torch build lacks here")
+    # timm is in no extra: it needs torchvision, which does not load beside the CPU torch build CI installs.
+    # Run it where both are installed, e.g. torch 2.14.1 + torchvision 0.29.1 + timm.
+    timm = pytest.importorskip("timm", reason="timm (and the torchvision it needs) not installed")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                               num_classes=5)
     x = torch.randn(2, 3, 32, 32)
