@@ -172,15 +172,18 @@ def test_latent_dataset_samples_posterior(straight_run):
     z2, _ = ds.__getitem__(5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(z, z2)
     assert not torch.equal(z, ds.__getitem__(5, generator=torch.Generator().manual_seed(1))[0])
-    # The exact draw: flip ~ randint(2), then z = (mean + std * eps) * 0.18215.
-    gen = torch.Generator().manual_seed(0)
-    flip = int(torch.randint(2, (), generator=gen))
-    eps = torch.randn(4, 4, 4, generator=gen)
+    # The exact draw: flip ~ randint(2), then z = (mean + std * eps) * 0.18215 — for seeds drawing either
+    # flip, so that a dataset ignoring the flipped moments fails.
     moments = torch.from_numpy(np.array(ds.moments(5)))
-    assert torch.allclose(z, (moments[flip, 0] + moments[flip, 1] * eps) * 0.18215, atol=1e-6)
-    # Both flips occur over draws.
-    flips = {int(torch.randint(2, (), generator=torch.Generator().manual_seed(s))) for s in range(10)}
-    assert flips == {0, 1}
+    flips = set()
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        flip = int(torch.randint(2, (), generator=gen))
+        eps = torch.randn(4, 4, 4, generator=gen)
+        z = ds.__getitem__(5, generator=torch.Generator().manual_seed(seed))[0]
+        assert torch.allclose(z, (moments[flip, 0] + moments[flip, 1] * eps) * 0.18215, atol=1e-6)
+        flips.add(flip)
+    assert flips == {0, 1}  # both flips occur over draws
     assert ds[0][0].shape == (4, 4, 4)  # plain indexing uses the global RNG
 
 
