@@ -78,11 +78,11 @@ class Entry(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
-def build(mode: str, template: SiT, compile_model: bool, backend: str = "inductor"):
+def build(mode: str, template: SiT, compile_model: bool, backend: str = "inductor", alpha: float = 70.0):
     model = copy.deepcopy(template)
     regulariser = None
     if mode == "anm":
-        model = regulariser = anm.ANM(model, warmup=0, nonfinite="propagate")
+        model = regulariser = anm.ANM(model, alpha=alpha, warmup=0, nonfinite="propagate")
     elif mode == "naive":
         regulariser = NaiveANM(model)
         model = Entry(model)
@@ -156,7 +156,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
         torch.randint(0, 1000, (batch_size,), device=device, generator=gen),
     )
     names = tuple(mode for mode in MODES if mode in args.modes)  # in MODES order: baseline first
-    modes = {mode: build(mode, template, compile_model) for mode in names}
+    modes = {mode: build(mode, template, compile_model, alpha=args.anm_alpha) for mode in names}
     memory = {mode: saved_for_backward_mib(*modes[mode][:2], batch, precision) for mode in names}
     for mode in names:  # warm-up: compilation, allocator, autotuning
         for _ in range(args.warmup):
@@ -253,6 +253,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "on", "both"],
                         help="time torch.compile'd models too (--compile = both), or only them (--compile on)")
+    parser.add_argument("--anm-alpha", type=float, default=70.0,
+                        help="the anm mode's alpha: 70 keeps the hinge active on every token here (worst case); "
+                             "1e-6 leaves it inactive everywhere, as once every norm is past alpha")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="modes to time; baseline always runs (the others are relative to it)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
