@@ -1,0 +1,51 @@
+"""How every script of the example ends: an expected error is one line on stderr and exit code 2.
+
+Each script's last lines are ``if __name__ == "__main__": run(main, parse_args)``. ``main`` raises
+:class:`UsageError` (or the library's ``anm.ANMError``) for anything the user can fix — a bad flag, a
+missing or corrupt file, a full disk — and :func:`run` prints ``<script>: error: <message>`` without a
+traceback. Any other exception is a bug and keeps its traceback.
+
+Example:
+    >>> from cli import UsageError
+    >>> str(UsageError("--max-steps must be > 0, got 0"))
+    '--max-steps must be > 0, got 0'
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anm
+
+__all__ = ["UsageError", "run", "EXIT_USAGE"]
+
+EXIT_USAGE = 2  # what argparse uses for a bad command line
+
+
+class UsageError(Exception):
+    """An error the user can fix; its message names the problem and the fix."""
+
+
+def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
+    """Parse the command line, call ``main(args)``; expected errors become one line and a non-zero exit."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main(parse_args())
+    except (UsageError, anm.ANMError) as error:
+        _fail(prog, str(error))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        _fail(prog, f"{os.strerror(error.errno).lower()}{where}: free space or choose another folder.")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
