@@ -10,9 +10,11 @@ Example:
 
 from .collector import ActivationCollector
 from .errors import ANMError
+from .hidden_states import hidden_state_norms
 from .layers import find_blocks, select_layers
 from .loss import ANMLoss, anm_loss
 from .norms import activation_norms
+from .regularizer import Regularizer, attach
 from .schedule import warmup_weight
 from .wrapper import ANM
 
@@ -23,9 +25,12 @@ __all__ = [
     "ANMError",
     "ANMLoss",
     "ActivationCollector",
+    "Regularizer",
     "activation_norms",
     "anm_loss",
+    "attach",
     "find_blocks",
+    "hidden_state_norms",
     "select_layers",
     "warmup_weight",
     "__version__",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -11,45 +10,17 @@ from torch import Tensor, nn
 from .compiled import classes_with_compiled_forward
 from .errors import ANMError
 from .layers import LayerSpec, select_layers
-from .norms import REDUCTIONS, activation_norms
+from .layout import check_feature_layout
+from .norms import REDUCTIONS, activation_norms, validate_feature_dim
+from .outputs import Select, default_select, hidden_input, positional_names, return_positions
+from .warn import warn
 
-__all__ = ["ActivationCollector", "SITES", "default_select"]
+__all__ = ["ActivationCollector", "SITES", "default_select", "MAX_PENDING_FORWARDS"]
 
 SITES = ("update", "output")
-# Keyword names under which blocks (diffusers, HF, timm, SiT) receive their hidden state.
-_HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "inputs_embeds", "input", "inputs")
-
-Select = Callable[[Any, "Tensor | None"], Tensor]
-
-
-def default_select(output: Any, hidden_in: Tensor | None) -> Tensor:
-    """Pick the hidden-state tensor from a block's output.
-
-    A tensor is returned as is. From a tuple, list or dict (HF ``ModelOutput`` included) the first
-    tensor with the shape of the block's input hidden state is taken, else the only tensor.
-
-    Example:
-        >>> import torch
-        >>> from anm.collector import default_select
-        >>> h, cache = torch.zeros(2, 4, 8), torch.zeros(2, 1)
-        >>> default_select((cache, h), hidden_in=torch.ones(2, 4, 8)) is h
-        True
-    """
-    if isinstance(output, Tensor):
-        return output
-    values = list(output.values()) if isinstance(output, Mapping) else output
-    if isinstance(values, (tuple, list)):
-        tensors = [v for v in values if isinstance(v, Tensor) and v.is_floating_point()]
-        if hidden_in is not None:
-            for tensor in tensors:
-                if tensor.shape == hidden_in.shape:
-                    return tensor
-        if len(tensors) == 1:
-            return tensors[0]
-    raise ANMError(
-        f"cannot tell which part of a {type(output).__name__} output is the hidden state: pass "
-        "select=lambda output, hidden_in: output[...] to pick it."
-    )
+# Training forwards whose records (and autograd graphs) are kept while nobody calls loss()/pop():
+# past this, the oldest are dropped so memory stays bounded (with one warning naming the fix).
+MAX_PENDING_FORWARDS = 16
 
 
 class ActivationCollector:
@@ -66,6 +37,12 @@ class ActivationCollector:
     block that runs without autograd on an input that requires grad (reentrant activation checkpointing,
     which would silently drop the gradient) raises ``ANMError``, and the extra forward that non-reentrant
     checkpointing replays during backward is not recorded twice.
+
+    Norms are taken over the last dimension (``(batch, tokens, features)``); pass ``feature_dim=1`` for
+    channel-first maps ``(N, C, H, W)`` (ConvNeXt-style blocks). A block whose activation looks
+    channel-first while ``feature_dim=-1`` raises ``ANMError`` naming ``feature_dim=1`` instead of taking
+    norms over the wrong axis. With ``training_only=True``, records of more than
+    ``MAX_PENDING_FORWARDS`` forwards that nobody consumed are dropped, oldest first, with one warning.
 
     Example:
         >>> import torch
@@ -87,18 +64,29 @@ class ActivationCollector:
         select: Select | None = None,  # f(output, hidden_in) -> tensor, for unusual block outputs
         keep_activations: bool = False,  # also keep the activation tensors themselves (memory!)
         training_only: bool = False,  # record only training-mode forwards with autograd on
+        feature_dim: int = -1,  # -1: (..., features); 1: channel-first (N, C, H, W) maps
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ANMError(f"hooks go on an nn.Module, got {type(model).__name__}.")
         if site not in SITES:
             raise ANMError(f"unknown site {site!r}: use 'update' (output − input) or 'output'.")
         if reduce not in REDUCTIONS:
             raise ANMError(f"unknown reduce {reduce!r}: use 'l2' (‖a‖₂) or 'rms' (‖a‖₂/√D).")
         if select is not None and not callable(select):
             raise ANMError("select= must be a function f(output, hidden_in) -> tensor.")
+        validate_feature_dim(feature_dim)
         self.site, self.reduce, self.training_only = site, reduce, training_only
-        self.keep_activations = keep_activations
-        self._select = select or default_select
+        self.keep_activations, self.feature_dim = keep_activations, feature_dim
+        self._select = select
         self.layers = select_layers(model, layers)
         self.names = [name for name, _ in self.layers]
+        if training_only:
+            _refuse_second_regularizer(self.layers)
+        # Looked up once here so that the hook itself is plain Python that torch.compile traces.
+        self._arg_names = [positional_names(type(module)) for _, module in self.layers]
+        self._return_positions = [return_positions(type(module)) for _, module in self.layers]
+        self.widths: dict[int, int] = {}  # feature width of each layer's activation, seen in eager mode
+        self._pending_warned = False
         # Modules whose forward runs the hooked layers inside it: a graph compiled for one of these
         # before the hooks existed would skip them (see compiled.py).
         named = dict(model.named_modules(remove_duplicate=False))
@@ -190,10 +178,14 @@ class ActivationCollector:
     def _record(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self.training_only and not (module.training and torch.is_grad_enabled()):
             if module.training:
-                self._refuse_reentrant_checkpoint(index, _hidden_input(args, kwargs))
+                self._refuse_reentrant_checkpoint(index, hidden_input(args, kwargs, self._arg_names[index])[1])
             return
-        hidden_in = _hidden_input(args, kwargs)
-        activation = self._select(output, hidden_in)
+        arg_name, hidden_in = hidden_input(args, kwargs, self._arg_names[index])
+        if self._select is not None:
+            activation = self._select(output, hidden_in)
+        else:
+            position = self._return_positions[index].get(arg_name) if arg_name is not None else None
+            activation = default_select(output, hidden_in, position)
         if not isinstance(activation, Tensor):
             raise ANMError(
                 f"select= returned {type(activation).__name__} for layer {self.names[index]!r}; "
@@ -213,7 +205,10 @@ class ActivationCollector:
                     "a select= that returns the hidden state, or hook other layers."
                 )
             minus = hidden_in
-        norms = activation_norms(activation, self.reduce, minus=minus)
+        if not torch.compiler.is_compiling() and index not in self.widths:
+            check_feature_layout(self.names[index], module, activation, self.feature_dim)
+            self.widths[index] = activation.shape[self.feature_dim]
+        norms = activation_norms(activation, self.reduce, minus=minus, feature_dim=self.feature_dim)
         if self.training_only and _replaying_for_backward():
             # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
             # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
@@ -221,6 +216,26 @@ class ActivationCollector:
         self.records.append((index, norms))
         if self.keep_activations:
             self._activations.append((index, activation if minus is None else activation - minus))
+        if self.training_only and not torch.compiler.is_compiling():
+            self._bound_pending()
+
+    def _bound_pending(self) -> None:
+        # Records hold autograd graphs: a training loop that never calls loss() would keep every
+        # forward's activations alive. Keep the newest MAX_PENDING_FORWARDS forwards' worth.
+        limit = MAX_PENDING_FORWARDS * len(self.layers)
+        if len(self.records) <= limit:
+            return
+        if not self._pending_warned:
+            self._pending_warned = True
+            warn(
+                f"ANM: {MAX_PENDING_FORWARDS} training forwards were recorded without a loss() call, so their "
+                "activations stay alive; older records are now dropped. Add .loss() to every training "
+                "step's loss, or run forwards that should not count under torch.no_grad() / model.eval() "
+                "(or call .collector.clear())."
+            )
+        del self.records[: len(self.records) - limit]
+        if self.keep_activations:
+            del self._activations[: max(0, len(self._activations) - limit)]
 
     def _refuse_reentrant_checkpoint(self, index: int, hidden_in: Tensor | None) -> None:
         # A block in training mode running without autograd on an input that *requires* grad is what
@@ -250,15 +265,15 @@ def _is_inside(name: str, ancestor: str) -> bool:
     return ancestor == "" or name.startswith(ancestor + ".")
 
 
-def _hidden_input(args: tuple, kwargs: dict) -> Tensor | None:
-    for key in _HIDDEN_KWARGS:
-        value = kwargs.get(key)
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value
-    for value in args:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return value
-    return None
+def _refuse_second_regularizer(layers: list[tuple[str, nn.Module]]) -> None:
+    # Two live regularisers on one block would each add a term: the ANM loss would silently double.
+    for name, module in layers:
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, _Hook) and hook.collector.training_only and hook.collector._handles:
+                raise ANMError(
+                    f"layer {name!r} already carries the hooks of another ANM regulariser: call .detach() "
+                    "(or .close()) on the first one before attaching again, or keep using it."
+                )
 
 
 def _replaying_for_backward() -> bool:

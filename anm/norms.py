@@ -9,13 +9,13 @@ from torch import Tensor
 
 from .errors import ANMError
 
-__all__ = ["activation_norms", "REDUCTIONS"]
+__all__ = ["activation_norms", "validate_feature_dim", "REDUCTIONS"]
 
 REDUCTIONS = ("l2", "rms")
 
 
 class _UpdateNorm(torch.autograd.Function):
-    """‖x − minus‖₂ over the last dim, times ``scale``; backward recomputes the difference.
+    """‖x − minus‖₂ over ``dim``, times ``scale``; backward recomputes the difference.
 
     Autograd's own ``vector_norm(x - minus)`` would save the difference tensor until backward: one extra
     activation per hooked layer. Here only references to ``x`` and ``minus`` (already alive for the
@@ -26,14 +26,14 @@ class _UpdateNorm(torch.autograd.Function):
     # the arguments through inspect.signature on every call, which cost more than the norm itself
     # (≈190 µs per call instead of ≈104 µs in a tiny SiT step on CPU; the vector_norm itself: ≈45 µs).
     @staticmethod
-    def forward(ctx, x: Tensor, minus: Tensor, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, minus: Tensor, scale: float, dim: int) -> Tensor:
         diff = x - minus
         # dtype= upcasts inside the reduction: no fp32 copy, and fp16 squares cannot overflow.
-        norm = torch.linalg.vector_norm(diff, dim=-1, dtype=torch.promote_types(diff.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(diff, dim=dim, dtype=torch.promote_types(diff.dtype, torch.float32))
         if scale != 1.0:
             norm = norm * scale
         ctx.save_for_backward(x, minus, norm)
-        ctx.scale = scale
+        ctx.scale, ctx.dim = scale, dim
         return norm
 
     @staticmethod
@@ -42,13 +42,13 @@ class _UpdateNorm(torch.autograd.Function):
             # Every norm is past the hinge (the usual state once warmed up): a zero gradient costs a
             # recompute, a scale and two accumulations of the full activation; None costs nothing. Only
             # on the CPU, where asking is free; on an accelerator the answer would be a device sync.
-            return None, None, None
+            return None, None, None, None
         x, minus, norm = ctx.saved_tensors
         # d(s·‖a‖)/da = s·a/‖a‖ = s²·a/norm; 0 at a = 0 like vector_norm's subgradient (adaLN-Zero blocks
         # start with an update of exactly 0, where a naive a/‖a‖ would be NaN).
         scale2 = ctx.scale * ctx.scale
         coeff = (grad_norm if scale2 == 1.0 else grad_norm * scale2) / norm
-        coeff = coeff.masked_fill(norm == 0, 0.0).unsqueeze(-1)
+        coeff = coeff.masked_fill(norm == 0, 0.0).unsqueeze(ctx.dim)
         if torch.compiler.is_compiling():
             # Written without x − minus: AOTAutograd's partitioner would otherwise save that difference
             # (one activation per block) rather than keep x and minus around for backward. In fp32 at
@@ -61,11 +61,14 @@ class _UpdateNorm(torch.autograd.Function):
             grad = (x - minus).mul_(coeff.to(torch.promote_types(x.dtype, minus.dtype)))
         grad_x = grad.to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_minus = grad.neg().to(minus.dtype) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_minus, None
+        return grad_x, grad_minus, None, None
 
 
-def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = None) -> Tensor:
-    """Per-token norm of ``x`` (or of ``x - minus``) over the last (feature) dimension, in fp32 (or fp64).
+def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = None, feature_dim: int = -1) -> Tensor:
+    """Per-token norm of ``x`` (or of ``x - minus``) over the feature dimension, in fp32 (or fp64).
+
+    The feature dimension is the last one (``(batch, tokens, features)``) unless ``feature_dim`` says
+    otherwise: ``feature_dim=1`` for channel-first maps ``(N, C, H, W)``, whose norms are then ``(N, H, W)``.
 
     ``reduce="l2"`` gives ‖a‖₂; ``reduce="rms"`` gives ‖a‖₂/√D, which is width-independent. The sum of
     squares is accumulated in fp32 even for bf16/fp16 inputs, without materialising an fp32 copy, and
@@ -82,6 +85,8 @@ def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = No
         3.0
         >>> activation_norms(h, minus=h).abs().max().item()   # residual update of an identity block
         0.0
+        >>> activation_norms(torch.ones(2, 4, 3, 3), feature_dim=1).shape   # channel-first (N, C, H, W)
+        torch.Size([2, 3, 3])
     """
     if reduce not in REDUCTIONS:
         raise ANMError(f"unknown reduce {reduce!r}: use 'l2' (‖a‖₂) or 'rms' (‖a‖₂/√D).")
@@ -90,18 +95,33 @@ def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = No
             f"activation_norms needs a floating-point tensor with a feature dim, got {_describe(x)}: "
             "pass the (..., features) activation, or a select= function that returns it."
         )
+    validate_feature_dim(feature_dim)
+    if not -x.dim() <= feature_dim < x.dim():
+        raise ANMError(
+            f"feature_dim={feature_dim} is out of range for an activation of shape {tuple(x.shape)}: use -1 "
+            "for (..., features) tensors or 1 for channel-first (N, C, ...) maps."
+        )
     if minus is not None and minus.shape != x.shape:
         raise ANMError(
             f"cannot take the residual update: output shape {tuple(x.shape)} != input shape "
             f"{tuple(minus.shape)}. Use site='output' for blocks that change the shape."
         )
-    scale = 1.0 if reduce == "l2" else 1.0 / math.sqrt(x.shape[-1])
+    scale = 1.0 if reduce == "l2" else 1.0 / math.sqrt(x.shape[feature_dim])
     if minus is None:
         # The built-in norm keeps only references to x and the result for backward, and its C++
         # autograd node costs less than a Python Function's (which matters at small sizes).
-        norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+        norm = torch.linalg.vector_norm(x, dim=feature_dim, dtype=torch.promote_types(x.dtype, torch.float32))
         return norm if scale == 1.0 else norm * scale
-    return _UpdateNorm.apply(x, minus, scale)
+    return _UpdateNorm.apply(x, minus, scale, feature_dim)
+
+
+def validate_feature_dim(feature_dim: int) -> None:
+    """Raise ``ANMError`` unless ``feature_dim`` is an int (-1: features last; 1: channel-first)."""
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, int):
+        raise ANMError(
+            f"feature_dim must be an int (-1 for (..., features) tensors, 1 for channel-first (N, C, H, W) "
+            f"maps), got {feature_dim!r}."
+        )
 
 
 def _describe(x: object) -> str:

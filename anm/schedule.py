@@ -6,7 +6,7 @@ import math
 
 from .errors import ANMError
 
-__all__ = ["warmup_weight", "WARMUP_KINDS"]
+__all__ = ["warmup_weight", "validate_step", "WARMUP_KINDS"]
 
 WARMUP_KINDS = ("linear", "cosine")
 
@@ -25,10 +25,7 @@ def warmup_weight(step: int, warmup: int, kind: str = "linear") -> float:
         >>> warmup_weight(5000, warmup=2000), warmup_weight(0, warmup=0)
         (1.0, 1.0)
     """
-    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
-        raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.")
-    if step < 0:
-        raise ANMError(f"step must be >= 0, got {step}: pass the optimizer step count, starting at 0.")
+    step = validate_step(step)
     validate_warmup(warmup, kind)
     if warmup == 0 or step >= warmup:
         return 1.0
@@ -36,6 +33,17 @@ def warmup_weight(step: int, warmup: int, kind: str = "linear") -> float:
     if kind == "linear":
         return progress
     return 0.5 * (1.0 - math.cos(math.pi * progress))
+
+
+def validate_step(step: object) -> int:
+    """``step`` as an int, or ``ANMError`` unless it is a whole number >= 0 (a tensor of one is fine)."""
+    if hasattr(step, "item") and getattr(step, "numel", lambda: 0)() == 1:  # a 0-dim tensor (HF, Lightning)
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
+        raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.")
+    if step < 0:
+        raise ANMError(f"step must be >= 0, got {step}: pass the optimizer step count, starting at 0.")
+    return int(step)
 
 
 def validate_warmup(warmup: int, kind: str) -> None:

@@ -109,9 +109,12 @@ def test_state_dict_when_nested_in_another_module():
 
 def test_warmup_position_is_resumable():
     model = ANM(ToyDiT(), warmup=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     for _ in range(3):
         model.loss()
+        opt.step()
     state = model.anm_state_dict()
+    assert state == {"step": 3}
     resumed = ANM(ToyDiT(), warmup=10)
     resumed.load_anm_state_dict(state)
     model(*make_batch())
@@ -135,9 +138,9 @@ def test_stats_are_detached_floats_per_layer():
     assert stats["anm/loss"] == pytest.approx(loss.item())
     assert 0.0 <= stats["anm/frac_below_alpha"] <= 1.0
     for index, name in enumerate(["blocks.0", "blocks.1"]):
-        norms = torch.cat([n.reshape(-1) for i, n in model._last["records"] if i == index])
+        norms = torch.cat([n.reshape(-1) for i, n in model.regularizer._last["records"] if i == index])
         assert stats[f"anm/norm/{name}"] == pytest.approx(norms.mean().item())
-    every = torch.cat([n.reshape(-1) for _, n in model._last["records"]])
+    every = torch.cat([n.reshape(-1) for _, n in model.regularizer._last["records"]])
     assert stats["anm/frac_below_alpha"] == pytest.approx((every < 3.0).float().mean().item())
 
 
@@ -161,7 +164,7 @@ def test_no_memory_or_graph_kept_alive_over_many_steps():
     gc.collect()
     assert sum(isinstance(o, torch.Tensor) for o in gc.get_objects()) <= baseline
     assert model.collector.records == []
-    assert all(not n.requires_grad for _, n in model._last["records"])
+    assert all(not n.requires_grad for _, n in model.regularizer._last["records"])
 
 
 def test_nonfinite_norms_raise_naming_the_layer_or_are_skipped():
@@ -241,13 +244,18 @@ def test_objective_granularity_and_warmup_kind_reach_the_loss(objective, granula
     torch.testing.assert_close(module(norms, step=2), expected)
 
 
-def test_step_counter_and_explicit_step():
+def test_step_counts_optimizer_steps_and_an_explicit_step_resets_it():
     model = ANM(ToyDiT(), warmup=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     model.loss()
-    model.loss()
-    assert model.step == 2
+    model.loss()  # two loss() calls, no optimizer step yet: still step 0
+    assert model.step == 0 and model.stats()["anm/step"] == 0.0
+    opt.step()
+    assert model.step == 1
     model.loss(step=10)
-    assert model.step == 11 and model.stats()["anm/weight"] == 1.0
+    assert model.step == 10 and model.stats()["anm/weight"] == 1.0
+    opt.step()
+    assert model.step == 11  # counting goes on from the explicit step
     with pytest.raises(anm.ANMError, match="step must be >= 0"):
         model.loss(step=-1)
 
@@ -285,11 +293,11 @@ def test_deferred_nonfinite_check_raises_on_the_next_call_naming_layer_and_step(
         model.blocks[1].proj.bias.fill_(float("nan"))
     model(*make_batch())
     model.loss(step=7)
-    model.nonfinite = "raise"
-    model._pending_check = (torch.tensor(False), DoneEvent())
+    model.regularizer.nonfinite = "raise"
+    model.regularizer._pending_check = (torch.tensor(False), DoneEvent())
     with pytest.raises(anm.ANMError, match=r"at step 7 in layer\(s\) \['blocks.1'"):
         model.stats()
-    assert model._pending_check is None
-    model._pending_check = (torch.tensor(True), DoneEvent())  # a finite step passes and is cleared
+    assert model.regularizer._pending_check is None
+    model.regularizer._pending_check = (torch.tensor(True), DoneEvent())  # a finite step passes and is cleared
     model.loss()
-    assert model._pending_check is None
+    assert model.regularizer._pending_check is None

@@ -1,0 +1,76 @@
+"""The warm-up's clock: optimizer steps of the model's parameters, counted as they happen.
+
+A step is an optimizer step, not a forward or a ``loss()`` call: with gradient accumulation over k
+micro-batches, k ``loss()`` calls share one step. One process-wide ``torch.optim`` step post-hook
+(installed on first use) advances every live :class:`OptimizerStepCounter` whose model has a parameter
+in the optimizer that stepped — so a GAN's second optimizer or an EMA never advance it, and a skipped
+step (AMP ``GradScaler`` after an overflow, an accumulation micro-batch in accelerate / Lightning /
+HF Trainer) is not counted.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+__all__ = ["OptimizerStepCounter"]
+
+_counters: weakref.WeakSet[OptimizerStepCounter] = weakref.WeakSet()
+_hook_handle: Any = None
+
+
+class OptimizerStepCounter:
+    """Counts the ``optimizer.step()`` calls of any ``torch.optim`` optimizer holding ``model``'s parameters.
+
+    Example:
+        >>> import torch
+        >>> from anm.steps import OptimizerStepCounter
+        >>> net = torch.nn.Linear(2, 2)
+        >>> counter = OptimizerStepCounter(net)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> net(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> counter.count
+        1
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.count = 0
+        self._model = weakref.ref(model)
+        self._holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
+        _counters.add(self)
+        _install_hook()
+
+    def stop(self) -> None:
+        """Stop counting (the count stays as it is)."""
+        _counters.discard(self)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._holds_model_parameters(optimizer):
+            self.count += 1
+
+    def _holds_model_parameters(self, optimizer: torch.optim.Optimizer) -> bool:
+        # Cached per optimizer; recomputed if its parameter groups change (add_param_group).
+        groups = len(optimizer.param_groups)
+        cached = self._holds.get(optimizer)
+        if cached is not None and cached[0] == groups:
+            return cached[1]
+        model = self._model()
+        owned = set() if model is None else {id(p) for p in model.parameters()}
+        holds = any(id(p) in owned for group in optimizer.param_groups for p in group["params"])
+        self._holds[optimizer] = (groups, holds)
+        return holds
+
+
+def _on_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for counter in list(_counters):
+        counter._on_step(optimizer)
+
+
+def _install_hook() -> None:
+    global _hook_handle
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_post_hook(_on_any_optimizer_step)
