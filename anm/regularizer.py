@@ -148,7 +148,7 @@ class Regularizer:
             >>> import torch, anm
             >>> from torch import nn
             >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)])
-            >>> reg = anm.attach(net, site="output", warmup=0)
+            >>> reg = anm.attach(net, site="output", reduce="rms", alpha=2.0, warmup=0)
             >>> _ = net(torch.randn(3, 4)); _ = reg.loss()
             >>> reg.stats()["anm/frac_below_alpha"]
             1.0

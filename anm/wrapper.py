@@ -113,7 +113,7 @@ class ANM(nn.Module):
             >>> import torch, anm
             >>> from torch import nn
             >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2)])
-            >>> model = anm.ANM(net, site="output", warmup=0)
+            >>> model = anm.ANM(net, site="output", reduce="rms", alpha=2.0, warmup=0)
             >>> _ = model(torch.randn(3, 4)); _ = model.loss()
             >>> model.stats()["anm/frac_below_alpha"]
             1.0
