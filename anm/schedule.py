@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 from .errors import ANMError
 
@@ -36,14 +37,24 @@ def warmup_weight(step: int, warmup: int, kind: str = "linear") -> float:
 
 
 def validate_step(step: object) -> int:
-    """``step`` as an int, or ``ANMError`` unless it is a whole number >= 0 (a tensor of one is fine)."""
-    if hasattr(step, "item") and getattr(step, "numel", lambda: 0)() == 1:  # a 0-dim tensor (HF, Lightning)
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, int) and not (isinstance(step, float) and step.is_integer()):
+    """``step`` as an int, or ``ANMError`` unless it is a whole number >= 0.
+
+    Python and NumPy integers, whole floats and one-element integer tensors (as trainers keep their step
+    counters) are accepted.
+    """
+    if isinstance(step, bool):
         raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.")
-    if step < 0:
-        raise ANMError(f"step must be >= 0, got {step}: pass the optimizer step count, starting at 0.")
-    return int(step)
+    if hasattr(step, "numel") and callable(step.numel) and step.numel() == 1:  # a tensor
+        step = step.item()
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.") from None
+    if value < 0:
+        raise ANMError(f"step must be >= 0, got {value}: pass the optimizer step count, starting at 0.")
+    return value
 
 
 def validate_warmup(warmup: int, kind: str) -> None:

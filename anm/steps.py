@@ -39,10 +39,26 @@ class OptimizerStepCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
-        self._model = weakref.ref(model)
+        # A strong reference adds no lifetime (the regulariser holds the model anyway), and unlike a weak
+        # one it follows copy.deepcopy / pickle to the copied model.
+        self._model = model
+        self._start()
+
+    def _start(self) -> None:
         self._holds: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, bool]] = weakref.WeakKeyDictionary()
         _counters.add(self)
         _install_hook()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"count": self.count, "_model": self._model, "_counting": self in _counters}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (deepcopy of a wrapped model, a pickled module in a spawned process) counts its own
+        # model's optimizer steps from where the original was.
+        self.count, self._model = state["count"], state["_model"]
+        self._holds = weakref.WeakKeyDictionary()
+        if state["_counting"]:
+            self._start()
 
     def stop(self) -> None:
         """Stop counting (the count stays as it is)."""
@@ -58,8 +74,7 @@ class OptimizerStepCounter:
         cached = self._holds.get(optimizer)
         if cached is not None and cached[0] == groups:
             return cached[1]
-        model = self._model()
-        owned = set() if model is None else {id(p) for p in model.parameters()}
+        owned = {id(p) for p in self._model.parameters()}
         holds = any(id(p) in owned for group in optimizer.param_groups for p in group["params"])
         self._holds[optimizer] = (groups, holds)
         return holds

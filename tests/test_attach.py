@@ -129,3 +129,17 @@ def test_bad_arguments_name_the_fix(bad, match):
         anm.attach(ToyDiT(), **bad)
     with pytest.raises(anm.ANMError, match="nn.Module"):
         anm.attach("not a model")
+
+
+def test_copies_count_their_own_optimizer_steps():
+    import pickle
+
+    model = ToyDiT()
+    wrapped = anm.ANM(model, reduce="rms", alpha=2.0, warmup=10)
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    for twin in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
+        assert twin.step == 1
+        torch.optim.SGD(twin.model.parameters(), lr=0.0).step()
+        assert twin.step == 2 and wrapped.step == 1  # the copy's optimizer moves the copy's clock only
+        twin(*make_batch())
+        assert twin.loss().item() > 0 and wrapped.collector.records == []

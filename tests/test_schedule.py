@@ -52,3 +52,15 @@ def test_known_values():
 def test_invalid(args, match):
     with pytest.raises(anm.ANMError, match=match):
         warmup_weight(*args)
+
+
+def test_step_counters_of_trainers_are_accepted():
+    import numpy as np
+    import torch
+
+    from anm.schedule import validate_step
+
+    assert [validate_step(s) for s in (np.int64(5), torch.tensor(3), 4.0, 7)] == [5, 3, 4, 7]
+    for bad in (True, -1, 1.5, "3", torch.tensor([1, 2]), None, torch.tensor(2.5)):
+        with pytest.raises(anm.ANMError, match="step must be"):
+            validate_step(bad)
