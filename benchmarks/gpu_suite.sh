@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The three benchmarks of issue #4 on one GPU, kept under 10 minutes by a time limit per part (not yet run on a
-# GPU): JSON and logs go to $OUT if set, else benchmarks/results/.
+# The three benchmarks of docs/benchmarks.md on one GPU, kept under 10 minutes by a time limit per part (not yet
+# run on a GPU): JSON and logs go to benchmarks/results/, or to the directory in $OUT if that is set.
 #
 #   bash benchmarks/gpu_suite.sh                      # all three: overhead, train_step, sampling
 #   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
@@ -11,9 +11,10 @@
 # reference images/s (sampling.py).
 #
 # Needs torch with CUDA and diffusers (train_step.py and sampling.py build an AutoencoderKL). A machine
-# without diffusers gets it from a wheel in .whl/ (gitignored), prepared where there is network with
+# without diffusers (and without network) gets it from a wheel in .whl/ (gitignored), downloaded where there
+# is network with
 #   python -m pip download diffusers==0.42.1 --no-deps -d .whl
-# and carried along (device run: carry [".whl"]); it is installed with --no-deps into a temp folder.
+# and copied along with the checkout; it is installed with --no-deps into a temp folder.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)

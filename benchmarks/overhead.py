@@ -1,6 +1,6 @@
 """What ANM costs per training step: time and memory with and without it, side by side in one process.
 
-Each mode (no ANM, the library's ANM, and the naive hook from measurements.md) gets its own copy of the
+Each mode (no ANM, the library's ANM, and a naive forward hook) gets its own copy of the
 same SiT, the same inputs and the same optimizer, and the modes are timed interleaved, repeat after
 repeat, so drift in the machine's speed hits them all alike. Prints a table last and writes JSON.
 
@@ -48,7 +48,7 @@ MODES = ("baseline", "anm", "naive", "control")
 
 
 class NaiveANM:
-    """The anchor of measurements.md: a hook per block appending vector_norm(output) to a list."""
+    """The naive way: a hook per block appending vector_norm(output) to a list, hinge loss on them."""
 
     def __init__(self, model: torch.nn.Module, alpha: float = 70.0, lam: float = 10.0) -> None:
         self.alpha, self.lam, self.norms = alpha, lam, []

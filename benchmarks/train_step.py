@@ -6,8 +6,8 @@ after repeat, so drift in the machine's speed hits them all alike):
     reference  the reference recipe: fp32 (TF32 on CUDA), the VAE encodes the images every step
                (posterior sample x 0.18215, as train.py with --data imagenet), AdamW as the reference
                builds it (default implementation: foreach on CUDA, not fused), no compile
-    ref-bf16   the anchor of /work/shared/reference/measurements.md (120 ms for XL/2 bs32 on an H100):
-               the same but bf16 autocast and latents already in memory (no VAE)
+    ref-bf16   the reference code's step in bf16: the same but bf16 autocast and latents already in
+               memory (no VAE)
     fast       train.py's best configuration: latents pre-extracted (posterior moments of both flips, as
                extract_latents.py writes them, sampled each step the way data.LatentDataset does), bf16
                autocast, fused AdamW on CUDA, torch.compile, SDPA (flash) attention
@@ -38,14 +38,13 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from data import LATENT_SCALE  # noqa: E402
 from device import fp32_exact, pick_device, sync  # noqa: E402
 from extract_latents import encode_moments  # noqa: E402
 from models import SiT  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
 from train import update_ema  # noqa: E402
 from transport import create_transport  # noqa: E402
-
-LATENT_SCALE = 0.18215  # SD-VAE scaling, as train.py / data.py
 
 # diffusers AutoencoderKL configs: "sd" is the architecture of stabilityai/sd-vae-ft-ema (84M parameters,
 # 8x downsampling); "tiny" keeps the layout (4 blocks, 8x) with few channels, for CPU runs.
