@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
+from atomic import atomic_write  # noqa: E402
+from cli import UsageError, run  # noqa: E402
 from metrics import frechet_distance_from_features, kernel_inception_distance, precision_recall  # noqa: E402
 from npz import load_images  # noqa: E402
 from sinusoid_metric import SinusoidMetric  # noqa: E402
@@ -146,33 +148,95 @@ def evaluate_images(
     return evaluate_features(feature_fn(gen_images), feature_fn(ref_images), **kwargs)
 
 
-def main(args):
-    gen_images = load_images(args.samples, args.num_samples)
+INCEPTION_DEFAULTS = dict(batch_size=50, kid_subsets=100, kid_subset_size=1000, k=3)
+SINUSOID_DEFAULTS = dict(components=1, seed=1234)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that are wrong or would be ignored; raises cli.UsageError before anything is loaded."""
+    sinusoid = args.ref == "sinusoid"
+    ignored = [name for name in (*INCEPTION_DEFAULTS, "device", "num_ref") if getattr(args, name) is not None]
+    if sinusoid and ignored:
+        raise UsageError(f"{', '.join('--' + n.replace('_', '-') for n in ignored)}: only for Inception metrics, "
+                         "ignored with --ref sinusoid; drop them")
+    ignored = [name for name in SINUSOID_DEFAULTS if getattr(args, name) is not None]
+    if not sinusoid and ignored:
+        raise UsageError(f"{', '.join('--' + n for n in ignored)}: only for --ref sinusoid; drop them")
+    for path, flag in ((args.samples, "samples"), (None if sinusoid else args.ref, "--ref")):
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{flag} {path} does not exist: pass an ADM .npz or a folder of images")
+    if args.out is not None:
+        if not args.out.lower().endswith(".json"):
+            raise UsageError(f"--out {args.out}: results are JSON; give a name ending in .json")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise UsageError(f"--out {args.out} exists: choose another --out or pass --overwrite")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {args.out}: folder {parent} does not exist or is not writable")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as error:
+            raise UsageError(f"--device {args.device!r} is not a device: use cpu or cuda") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+
+
+def load_checked(path: str, limit: int | None, flag: str) -> np.ndarray:
+    """load_images, refusing a limit larger than what the file holds (it would silently use fewer)."""
+    images = load_images(path, limit)
+    if limit is not None and len(images) < limit:
+        raise UsageError(f"{flag} {limit}: {path} holds only {len(images)} images; lower {flag} or drop it")
+    return images
+
+
+def inception_metrics(gen_images: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """FID / KID / precision / recall against --ref on the offline Inception network."""
+    ref_images = load_checked(args.ref, args.num_ref, "--num-ref")
+    print(f"{len(ref_images)} reference images {ref_images.shape[1:]} from {args.ref}")
+    options = {name: getattr(args, name) or default for name, default in INCEPTION_DEFAULTS.items()}
+    smallest = min(len(gen_images), len(ref_images))
+    if options["k"] >= smallest:
+        raise UsageError(f"--k {options['k']} needs more than {options['k']} images in each set, the smaller has "
+                         f"{smallest}: lower --k or use more images")
+    try:
+        weights = inception_weights_path()
+    except (ImportError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = InceptionFeatures(device, options["batch_size"], weights)
+    return evaluate_images(gen_images, ref_images, extractor, kid_subsets=options["kid_subsets"],
+                           kid_subset_size=options["kid_subset_size"], k=options["k"])
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Evaluate args.samples against args.ref; prints the metrics, writes them to args.out; returns them."""
+    check_args(args)
+    gen_images = load_checked(args.samples, args.num_samples, "--num-samples")
     print(f"{len(gen_images)} generated images {gen_images.shape[1:]} from {args.samples}")
     if args.ref == "sinusoid":
         # The true distribution is known: fresh reference draws, and a second set for the noise floor.
-        metric = SinusoidMetric(image_size=gen_images.shape[1], components=args.components, seed=args.seed)
+        options = {name: default if getattr(args, name) is None else getattr(args, name)
+                   for name, default in SINUSOID_DEFAULTS.items()}
+        metric = SinusoidMetric(image_size=gen_images.shape[1], **options)
         result = metric(gen_images)
     else:
-        ref_images = load_images(args.ref, args.num_ref)
-        print(f"{len(ref_images)} reference images {ref_images.shape[1:]} from {args.ref}")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        extractor = InceptionFeatures(device, args.batch_size)
-        result = evaluate_images(
-            gen_images,
-            ref_images,
-            extractor,
-            kid_subsets=args.kid_subsets,
-            kid_subset_size=args.kid_subset_size,
-            k=args.k,
-        )
+        result = inception_metrics(gen_images, args)
     result.update(samples=args.samples, ref=args.ref)
     for key, value in result.items():
         print(f"{key:>16}: {value}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        with atomic_write(args.out) as f:
+            f.write(json.dumps(result, indent=1).encode())
     return result
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -182,20 +246,34 @@ def get_parser() -> argparse.ArgumentParser:
         "--ref",
         type=str,
         required=True,
-        help="reference .npz / image folder, or 'sinusoid' for fresh draws of the sinusoid data",
+        help="reference .npz / image folder, or 'sinusoid' for fresh draws of the sinusoid data (required)",
     )
-    parser.add_argument("--num-samples", type=int, default=None, help="use the first N generated images")
-    parser.add_argument("--num-ref", type=int, default=None, help="use the first N reference images")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", type=str, default=None)
-    parser.add_argument("--kid-subsets", type=int, default=100)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=3, help="nearest neighbour for precision/recall")
-    parser.add_argument("--components", type=int, default=1, help="sinusoid components (--ref sinusoid)")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the fresh sinusoid reference sets")
-    parser.add_argument("--out", type=str, default=None, help="write the results as JSON")
+    parser.add_argument("--num-samples", type=positive_int, default=None,
+                        help="use the first N generated images (default: all)")
+    parser.add_argument("--num-ref", type=positive_int, default=None,
+                        help="use the first N reference images (default: all)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help=f"Inception batch (default: {INCEPTION_DEFAULTS['batch_size']})")
+    parser.add_argument("--device", type=str, default=None, help="Inception device (default: cuda if available)")
+    parser.add_argument("--kid-subsets", type=positive_int, default=None,
+                        help=f"KID subsets (default: {INCEPTION_DEFAULTS['kid_subsets']})")
+    parser.add_argument("--kid-subset-size", type=positive_int, default=None,
+                        help=f"images per KID subset (default: {INCEPTION_DEFAULTS['kid_subset_size']})")
+    parser.add_argument("--k", type=positive_int, default=None,
+                        help=f"nearest neighbour for precision/recall (default: {INCEPTION_DEFAULTS['k']})")
+    parser.add_argument("--components", type=positive_int, default=None,
+                        help=f"sinusoid components, --ref sinusoid (default: {SINUSOID_DEFAULTS['components']})")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the fresh sinusoid reference sets (default: {SINUSOID_DEFAULTS['seed']})")
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON (default: print only)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of evaluate.py."""
+    return get_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run(main, parse_args)

@@ -26,11 +26,15 @@ import sys
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
+from atomic import atomic_write, remove_stale_temps  # noqa: E402
+from cli import UsageError, run  # noqa: E402
 from data import LATENT_SCALE, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from distributed import barrier, cleanup, setup_distributed  # noqa: E402
 from sample import load_vae  # noqa: E402
+
+RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes")
 
 #################################################################################
 #                                  Helpers                                      #
@@ -53,17 +57,78 @@ def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def write_atomic_npy(path: str, array: np.ndarray) -> None:
-    """np.save to a temp file, then rename: readers and resumes never see a half-written file."""
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    with open(tmp_path, "wb") as f:
+    """np.save through atomic.atomic_write: readers and resumes never see a half-written file."""
+    with atomic_write(path) as f:
         np.save(f, array)
-    os.replace(tmp_path, path)
 
 
-def write_meta(args, dataset: ImageFolderDataset, vae) -> dict:
-    """Write (or check, when resuming) meta.json and labels.npy; returns the metadata."""
-    latent_size = args.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
-    meta = dict(
+class CheckedImages(torch.utils.data.Dataset):
+    """The ImageFolder items plus whether each decoded: a corrupt file becomes a flagged blank image, so the
+    main process can name it in one line (an exception raised in a DataLoader worker arrives as a
+    multi-line traceback)."""
+
+    def __init__(self, dataset: ImageFolderDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
+        try:
+            image, label = self.dataset[index]
+        except (OSError, ValueError, SyntaxError):  # PIL: unidentified / truncated / malformed files
+            size = self.dataset.image_size
+            return torch.zeros(3, size, size), self.dataset.labels[index], False
+        return image, label, True
+
+
+def decode_error(dataset: ImageFolderDataset, index: int, done: int, total: int) -> UsageError:
+    """The one-line error for an image that does not decode, with PIL's reason."""
+    try:
+        dataset.load_array(index)
+        reason = "unreadable"
+    except (OSError, ValueError, SyntaxError) as error:
+        reason = str(error).replace(f" {dataset.paths[index]!r}", "") or type(error).__name__
+    return UsageError(f"cannot decode image {dataset.paths[index]} ({reason}): replace it with a readable image "
+                      f"and rerun to resume ({done} of {total} chunks are done and kept); removing it changes "
+                      "the dataset and needs a new --out")
+
+
+def load_dataset(args: argparse.Namespace) -> ImageFolderDataset:
+    """The ImageFolder at --data-path; a missing or empty one raises cli.UsageError."""
+    try:
+        return ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that are wrong before anything is read or created."""
+    for name in ("image_size", "chunk_size", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.max_chunks is not None and args.max_chunks < 1:
+        raise UsageError(f"--max-chunks must be >= 1 (or left out for all chunks), got {args.max_chunks}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file: choose a folder")
+    if os.path.isdir(args.out) and not os.path.exists(os.path.join(args.out, "meta.json")):
+        # labels.npy is written just before meta.json: alone, it is an extraction stopped at its start.
+        foreign = [name for name in os.listdir(args.out) if name != "labels.npy" and not name.startswith(".")]
+        if foreign:
+            raise UsageError(f"--out {args.out} is not empty and holds no extraction (no meta.json): choose "
+                             "another --out")
+
+
+def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dict:
+    """What this extraction is: sizes, VAE, chunking (meta.json)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.image_size % factor:
+        raise UsageError(f"--image-size {args.image_size} is not a multiple of the VAE's downsampling factor "
+                         f"{factor}: use e.g. {max(factor, args.image_size // factor * factor)}")
+    latent_size = args.image_size // factor
+    return dict(
         num_images=len(dataset),
         image_size=args.image_size,
         chunk_size=args.chunk_size,
@@ -75,43 +140,36 @@ def write_meta(args, dataset: ImageFolderDataset, vae) -> dict:
         dtype=args.dtype,
         layout="(n, [no flip, flip], [mean, std], C, h, w)",
     )
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path):
+
+
+def check_resume(out: str, meta: dict) -> dict | None:
+    """The previous run's metadata if out holds one with the same settings (None if out holds none)."""
+    meta_path = os.path.join(out, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    try:
         with open(meta_path) as f:
             old = json.load(f)
-        for key in ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes"):
-            if old.get(key) != meta[key]:
-                raise ValueError(
-                    f"{args.out} holds an extraction with {key}={old.get(key)!r}, this run has "
-                    f"{meta[key]!r}: use another --out or the same settings to resume"
-                )
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{meta_path} is unreadable ({error}): use another --out") from error
+    for key in RESUME_KEYS:
+        if old.get(key) != meta[key]:
+            raise UsageError(f"{out} holds an extraction with {key}={old.get(key)!r}, this run has {meta[key]!r}: "
+                             "use another --out or the same settings to resume")
+    return old
+
+
+def write_meta(args: argparse.Namespace, dataset: ImageFolderDataset, meta: dict) -> dict:
+    """Write meta.json and labels.npy in a new output folder, or check a previous run's (resume)."""
+    old = check_resume(args.out, meta)
+    if old is not None:
+        remove_stale_temps(args.out)
         return old
     os.makedirs(args.out, exist_ok=True)
     write_atomic_npy(os.path.join(args.out, "labels.npy"), np.asarray(dataset.labels, dtype=np.int64))
-    tmp_path = meta_path + f".tmp.{os.getpid()}"
-    with open(tmp_path, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp_path, meta_path)
+    with atomic_write(os.path.join(args.out, "meta.json")) as f:  # last: its presence marks a valid folder
+        f.write(json.dumps(meta, indent=1).encode())
     return meta
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): a gloo/nccl process group under torchrun, else a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, dist.get_world_size(), device
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 #################################################################################
@@ -119,80 +177,90 @@ def barrier() -> None:
 #################################################################################
 
 
-def main(args):
-    rank, world_size, device = setup_distributed()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
-    vae = load_vae(args.vae, device)
-    if rank == 0:
-        write_meta(args, dataset, vae)
-    barrier()  # everyone waits for meta.json so a mismatch stops all ranks before any work
-    if rank != 0:
-        write_meta(args, dataset, vae)
+def main(args: argparse.Namespace) -> None:
+    """Encode every chunk of --data-path that --out does not hold yet."""
+    check_args(args)
+    dataset = load_dataset(args)
+    ctx = setup_distributed()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        vae = load_vae(args.vae, ctx.device)
+        meta = make_meta(args, dataset, vae)
+        check_resume(args.out, meta)  # every rank: a mismatch stops all of them before any work
+        if ctx.is_main:
+            write_meta(args, dataset, meta)
+        barrier()
 
-    num_chunks = math.ceil(len(dataset) / args.chunk_size)
-    todo = [
-        c for c in range(rank, num_chunks, world_size) if not os.path.exists(latent_chunk_path(args.out, c))
-    ]
-    if args.max_chunks is not None:
-        todo = todo[: args.max_chunks]  # for testing resumption and for time-limited jobs
-    print(
-        f"[rank {rank}] {len(todo)} of {len(range(rank, num_chunks, world_size))} chunks to encode",
-        flush=True,
-    )
-    dtype = np.float16 if args.dtype == "float16" else np.float32
+        num_chunks = math.ceil(len(dataset) / args.chunk_size)
+        mine = range(ctx.rank, num_chunks, ctx.world_size)
+        todo = [c for c in mine if not os.path.exists(latent_chunk_path(args.out, c))]
+        if args.max_chunks is not None:
+            todo = todo[: args.max_chunks]  # for testing resumption and for time-limited jobs
+        print(f"[rank {ctx.rank}] {len(todo)} of {len(mine)} chunks to encode", flush=True)
+        dtype = np.float16 if args.dtype == "float16" else np.float32
 
-    # One DataLoader for all of this rank's work (decoding JPEGs is the CPU bottleneck), with batches
-    # that never straddle two chunks; a chunk is written as soon as its last batch is encoded.
-    batches = []
-    for chunk in todo:
-        end = min(len(dataset), (chunk + 1) * args.chunk_size)
-        for start in range(chunk * args.chunk_size, end, args.batch_size):
-            batches.append((chunk, list(range(start, min(end, start + args.batch_size)))))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[indices for _, indices in batches], num_workers=args.num_workers
-    )
-    moments = []
-    for (chunk, indices), (images, _) in zip(batches, loader, strict=True):
-        moments.append(encode_moments(vae, images.to(device)).cpu())
-        if indices[-1] == min(len(dataset), (chunk + 1) * args.chunk_size) - 1:
-            write_atomic_npy(latent_chunk_path(args.out, chunk), torch.cat(moments).numpy().astype(dtype))
-            print(f"[rank {rank}] wrote chunk {chunk} ({sum(len(m) for m in moments)} images)", flush=True)
-            moments = []
-
-    barrier()
-    if rank == 0:
-        missing = [c for c in range(num_chunks) if not os.path.exists(latent_chunk_path(args.out, c))]
-        print(
-            f"done: {num_chunks - len(missing)}/{num_chunks} chunks in {args.out}"
-            + (f" ({len(missing)} left: rerun to resume)" if missing else ""),
-            flush=True,
+        # One DataLoader for all of this rank's work (decoding JPEGs is the CPU bottleneck), with batches
+        # that never straddle two chunks; a chunk is written as soon as its last batch is encoded.
+        batches = []
+        for chunk in todo:
+            end = min(len(dataset), (chunk + 1) * args.chunk_size)
+            for start in range(chunk * args.chunk_size, end, args.batch_size):
+                batches.append((chunk, list(range(start, min(end, start + args.batch_size)))))
+        loader = torch.utils.data.DataLoader(
+            CheckedImages(dataset), batch_sampler=[indices for _, indices in batches], num_workers=args.num_workers
         )
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        moments = []
+        for (chunk, indices), (images, _, ok) in zip(batches, loader, strict=True):
+            if not ok.all():
+                done = sum(os.path.exists(latent_chunk_path(args.out, c)) for c in range(num_chunks))
+                raise decode_error(dataset, indices[int((~ok).nonzero()[0])], done, num_chunks)
+            moments.append(encode_moments(vae, images.to(ctx.device)).cpu())
+            if indices[-1] == min(len(dataset), (chunk + 1) * args.chunk_size) - 1:
+                write_atomic_npy(latent_chunk_path(args.out, chunk), torch.cat(moments).numpy().astype(dtype))
+                print(f"[rank {ctx.rank}] wrote chunk {chunk} ({sum(len(m) for m in moments)} images)", flush=True)
+                moments = []
+
+        barrier()
+        if ctx.is_main:
+            missing = [c for c in range(num_chunks) if not os.path.exists(latent_chunk_path(args.out, c))]
+            print(
+                f"done: {num_chunks - len(missing)}/{num_chunks} chunks in {args.out}"
+                + (f" ({len(missing)} left: rerun to resume)" if missing else ""),
+                flush=True,
+            )
+    finally:
+        cleanup(ctx)
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data-path", type=str, required=True, help="ImageFolder root (root/<class>/<image>)"
+        "--data-path", type=str, required=True, help="ImageFolder root (root/<class>/<image>) (required)"
     )
     parser.add_argument(
         "--vae",
         type=str,
         default="stabilityai/sd-vae-ft-ema",
-        help="local AutoencoderKL directory (offline) or hub id",
+        help="local AutoencoderKL directory (offline) or hub id (default: %(default)s)",
     )
-    parser.add_argument("--out", type=str, required=True, help="output folder (resumed if it exists)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=1000, help="images per output file")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (x2 with flips)")
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--dtype", type=str, choices=["float16", "float32"], default="float16")
-    parser.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks per rank")
+    parser.add_argument("--out", type=str, required=True, help="output folder, resumed if it exists (required)")
+    parser.add_argument("--image-size", type=int, default=256, help="centre-crop side in pixels (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="images per output file (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per encoder call, x2 with flips (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader processes (default: %(default)s)")
+    parser.add_argument("--dtype", type=str, choices=["float16", "float32"], default="float16",
+                        help="stored moments (default: %(default)s)")
+    parser.add_argument("--max-chunks", type=int, default=None,
+                        help="stop after this many chunks per rank (default: all)")
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of extract_latents.py."""
+    return get_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run(main, parse_args)

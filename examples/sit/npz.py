@@ -1,15 +1,23 @@
 """
 Sample batches in the ADM evaluator format: an .npz whose key arr_0 holds uint8 N x H x W x 3 images
 (what `VIRTUAL_imagenet256_labeled.npz` and guided-diffusion's evaluator.py read), plus reading a
-folder of images into the same array.
+folder of images into the same array. Unreadable input raises cli.UsageError naming the file.
 """
 
 import os
+import re
+import zipfile
+import zlib
 
 import numpy as np
 import torch
+from atomic import atomic_write
+from cli import UsageError
 from data import IMG_EXTENSIONS
 from PIL import Image
+
+# Temp files of an interrupted write: atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
+_TEMP_NAME = re.compile(r"\.tmp([.-]|$)")
 
 
 def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -41,18 +49,16 @@ def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def save_npz(images: np.ndarray | torch.Tensor, path: str) -> str:
     """
-    Write images as an ADM-format npz (key arr_0, uint8 NxHxWx3), atomically (temp file + rename), so an
-    interrupted run never leaves a truncated file that looks complete. Returns the path.
+    Write images as an ADM-format npz (key arr_0, uint8 NxHxWx3) through atomic.atomic_write, so an
+    interrupted run or a full disk never leaves a truncated file that looks complete. Returns the path.
 
     >>> save_npz(np.zeros((4, 32, 32, 3), np.uint8), "/tmp/samples.npz")
     '/tmp/samples.npz'
     """
     images = to_uint8_nhwc(images)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    with open(tmp_path, "wb") as f:  # a file object stops np.savez from appending its own ".npz"
+    with atomic_write(path) as f:  # a file object stops np.savez from appending its own ".npz"
         np.savez(f, arr_0=images)
-    os.replace(tmp_path, path)
     return path
 
 
@@ -63,15 +69,32 @@ def load_npz(path: str) -> np.ndarray:
     >>> load_npz(save_npz(np.zeros((4, 32, 32, 3), np.uint8), "/tmp/samples.npz")).shape
     (4, 32, 32, 3)
     """
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise KeyError(f"{path} has keys {list(data.keys())}; the ADM format stores images in arr_0")
-        return to_uint8_nhwc(data["arr_0"])
+    try:
+        data = np.load(path)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise UsageError(f"{path} is a plain .npy array, not an ADM .npz: save it with key arr_0")
+        with data:
+            if "arr_0" not in data:
+                raise UsageError(f"{path} has keys {list(data.keys())}; the ADM format stores images in arr_0")
+            images = data["arr_0"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise UsageError(f"cannot read {path}: truncated, corrupt or not an .npz ({type(error).__name__}); "
+                         "write it again") from error
+    try:
+        return to_uint8_nhwc(images)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"{path}: arr_0 is not uint8 N x H x W x 3 images ({error})") from error
+
+
+def is_image_file(name: str) -> bool:
+    """An image by extension, and not a hidden file or the temp file of an interrupted write."""
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".") and not _TEMP_NAME.search(name)
 
 
 def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
     """
-    All images under folder (recursively, sorted by path) as uint8 NxHxWx3; they must share one size.
+    The first `limit` images under folder (recursively, sorted by path) as uint8 NxHxWx3; they must share
+    one size. Hidden files and temp files of interrupted writes are not images.
 
     >>> load_image_folder("samples/SiT-XL-2")[:10].shape  # doctest: +SKIP
     (10, 256, 256, 3)
@@ -80,20 +103,28 @@ def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
         os.path.join(dirpath, name)
         for dirpath, _, names in os.walk(folder)
         for name in names
-        if name.lower().endswith(IMG_EXTENSIONS)
+        if is_image_file(name)
     )
     if not paths:
-        raise FileNotFoundError(f"no images found under {folder!r}")
-    paths = paths[:limit]
-    images = [np.array(Image.open(p).convert("RGB")) for p in paths]
+        raise UsageError(f"no images found under {folder}: pass a folder of images or an ADM .npz")
+    images = []
+    for path in paths[:limit]:
+        try:
+            with Image.open(path) as image:
+                images.append(np.array(image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            reason = str(error).replace(f" {path!r}", "") or type(error).__name__
+            raise UsageError(f"cannot decode image {path} ({reason}): replace or delete it") from error
     if len({im.shape for im in images}) > 1:
-        raise ValueError(
-            f"images under {folder!r} have different sizes: {sorted({im.shape for im in images})}"
+        raise UsageError(
+            f"images under {folder} have different sizes: {sorted({im.shape for im in images})}"
         )
     return np.stack(images)
 
 
 def load_images(path: str, limit: int | None = None) -> np.ndarray:
     """uint8 NxHxWx3 images from an ADM npz or an image folder."""
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist: pass an ADM .npz or a folder of images")
     images = load_npz(path) if os.path.isfile(path) else load_image_folder(path, limit)
     return images[:limit]

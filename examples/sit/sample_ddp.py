@@ -1,29 +1,53 @@
 """
 Sample many images in parallel (e.g. 50,000 for FID) and pack them into an ADM-format .npz.
 
-    torchrun --nproc_per_node 8 examples/sit/sample_ddp.py --ckpt SiT-XL-2-256x256.pt --model SiT-XL/2 \
+    torchrun --nproc_per_node 8 examples/sit/sample_ddp.py --ckpt SiT-XL-2-256x256.pt --model SiT-XL/2 \\
         --vae /path/to/sd-vae-ft-ema --cfg-scale 1.5 --mode sde --num-steps 250
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 \\
+        examples/sit/sample_ddp.py ...   # and --node_rank 1 on the second machine; --sample-dir on shared storage
     python examples/sit/sample_ddp.py --ckpt results/run/checkpoints/0002000.pt --num-fid-samples 1000
 
 Sample i draws its label, starting noise and SDE Brownian noise from generators seeded by (global seed, i)
 alone, so the images do not depend on the number of processes or the per-process batch size.
-Finished PNGs are kept: rerunning the same command skips them and only fills the gaps.
-Writes <sample-dir>/<folder>/{000000..}.png and <sample-dir>/<folder>.npz (arr_0: uint8 N x H x W x 3).
+Writes <sample-dir>/<folder>/{000000..}.png, <sample-dir>/<folder>/manifest.json and <sample-dir>/<folder>.npz
+(arr_0: uint8 N x H x W x 3). The manifest records the checkpoint's SHA-256 and every setting that changes
+the images: rerunning the same command resumes (finished PNGs are kept, only gaps are filled); a run whose
+checkpoint content or settings differ is refused instead of mixing its samples with the old ones.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from atomic import atomic_write, remove_stale_temps
+from cli import UsageError, run
+from distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
 from npz import save_npz
 from PIL import Image
-from sample import add_checkpoint_args, decode_to_uint8, generate, load_model, load_vae, make_sample_fn
+from sample import (
+    OFFICIAL_DEFAULTS,
+    add_checkpoint_args,
+    add_guidance_args,
+    check_model_args,
+    check_sampling_args,
+    decode_to_uint8,
+    generate,
+    load_model,
+    load_vae,
+    make_sample_fn,
+    positive_int,
+)
 from tqdm.auto import tqdm
 from transport import create_transport
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
 
 #################################################################################
 #                                 Helpers                                       #
@@ -47,115 +71,245 @@ def sample_inputs(indices: range, global_seed: int, num_classes: int, shape: tup
 
 
 def png_path(folder: str, index: int) -> str:
+    """Sample index's PNG: the exact name, so temp files (.<name>.tmp-<pid>) never count as samples."""
     return os.path.join(folder, f"{index:06d}.png")
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """Write via a temp file so an interrupted run never leaves a truncated PNG that resume would skip."""
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    """Write atomically: an interrupted run or a full disk never leaves a partial PNG that resume would keep."""
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
-def default_folder_name(args: argparse.Namespace, step: int | None) -> str:
+def file_sha256(path: str, block: int = 8 << 20) -> str:
+    """SHA-256 of the file's bytes, read in blocks (a 10 GB checkpoint never sits in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_settings(args: argparse.Namespace, info: dict[str, Any], cfg_scale: float, cfg_channels: int,
+                 device: torch.device, ckpt_sha256: str) -> dict[str, Any]:
+    """Everything that changes the images: a resumed run must match all of it (the number of processes and
+    the batch size do not change them and are left out)."""
+    official = info["official"]
+    return dict(
+        version=MANIFEST_VERSION,
+        checkpoint_sha256=ckpt_sha256,
+        model=args.model if official else None,
+        image_size=(args.image_size or OFFICIAL_DEFAULTS["image_size"]) if official else None,
+        num_classes=(args.num_classes or OFFICIAL_DEFAULTS["num_classes"]) if official else None,
+        weights="ema" if not args.no_ema else "raw",
+        vae=(args.vae or info["vae"]) if info["latent"] else None,
+        path_type=info["transport"]["path_type"],
+        prediction=info["transport"]["prediction"],
+        mode=args.mode,
+        method=args.method,
+        num_steps=args.num_steps,
+        cfg_scale=cfg_scale,
+        cfg_channels=cfg_channels if cfg_scale > 1 else None,
+        guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
+        global_seed=args.global_seed,
+        precision=args.precision,
+        tf32=args.tf32 if device.type == "cuda" else None,  # TF32 only exists on CUDA
+        compile=args.compile,
+        device=device.type,
+    )
+
+
+def default_folder_name(args: argparse.Namespace, step: int | None, settings: dict[str, Any]) -> str:
+    """Readable settings plus a digest of all of them (checkpoint content included): new weights or any
+    other setting give a new folder."""
     name = os.path.splitext(os.path.basename(args.ckpt))[0]
     if step is not None:
         name = f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))}-{name}"
-    return (f"{name}-{'ema' if not args.no_ema else 'raw'}-{args.mode}-{args.method}-{args.num_steps}"
-            f"-cfg{args.cfg_scale}-seed{args.global_seed}")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return (f"{name}-{settings['weights']}-{args.mode}-{args.method}-{args.num_steps}"
+            f"-cfg{settings['cfg_scale']}-seed{args.global_seed}-{digest}")
+
+
+def check_folder_name(name: str) -> None:
+    """--folder-name must be one plain folder name inside --sample-dir."""
+    if not name or name in (".", "..") or os.path.isabs(name) or os.path.basename(name) != name or "/" in name:
+        raise UsageError(f"--folder-name {name!r} must be a plain folder name inside --sample-dir "
+                         "(no '/', '..' or absolute path), e.g. --folder-name run1")
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'key: old there, new now' for every setting that differs."""
+    def short(value: Any) -> str:
+        return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+
+    return [f"{key} {short(old.get(key))} there, {short(new.get(key))} now"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def prepare_folder(folder: str, npz_path: str, settings: dict[str, Any], ckpt: str) -> str | None:
+    """Create the sample folder with its manifest, or check a previous run's manifest (rank 0 only).
+    Returns an error message instead of raising, so that every rank can stop together."""
+    manifest_path = os.path.join(folder, MANIFEST)
+    fix = f"pass a new --folder-name, or delete {folder} (and {npz_path}) to start over"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file, not a sample folder: {fix}"
+    if os.path.isfile(manifest_path):
+        try:
+            with open(manifest_path) as f:
+                old = json.load(f)["settings"]
+        except (ValueError, KeyError, TypeError):
+            return f"{manifest_path} is unreadable, so its samples cannot be trusted: {fix}"
+        differences = settings_differences(old, settings)
+        if differences:
+            return f"{folder} holds samples of other settings ({'; '.join(differences)}): {fix}"
+        remove_stale_temps(folder)
+        return None
+    if os.path.isdir(folder) and os.listdir(folder):
+        return (f"{folder} is not empty and has no {MANIFEST}: its files cannot be proven to come from this "
+                f"checkpoint and settings; {fix}")
+    if os.path.exists(npz_path):
+        return f"{npz_path} exists from an earlier run: pass a new --folder-name, or delete {npz_path}"
+    os.makedirs(folder, exist_ok=True)
+    with atomic_write(manifest_path) as f:
+        f.write(json.dumps(dict(checkpoint=os.path.abspath(ckpt), settings=settings), indent=1).encode())
+    return None
+
+
+def read_samples(folder: str, num: int) -> np.ndarray:
+    """uint8 N x H x W x 3 of samples 0..num-1; an unreadable PNG raises cli.UsageError naming it."""
+    images = []
+    for i in range(num):
+        path = png_path(folder, i)
+        try:
+            with Image.open(path) as image:
+                images.append(np.array(image.convert("RGB")))
+        except (OSError, ValueError) as error:
+            raise UsageError(f"sample {path} is unreadable ({error}): delete it and rerun the same command to "
+                             "regenerate it") from error
+    return np.stack(images)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that are wrong before anything is loaded."""
+    check_sampling_args(args)
+    if args.folder_name is not None:
+        check_folder_name(args.folder_name)
+    if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
+        raise UsageError(f"--sample-dir {args.sample_dir} is a file: choose a folder")
 
 
 #################################################################################
 #                                  Sampling                                     #
 #################################################################################
 
-def main(args: argparse.Namespace) -> str:
-    """Sample args.num_fid_samples images; returns the .npz path."""
-    created = False
-    if "RANK" in os.environ and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # faster, slightly less exact
-
-    model, info = load_model(args.ckpt, device, args.model, args.image_size, args.num_classes,
-                             use_ema=not args.no_ema)
-    vae = None
-    if info["latent"]:
-        if (args.vae or info["vae"]) is None:
-            raise ValueError("latent-space model: pass --vae (local directory or hub id)")
-        vae = load_vae(args.vae or info["vae"], device)
-    cfg = info["config"]
-    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-    sample_fn = make_sample_fn(create_transport(), args.mode, args.method, args.num_steps)
-    if args.compile:
-        model.forward = torch.compile(model.forward)  # forward_with_cfg calls it: both halves compiled
-
-    folder = os.path.join(args.sample_dir, args.folder_name or default_folder_name(args, info["step"]))
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        print(f"Sampling {args.num_fid_samples:,} images into {folder} on {world_size} process(es)")
-    if world_size > 1:
-        dist.barrier()
-
-    # Batch k holds samples [k*B, (k+1)*B); rank r takes batches r, r+W, r+2W, ...
+def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn, shape: tuple[int, ...],
+               folder: str, cfg_scale: float, cfg_channels: int) -> None:
+    """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
+    r, r+W, r+2W, ..."""
     batch = args.per_proc_batch_size
-    my_batches = range(rank, math.ceil(args.num_fid_samples / batch), world_size)
-    for k in tqdm(my_batches, disable=rank != 0, desc="sampling"):
+    my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
+    for k in tqdm(my_batches, disable=not ctx.is_main, desc="sampling"):
         indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
         todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
         if not todo:
             continue  # finished by an earlier run
         y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
         # SDE Brownian noise from one generator per sample: independent of batch size and world size.
-        sde_gens = [torch.Generator(device).manual_seed(sample_seed(args.global_seed, i, stream=1)) for i in indices]
+        sde_gens = [torch.Generator(ctx.device).manual_seed(sample_seed(args.global_seed, i, stream=1))
+                    for i in indices]
         # bf16 autocast runs the network in bf16; the sampler's state x stays fp32.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            x = generate(model, z.to(device), y.to(device), sample_fn, args.cfg_scale, args.cfg_channels, sde_gens)
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            x = generate(model, z.to(ctx.device), y.to(ctx.device), sample_fn, cfg_scale, cfg_channels, sde_gens,
+                         guidance_interval=args.guidance_interval)
         images = decode_to_uint8(x, vae)
         for i, image in zip(indices, images, strict=True):
             if i in todo:
                 save_png(image, png_path(folder, i))
 
-    if world_size > 1:
-        dist.barrier()
-    npz_path = f"{folder}.npz"
-    if rank == 0:
-        images = np.stack([np.array(Image.open(png_path(folder, i)).convert("RGB"))
-                           for i in range(args.num_fid_samples)])
-        save_npz(images, npz_path)  # ADM format: arr_0, uint8 N x H x W x 3
-        print(f"Saved {npz_path}")
-    if world_size > 1:
-        dist.barrier()
-    if created:
-        dist.destroy_process_group()
-    return npz_path
+
+def main(args: argparse.Namespace) -> str:
+    """Sample args.num_fid_samples images; returns the .npz path."""
+    check_args(args)
+    ctx = setup_distributed()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32  # faster, slightly less exact
+        model, info = load_model(args.ckpt, ctx.device, args.model,
+                                 args.image_size or OFFICIAL_DEFAULTS["image_size"],
+                                 args.num_classes or OFFICIAL_DEFAULTS["num_classes"], use_ema=not args.no_ema)
+        cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
+        check_model_args(args, model, info, cfg_scale)
+        cfg_channels = args.cfg_channels or min(3, model.in_channels)
+
+        # Rank 0 hashes the checkpoint and owns the folder; the others follow its verdict, so that a
+        # refused run stops every rank instead of leaving them waiting at a barrier.
+        verdict = None
+        if ctx.is_main:
+            settings = run_settings(args, info, cfg_scale, cfg_channels, ctx.device, file_sha256(args.ckpt))
+            name = args.folder_name or default_folder_name(args, info["step"], settings)
+            folder = os.path.join(args.sample_dir, name)
+            try:
+                verdict = (folder, prepare_folder(folder, f"{folder}.npz", settings, args.ckpt))
+            except (UsageError, OSError) as error:  # e.g. a full disk: stop the other ranks too
+                verdict = (folder, f"cannot prepare {folder}: {error}")
+        folder, error = broadcast_object(verdict)
+        if error is not None:
+            raise UsageError(error)
+        npz_path = f"{folder}.npz"
+
+        vae = load_vae(args.vae or info["vae"], ctx.device) if info["latent"] else None
+        cfg = info["config"]
+        shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+        sample_fn = make_sample_fn(create_transport(**info["transport"]), args.mode, args.method, args.num_steps)
+        if args.compile:
+            model.forward = torch.compile(model.forward)  # forward_with_cfg calls it: both halves compiled
+        if ctx.is_main:
+            print(f"Sampling {args.num_fid_samples:,} images into {folder} on {ctx.world_size} process(es)")
+        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels)
+
+        barrier()
+        if ctx.is_main:
+            save_npz(read_samples(folder, args.num_fid_samples), npz_path)  # ADM format: arr_0, uint8 NxHxWx3
+            print(f"Saved {npz_path}")
+        barrier()
+        return npz_path
+    finally:
+        cleanup(ctx)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The command line of sample_ddp.py."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_args(parser)
+    parser.add_argument("--mode", choices=["ode", "sde"], default="sde", help="sampler (default: %(default)s)")
+    parser.add_argument("--method", choices=["euler", "heun"], default="euler",
+                        help="integrator (default: %(default)s)")
+    parser.add_argument("--num-steps", type=int, default=250,
+                        help="SDE: 250 = 250 NFE; ODE heun: 2 NFE per step (default: %(default)s)")
+    add_guidance_args(parser, "guidance scale, 1 = none; 1.5 for the paper's FID (default: 1.0)")
+    parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
+                        help="images to sample (default: %(default)s)")
+    parser.add_argument("--per-proc-batch-size", type=positive_int, default=32,
+                        help="images per forward pass and process; does not change the images (default: %(default)s)")
+    parser.add_argument("--global-seed", type=int, default=0,
+                        help="seed of every sample's label and noise (default: %(default)s)")
+    parser.add_argument("--sample-dir", type=str, default="samples",
+                        help="where the sample folder and .npz go (default: %(default)s)")
+    parser.add_argument("--folder-name", type=str, default=None,
+                        help="sample folder inside --sample-dir (default: from checkpoint and settings, with a "
+                             "digest of all settings)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls on CUDA: faster, slightly less exact (default: on)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the network under bf16 autocast (faster on GPUs; images differ slightly) "
+                             "(default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_args(parser)
-    parser.add_argument("--mode", choices=["ode", "sde"], default="sde")
-    parser.add_argument("--method", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--num-steps", type=int, default=250, help="SDE: 250 = 250 NFE; ODE heun: 2 NFE/step")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="1.5 for the paper's FID")
-    parser.add_argument("--cfg-channels", type=int, default=3, help="3: reference (DiT) guidance; 4: REPA")
-    parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--per-proc-batch-size", type=int, default=32)
-    parser.add_argument("--global-seed", type=int, default=0)
-    parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--folder-name", type=str, default=None, help="default: from checkpoint and settings")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: the network under bf16 autocast (faster on GPUs; images differ slightly)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    return parser.parse_args(argv)
+    """Parsed flags of sample_ddp.py."""
+    return get_parser().parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -223,13 +223,15 @@ class Transport:
             loss = transport.training_losses(model, x1, dict(y=y))["loss"].mean()
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
-        # Noise first, then t: the reference's draw order, so that a seed gives the same batch as there.
+        # The reference's draws: noise first (on x1's device), then t on the CPU, from the same interval
+        # (create_transport's defaults are the reference's). So with generator=None a seed gives the same
+        # (noise, t) as the reference's Transport.sample; a generator draws both from its own stream instead.
         if noise is None:
             gen_device = generator.device if generator is not None else x1.device
             noise = torch.randn(x1.shape, generator=generator, device=gen_device, dtype=x1.dtype)
             noise = noise.to(x1.device)
         if t is None:
-            t = self.sample_time(x1.shape[0], x1.device, generator)
+            t = self.sample_time(x1.shape[0], x1.device if generator is not None else "cpu", generator)
         t = t.to(device=x1.device, dtype=torch.promote_types(x1.dtype, torch.float32))
         x0 = noise
         xt, ut = self.plan(t, x0, x1)
@@ -314,7 +316,8 @@ def create_transport(
     train_eps: float | None = None,
     sample_eps: float | None = None,
 ) -> Transport:
-    """Builds a Transport; None eps default to 0 for Linear/GVP + velocity (stable on [0, 1]), else 1e-3.
+    """Builds a Transport with the reference's default eps: 0 for Linear/GVP + velocity (stable on [0, 1]);
+    1e-3 for Linear/GVP score/noise models; VP trains on [0, 1 - 1e-5] and samples up to 1 - 1e-3.
 
     path_type: "Linear" | "GVP" | "VP"; prediction: "velocity" | "score" | "noise";
     loss_weight (score/noise models only): None | "velocity" | "likelihood".
@@ -323,7 +326,8 @@ def create_transport(
         transport = create_transport()  # SiT baseline: Linear path, velocity prediction, t ~ U[0, 1]
     """
     stable = path_type in ("Linear", "GVP") and prediction == "velocity"
-    default_eps = 0.0 if stable else 1e-3
-    train_eps = default_eps if train_eps is None else train_eps
-    sample_eps = default_eps if sample_eps is None else sample_eps
+    default_sample_eps = 0.0 if stable else 1e-3
+    default_train_eps = 1e-5 if path_type == "VP" else default_sample_eps
+    train_eps = default_train_eps if train_eps is None else train_eps
+    sample_eps = default_sample_eps if sample_eps is None else sample_eps
     return Transport(path_type, prediction, loss_weight, train_eps, sample_eps)

@@ -9,6 +9,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
+from cli import UsageError
 from data import make_sinusoids
 from metrics import (
     feature_statistics,
@@ -137,7 +138,7 @@ def test_npz_roundtrip_and_format(tmp_path):
         assert np.array_equal(data["arr_0"], images)
     assert np.array_equal(load_npz(path), images)
     np.savez(tmp_path / "wrong.npz", images=images)
-    with pytest.raises(KeyError, match="arr_0"):
+    with pytest.raises(UsageError, match="arr_0"):
         load_npz(str(tmp_path / "wrong.npz"))
 
 
@@ -235,3 +236,38 @@ def test_inception_features_offline():
         resample_mode=helper.resample_mode,
     )
     assert np.allclose(features[:1], expected, atol=1e-3)
+
+
+def test_image_folder_ignores_temp_files_and_names_a_corrupt_image(tmp_path):
+    images = np.random.default_rng(11).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:06d}.png")
+    # What interrupted writes leave: old-style "<name>.tmp.png" and atomic.py's ".<name>.tmp-<pid>".
+    Image.fromarray(images[0]).save(tmp_path / "000002.png.tmp.png")
+    Image.fromarray(images[0]).save(tmp_path / ".000003.png.tmp-42", format="PNG")
+    assert np.array_equal(load_image_folder(str(tmp_path)), images)
+    (tmp_path / "000004.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(UsageError, match=r"cannot decode image .*000004\.png"):
+        load_image_folder(str(tmp_path))
+    assert np.array_equal(load_image_folder(str(tmp_path), limit=2), images)  # only what is asked is decoded
+
+
+def test_npz_errors_name_the_file(tmp_path):
+    path = save_npz(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "a.npz"))
+    (tmp_path / "cut.npz").write_bytes(open(path, "rb").read()[:-40])
+    for name in ("cut.npz", "missing.npz"):
+        with pytest.raises(UsageError, match=name):
+            load_images(str(tmp_path / name))
+
+
+def test_main_refuses_to_overwrite_results_unless_asked(tmp_path):
+    images, _ = make_sinusoids(32, 16, torch.Generator().manual_seed(0))
+    path = save_npz(images, str(tmp_path / "s.npz"))
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    with pytest.raises(UsageError, match="--overwrite"):
+        evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--out", str(out)]))
+    assert out.read_text() == "{}"
+    evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--out", str(out), "--overwrite"]))
+    assert json.loads(out.read_text())["num_samples"] == 32
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "s.npz"]  # no temp file left

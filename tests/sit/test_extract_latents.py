@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import extract_latents  # noqa: E402
+from cli import UsageError  # noqa: E402
 from data import LatentDataset, build_dataset, latent_chunk_path  # noqa: E402
 from test_data import write_image_folder  # noqa: E402
 
@@ -160,7 +161,7 @@ def test_resume_after_interruption_equals_straight_run(straight_run, tiny_vae_di
 def test_resume_with_other_settings_is_refused(straight_run, tiny_vae_dir, image_root, tmp_path):
     out = tmp_path / "latents"
     shutil.copytree(straight_run, out)
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(UsageError, match="chunk_size"):
         extract_latents.main(run_args(image_root, tiny_vae_dir, out, chunk_size=4))
 
 

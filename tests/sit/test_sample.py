@@ -1,6 +1,8 @@
 """sample.py and sample_ddp.py on tiny checkpoints (CPU)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -106,7 +108,7 @@ def test_sample_ddp_batch_size_independent_resumable_npz(ckpt: str, tmp_path: Pa
         resumed = a["arr_0"]
     assert (resumed[1] == 0).all()  # skipped
     assert np.array_equal(resumed[[0, 2, 3, 4]], arr_b[[0, 2, 3, 4]])
-    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]  # no temp files left
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)] + ["manifest.json"]  # no temp files
 
 
 def test_sde_samples_are_batch_size_independent_too(ckpt: str, tmp_path: Path) -> None:
@@ -178,3 +180,226 @@ def test_sample_ddp_two_processes_match_one(ckpt: str, tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     with np.load(one) as a, np.load(tmp_path / "two" / "s.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+# ----------------------------------------------------------------------------- stale samples, manifests
+
+
+def test_resume_refuses_other_settings_and_other_weights_at_the_same_path(ckpt: str, tmp_path: Path) -> None:
+    import shutil
+
+    from cli import UsageError
+
+    path = tmp_path / "ck.pt"
+    shutil.copy(ckpt, path)
+    first = sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "3"))
+    folder = tmp_path / "s"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    for extra, named in ((("--cfg-scale", "2.0"), "cfg_scale 1.0 there, 2.0 now"),
+                         (("--precision", "bf16"), "precision 'fp32' there, 'bf16' now"),
+                         (("--global-seed", "1"), "global_seed 0 there, 1 now"),
+                         (("--no-ema",), "weights 'ema' there, 'raw' now")):
+        with pytest.raises(UsageError, match="new --folder-name, or delete") as error:
+            sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "3", *extra))
+        assert named in str(error.value)
+    args = ddp_args(str(path), tmp_path, "--num-fid-samples", "3")
+    args.mode = "sde"
+    with pytest.raises(UsageError, match="mode 'ode' there, 'sde' now"):
+        sample_ddp.main(args)
+
+    # Same path, new weights: the content hash differs, so the old samples are not reused.
+    state = torch.load(path, weights_only=False)
+    state["ema"] = {k: v + 0.01 for k, v in state["ema"].items()}
+    torch.save(state, path)
+    with pytest.raises(UsageError, match="checkpoint_sha256"):
+        sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "3"))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # nothing touched
+
+    # The default folder name digests every setting: the new weights get their own folder.
+    auto = sample_ddp.main(sample_ddp.parse_args(["--ckpt", str(path), "--sample-dir", str(tmp_path), "--mode",
+                                                   "ode", "--method", "euler", "--num-steps", "2",
+                                                   "--num-fid-samples", "3"]))
+    assert os.path.dirname(auto) == str(tmp_path) and auto != first
+    with np.load(first) as a, np.load(auto) as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_resume_skips_only_real_pngs_and_accepts_a_touched_checkpoint(ckpt: str, tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "ck.pt"
+    shutil.copy(ckpt, path)
+    with np.load(sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "4"))) as npz:
+        straight = npz["arr_0"]
+    folder = tmp_path / "s"
+    # A full disk or kill -9 mid-write leaves temp files, never the final name: they are not samples.
+    os.remove(folder / "000001.png")
+    (folder / "000001.png.tmp.png").write_bytes(b"\x89PNG partial")
+    (folder / ".000002.png.tmp-999999999").write_bytes(b"\x89PNG partial")  # a dead process's temp
+    os.utime(path, None)  # same bytes, new mtime: still the same checkpoint
+    with np.load(sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "4"))) as npz:
+        assert np.array_equal(npz["arr_0"], straight)
+    assert not (folder / ".000002.png.tmp-999999999").exists()  # stale temp cleaned up
+    from npz import load_image_folder
+
+    assert np.array_equal(load_image_folder(str(folder)), straight)  # evaluate.py ignores the temp too
+
+
+def test_a_folder_without_manifest_is_refused(ckpt: str, tmp_path: Path) -> None:
+    from cli import UsageError
+
+    (tmp_path / "s").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "s" / "000000.png")  # an older run's sample
+    with pytest.raises(UsageError, match="has no manifest.json"):
+        sample_ddp.main(ddp_args(ckpt, tmp_path, "--num-fid-samples", "2"))
+    assert os.listdir(tmp_path / "s") == ["000000.png"]
+
+
+def test_stale_samples_refused_from_the_command_line(ckpt: str, tmp_path: Path) -> None:
+    sample_ddp.main(ddp_args(ckpt, tmp_path, "--num-fid-samples", "2"))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    cli = ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--folder-name", "s", "--mode", "ode", "--method",
+           "euler", "--num-steps", "3", "--num-fid-samples", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run([sys.executable, str(SIT_DIR / "sample_ddp.py"), *cli], capture_output=True, text=True,
+                            timeout=300, env=dict(env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("sample_ddp.py: error: ") and "num_steps 2 there, 3 now" in line
+    assert "--folder-name" in line
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_png_write_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from cli import UsageError
+
+    def full_disk(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(UsageError, match="no space left"):
+        sample_ddp.save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "000000.png"))
+    with pytest.raises(UsageError, match="no space left"):
+        sample.save_grid(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "grid.png"))
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- guidance interval, transport
+
+
+@pytest.fixture(scope="module")
+def label_ckpt(ckpt: str, tmp_path_factory) -> str:
+    """The tiny checkpoint with random weights everywhere: its output depends on the label, so CFG shows."""
+    state = torch.load(ckpt, weights_only=False)
+    gen = torch.Generator().manual_seed(0)
+    state["ema"] = {k: v + 0.3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                    for k, v in state["ema"].items()}
+    path = tmp_path_factory.mktemp("labels") / "random.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def test_guidance_interval_reaches_the_model(label_ckpt: str, tmp_path: Path, monkeypatch) -> None:
+    ckpt = label_ckpt
+    seen = []
+    original = SiT.forward_with_cfg
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("guidance_interval"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiT, "forward_with_cfg", spy)
+    sample.main(sample.parse_args(["--ckpt", ckpt, "--num-samples", "2", "--num-steps", "2", "--mode", "ode",
+                                   "--method", "euler", "--cfg-scale", "3", "--guidance-interval", "0.2", "0.7",
+                                   "--out", str(tmp_path / "g.png")]))
+    assert seen == [(0.2, 0.7)] * 2
+    seen.clear()
+    npz = sample_ddp.main(ddp_args(ckpt, tmp_path, "--num-fid-samples", "2", "--cfg-scale", "3",
+                                   "--guidance-interval", "0.2", "0.7"))
+    assert seen == [(0.2, 0.7)] * 2
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["settings"]["guidance_interval"] == [0.2, 0.7]
+
+    # An interval no step falls in gives the unguided samples (euler ODE, 2 steps: t = 0 and 0.5).
+    monkeypatch.setattr(SiT, "forward_with_cfg", original)
+    outside = sample_ddp.main(ddp_args(ckpt, tmp_path / "out", "--num-fid-samples", "2", "--cfg-scale", "3",
+                                       "--guidance-interval", "0.8", "1"))
+    plain = sample_ddp.main(ddp_args(ckpt, tmp_path / "plain", "--num-fid-samples", "2"))
+    with np.load(outside) as a, np.load(plain) as b, np.load(npz) as c:
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"]).max() <= 1
+        assert not np.array_equal(c["arr_0"], b["arr_0"])
+
+
+def test_the_transport_comes_from_the_checkpoint(ckpt: str, tmp_path: Path, monkeypatch) -> None:
+    state = torch.load(ckpt, weights_only=False)
+    state["args"] = dict(state["args"], path_type="GVP", prediction="velocity")
+    torch.save(state, tmp_path / "gvp.pt")
+    made = []
+    original = sample.create_transport
+    monkeypatch.setattr(sample, "create_transport", lambda **kw: made.append(kw) or original(**kw))
+    sample.main(sample.parse_args(["--ckpt", str(tmp_path / "gvp.pt"), "--num-samples", "1", "--num-steps", "1",
+                                   "--out", str(tmp_path / "g.png")]))
+    assert made == [dict(path_type="GVP", prediction="velocity")]
+
+
+def test_every_flag_has_help_with_its_default() -> None:
+    import evaluate
+    import extract_latents
+
+    for parser in (sample.get_parser(), sample_ddp.get_parser(), evaluate.get_parser(), extract_latents.get_parser()):
+        for action in parser._actions:
+            if action.dest == "help" or not action.option_strings:
+                continue
+            assert action.help, f"{parser.prog}: {action.option_strings} has no help"
+            assert "default" in action.help or "required" in action.help, \
+                f"{parser.prog}: {action.option_strings} does not show its default"
+
+
+def test_sample_refuses_an_existing_out_unless_overwrite(ckpt: str, tmp_path: Path) -> None:
+    from cli import UsageError
+
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"keep me")
+    argv = ["--ckpt", ckpt, "--num-samples", "1", "--num-steps", "1", "--out", str(out)]
+    with pytest.raises(UsageError, match="exists: choose another --out or pass --overwrite"):
+        sample.main(sample.parse_args(argv))
+    assert out.read_bytes() == b"keep me"
+    sample.main(sample.parse_args([*argv, "--overwrite"]))
+    assert Image.open(out).size == (12, 12) and os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_official_checkpoint_needs_a_matching_model_flag(tmp_path: Path) -> None:
+    from cli import UsageError
+
+    config = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    torch.save(SiT(**config).state_dict(), tmp_path / "official.pt")  # a raw state dict, like the releases
+    argv = ["--ckpt", str(tmp_path / "official.pt"), "--num-steps", "1", "--out", str(tmp_path / "g.png")]
+    with pytest.raises(UsageError, match="pass --model"):
+        sample.main(sample.parse_args(argv))
+    with pytest.raises(UsageError, match="do not fit the model .* check --model"):
+        sample.main(sample.parse_args([*argv, "--model", "SiT-S/8", "--image-size", "32"]))
+    assert os.listdir(tmp_path) == ["official.pt"]
+
+
+@pytest.mark.slow
+def test_two_ranks_both_stop_on_a_refused_folder(ckpt: str, tmp_path: Path) -> None:
+    sample_ddp.main(ddp_args(ckpt, tmp_path, "--num-fid-samples", "2"))
+    cli = ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--folder-name", "s", "--mode", "ode",
+           "--method", "euler", "--num-steps", "2", "--num-fid-samples", "2", "--cfg-scale", "0.5"]
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(SIT_DIR / "sample_ddp.py"), *cli], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    for err in errors:
+        assert "Traceback" not in err and "cfg_scale 1.0 there, 0.5 now" in err.strip().splitlines()[-1]

@@ -56,8 +56,8 @@ def test_default_eps():
             assert (tr.train_eps, tr.sample_eps) == (1e-3, 1e-3)
             assert tr.interval() == (1e-3, 1 - 1e-3)
     tr = create_transport("VP")
-    assert (tr.train_eps, tr.sample_eps) == (1e-3, 1e-3)
-    assert tr.interval() == (0.0, 1 - 1e-3)
+    assert (tr.train_eps, tr.sample_eps) == (1e-5, 1e-3)  # the reference's create_transport defaults
+    assert tr.interval() == (0.0, 1 - 1e-5) and tr.interval(sample=True) == (0.0, 1 - 1e-3)
     # Explicit values are kept, independently of each other.
     tr = create_transport("Linear", "score", train_eps=1e-2, sample_eps=1e-4)
     assert tr.interval() == (1e-2, 1 - 1e-2) and tr.interval(sample=True) == (1e-4, 1 - 1e-4)
@@ -244,3 +244,38 @@ def test_linear_score_formula_and_t0():
     te = t[:, None]
     torch.testing.assert_close(tr.score_from_velocity(v, x, t), (te * v - x) / (1 - te))
     assert torch.isfinite(tr.score_from_velocity(v, x, torch.zeros(5))).all()
+
+
+# The reference's training interval (transport/__init__.py create_transport + Transport.check_interval of
+# willisma/SiT), written out from its text: VP [0, 1 - 1e-5]; Linear/GVP velocity [0, 1]; score/noise
+# [1e-3, 1 - 1e-3].
+REFERENCE_TRAIN_INTERVAL = {
+    ("VP", prediction): (0.0, 1 - 1e-5) for prediction in PREDICTIONS
+} | {
+    (path, "velocity"): (0.0, 1.0) for path in ("Linear", "GVP")
+} | {
+    (path, prediction): (1e-3, 1 - 1e-3) for path in ("Linear", "GVP") for prediction in ("score", "noise")
+}
+
+
+@pytest.mark.parametrize("path_type,prediction", sorted(REFERENCE_TRAIN_INTERVAL))
+def test_seeded_batch_equals_the_reference_draws(path_type, prediction):
+    """With the global RNG, a seed gives the reference's (x0, t): x0 = randn_like(x1), then t = rand(B) on
+    the CPU scaled to the reference's interval, and x_t = alpha_t x1 + sigma_t x0."""
+    tr = create_transport(path_type, prediction)
+    x1 = torch.randn(64, 2, 3, 3)
+    seen = {}
+
+    def model(x, t):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    torch.manual_seed(123)
+    out = tr.training_losses(model, x1)
+    torch.manual_seed(123)
+    x0 = torch.randn_like(x1)
+    t0, t1 = REFERENCE_TRAIN_INTERVAL[(path_type, prediction)]
+    t = torch.rand((x1.shape[0],)) * (t1 - t0) + t0
+    assert torch.equal(out["t"], t)
+    te = expand_t_like_x(t, x1)
+    torch.testing.assert_close(seen["x"], tr.path.alpha(te)[0] * x1 + tr.path.sigma(te)[0] * x0)

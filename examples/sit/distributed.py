@@ -1,0 +1,82 @@
+"""One process group setup for every script of the example: torchrun (any number of nodes) or a plain process.
+
+Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT`` in the
+environment) :func:`setup_distributed` joins the group — NCCL with one GPU per process when CUDA is
+available, gloo on the CPU — and otherwise returns a single-process context. Scripts call
+:func:`barrier` and :func:`cleanup` unconditionally; both do nothing without a group.
+
+Example:
+    >>> from distributed import setup_distributed, barrier, cleanup
+    >>> ctx = setup_distributed()
+    >>> (ctx.rank, ctx.world_size, ctx.is_main)
+    (0, 1, True)
+    >>> barrier(); cleanup(ctx)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "cleanup"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its global rank, rank on its node, number of processes and device.
+
+    created says whether :func:`setup_distributed` made the process group (and :func:`cleanup` destroys it).
+    """
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    created: bool
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the process that writes shared files and prints progress."""
+        return self.rank == 0
+
+
+def setup_distributed() -> DistContext:
+    """Join torchrun's process group if launched by torchrun (else one process) and pick this rank's device."""
+    created = False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        if torch.cuda.is_available():
+            # Before init: NCCL binds each process to the device that is current when it starts.
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank, local_rank, world_size = 0, 0, 1
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return DistContext(rank, local_rank, world_size, device, created)
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank src's picklable obj on every rank (obj itself without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`setup_distributed` created it."""
+    if ctx.created and dist.is_initialized():
+        dist.destroy_process_group()
