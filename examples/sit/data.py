@@ -7,7 +7,8 @@ Datasets for the SiT example, all returning (image_or_latent tensor, int label):
 - FashionMNISTDataset: the IDX files of the Debian package `dataset-fashion-mnist`.
 
 build_dataset(name, ...) picks one and says what the model needs (channels, size, classes).
-Only PIL + numpy + torch: nothing here downloads anything.
+Data a user can fix (a missing folder, a corrupt image, a truncated latent shard) raises :class:`DataError`
+naming the file and the fix. Only PIL + numpy + torch: nothing here downloads anything.
 """
 
 import gzip
@@ -23,7 +24,15 @@ from torch.utils.data import Dataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT
+LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT; the one copy every script imports
+
+
+class DataError(ValueError):
+    """Bad or missing data the user can fix; the message names the file and the fix."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or folder that does not exist (or holds nothing usable)."""
 
 
 #################################################################################
@@ -63,7 +72,7 @@ def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     >>> paths, labels, classes = find_image_files("/data/imagenet/train")  # doctest: +SKIP
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist (pass --data-path /path/to/train)")
+        raise MissingDataError(f"image folder {root!r} does not exist (pass --data-path /path/to/train)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -74,7 +83,7 @@ def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
                     paths.append(os.path.join(dirpath, filename))
                     labels.append(label)
     if not paths:
-        raise FileNotFoundError(f"no images found under {root!r}; expected root/<class>/<image>")
+        raise MissingDataError(f"no images found under {root!r}; expected root/<class>/<image>")
     return paths, labels, classes
 
 
@@ -92,8 +101,11 @@ class ImageFolderDataset(Dataset):
 
     def load_array(self, index: int) -> np.ndarray:
         """The cropped uint8 HxWx3 image, before flip and normalisation."""
-        with open(self.paths[index], "rb") as f:
-            image = Image.open(f).convert("RGB")
+        try:
+            with open(self.paths[index], "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated/unknown files
+            raise DataError(f"cannot read image {self.paths[index]} ({error}): replace or remove it") from error
         return np.array(center_crop_arr(image, self.image_size))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -114,6 +126,52 @@ def latent_chunk_path(path: str, chunk: int) -> str:
     return os.path.join(path, f"chunk_{chunk:06d}.npy")
 
 
+LATENT_META_KEYS = ("num_images", "chunk_size", "latent_shape", "num_classes", "image_size")
+
+
+def read_latent_meta(path: str) -> dict:
+    """meta.json of an extract_latents.py folder, checked for the keys LatentDataset needs."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise MissingDataError(f"{meta_path} missing: run extract_latents.py --out {path} first")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{meta_path} is not valid JSON ({error}): rerun extract_latents.py --out {path}") from error
+    missing = [key for key in LATENT_META_KEYS if key not in meta] if isinstance(meta, dict) else LATENT_META_KEYS
+    if missing:
+        raise DataError(f"{meta_path} lacks {', '.join(missing)}: rerun extract_latents.py --out {path}")
+    return meta
+
+
+def read_latent_labels(path: str, num_images: int) -> np.ndarray:
+    """labels.npy of an extract_latents.py folder: one integer label per image."""
+    labels_path = os.path.join(path, "labels.npy")
+    try:
+        labels = np.load(labels_path)
+    except FileNotFoundError as error:
+        raise MissingDataError(f"{labels_path} missing: rerun extract_latents.py --out {path}") from error
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{labels_path} is unreadable ({error}): rerun extract_latents.py --out {path}") from error
+    if labels.shape != (num_images,):
+        raise DataError(f"{labels_path} holds {labels.shape} labels, meta.json says {num_images} images: "
+                        f"rerun extract_latents.py --out {path}")
+    return labels
+
+
+def check_latent_chunk(chunk_path: str, shape: tuple[int, ...]) -> None:
+    """Raise DataError naming the shard if it is truncated, not a .npy file, or of the wrong shape/dtype."""
+    fix = f"delete {chunk_path} and rerun extract_latents.py to rewrite it"
+    try:
+        array = np.load(chunk_path, mmap_mode="r")  # reads the header; a short file fails to map
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"latent shard {chunk_path} is truncated or not a .npy file ({error}): {fix}") from error
+    if tuple(array.shape) != shape or array.dtype not in (np.float16, np.float32):
+        raise DataError(f"latent shard {chunk_path} holds {array.dtype} {tuple(array.shape)}, expected "
+                        f"float16/32 {shape}: {fix}")
+
+
 class LatentDataset(Dataset):
     """
     Latents written by extract_latents.py -> (4xhxw posterior sample * scale, class index).
@@ -127,24 +185,23 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, path: str, scale: float | None = None):
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path} missing: run extract_latents.py --out {path} first")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
         self.path = path
+        self.meta = read_latent_meta(path)
         self.chunk_size = self.meta["chunk_size"]
         self.num_chunks = math.ceil(self.meta["num_images"] / self.chunk_size)
         missing = [c for c in range(self.num_chunks) if not os.path.exists(latent_chunk_path(path, c))]
         if missing:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{len(missing)} of {self.num_chunks} latent chunks missing in {path} "
                 f"(first: {missing[0]}); rerun extract_latents.py to finish them"
             )
-        self.labels = np.load(os.path.join(path, "labels.npy"))
+        self.labels = read_latent_labels(path, self.meta["num_images"])
         self.scale = self.meta.get("scaling_factor", LATENT_SCALE) if scale is None else scale
         self.latent_shape = tuple(self.meta["latent_shape"])
         self.num_classes = self.meta["num_classes"]
+        for chunk in range(self.num_chunks):  # headers only: cheap, and a bad shard fails now, not mid-run
+            rows = min(self.chunk_size, self.meta["num_images"] - chunk * self.chunk_size)
+            check_latent_chunk(latent_chunk_path(path, chunk), (rows, 2, 2, *self.latent_shape))
         self._chunks: dict[int, np.ndarray] = {}  # memory maps, opened lazily (per worker process)
 
     def __len__(self) -> int:
@@ -272,11 +329,11 @@ def read_idx(path: str) -> np.ndarray:
         data = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code not in dtypes:
-        raise ValueError(f"{path} is not an IDX file (magic {data[:4].hex()})")
+        raise DataError(f"{path} is not an IDX file (magic {data[:4].hex()})")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if array.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but holds {array.size} values")
+        raise DataError(f"{path}: header says {shape} but holds {array.size} values")
     return array.reshape(shape).astype(dtypes[dtype_code][1:])
 
 
@@ -299,13 +356,13 @@ class FashionMNISTDataset(Dataset):
             raise ValueError(f"split must be one of {list(self.FILES)}, got {split!r}")
         image_file, label_file = (os.path.join(root, name) for name in self.FILES[split])
         if not os.path.exists(image_file):
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{image_file} missing: `apt-get install dataset-fashion-mnist` "
                 f"or pass the folder holding the IDX .gz files"
             )
         images, self.labels = read_idx(image_file), read_idx(label_file).astype(np.int64)
         if len(images) != len(self.labels):
-            raise ValueError(f"{len(images)} images but {len(self.labels)} labels in {root}")
+            raise DataError(f"{len(images)} images but {len(self.labels)} labels in {root}")
         pad = image_size - images.shape[1]
         if pad >= 0 and pad % 2 == 0:
             # Padding with the black background keeps the pixels exact (no resampling blur).
@@ -370,7 +427,7 @@ def build_dataset(
         )
         return dataset, 1, size, 10
     if data_path is None:
-        raise ValueError(f"dataset {name!r} needs data_path (--data-path)")
+        raise DataError(f"dataset {name!r} needs data_path (--data-path)")
     if name == "imagenet":
         size = image_size or 256
         dataset = ImageFolderDataset(
@@ -381,9 +438,9 @@ def build_dataset(
         dataset = LatentDataset(data_path)
         channels, height, _ = dataset.latent_shape
         if image_size not in (None, height, dataset.meta["image_size"]):
-            raise ValueError(
+            raise DataError(
                 f"latents in {data_path} are {dataset.meta['image_size']}px images "
                 f"({height}x{height} latents), not image_size={image_size}"
             )
         return dataset, channels, height, dataset.num_classes
-    raise ValueError(f"unknown dataset {name!r}: use sinusoid, fashion-mnist, imagenet or latents")
+    raise DataError(f"unknown dataset {name!r}: use sinusoid, fashion-mnist, imagenet or latents")

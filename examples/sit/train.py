@@ -1,36 +1,56 @@
 """
 Train SiT (flow matching) with optional Activation-Norm Maximization (ANM), with PyTorch DDP.
 
-    torchrun --nproc_per_node 8 examples/sit/train.py --data latents --data-path latents/ \
+    torchrun --nproc_per_node 8 examples/sit/train.py --data latents --data-path latents/ \\
         --model SiT-B/4 --anm
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29500 examples/sit/train.py ...           # and --node_rank 1 on the other node
     python examples/sit/train.py --data sinusoid --model SiT-T/4 --max-steps 2000   # CPU, one process
+    python examples/sit/train.py ... --global-batch-size 256 --grad-accum-steps 4   # batch 256 on fewer GPUs
 
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data.
-Layout of a run: <results-dir>/<exp-name>/{checkpoints/, samples/, log.csv, log.txt}.
+Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/, samples/, log.csv, log.txt}.
 A run resumes bit-exactly (weights, EMA, optimizer, RNG streams, data position, ANM warm-up) from a
-checkpoint with --resume PATH, or --resume auto (latest checkpoint of this experiment, if any).
+checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of this experiment, if any).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import glob
 import inspect
 import io
+import json
 import logging
-import math
 import os
 import random
 import re
+import sys
 import time
 from collections import OrderedDict
 from copy import deepcopy
-from glob import glob
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from data import build_dataset
+from atomic import atomic_write, remove_stale_temps
+from checks import (
+    check_args,
+    check_ignored_flags,
+    check_resume_compatible,
+    check_run_folder,
+    check_writable_path,
+    checkpoint_paths,
+    load_checkpoint,
+    newest_loadable_checkpoint,
+)
+from cli import UsageError, run
+from data import LATENT_SCALE, DataError, build_dataset
+from distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
+from heldout import HeldoutSet, fm_loss, make_heldout
 from models import SIT_SIZES, SiT
 from sample import decode_to_uint8, generate, load_vae, save_grid
 from samplers import Sampler as FlowSampler
@@ -39,15 +59,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
-from transport import create_transport
+from transport import Transport, create_transport
 
 import anm
 
-LATENT_SCALE = 0.18215  # SD-VAE latent scaling used by DiT/SiT
-
-# (depth, hidden size, heads): the official SiT sizes plus two tiny ones that are not in the paper,
-# "T" for the CPU demo and "N" for tests. --depth/--hidden-size/--num-heads override any of them.
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {**SIT_SIZES, "T": (4, 64, 4), "N": (2, 32, 2)}
+DEFAULT_MAX_STEPS = 400_000  # the paper's SiT-XL/2 schedule
+DEFAULT_SINUSOIDS = 100_000  # images of --data sinusoid
+LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "grad_norm", "steps_per_sec", "img_per_sec",
+              "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
 
 
 #################################################################################
@@ -68,6 +87,10 @@ def requires_grad(model: nn.Module, flag: bool = True) -> None:
         p.requires_grad = flag
 
 
+#################################################################################
+#                                    Logging                                    #
+#################################################################################
+
 class TqdmHandler(logging.StreamHandler):
     """Log lines printed above the progress bar instead of through it."""
 
@@ -76,7 +99,7 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> logging.Logger:
-    """A logger that writes to the console and <logging_dir>/log.txt on rank 0 and is silent elsewhere."""
+    """A logger that writes plain text to the console and <logging_dir>/log.txt on rank 0, silent elsewhere."""
     logger = logging.getLogger("sit-train")
     for handler in logger.handlers:  # main() may run several times in one process (tests, demo.py)
         handler.close()
@@ -84,7 +107,7 @@ def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> l
     logger.propagate = False
     if rank == 0 and logging_dir is not None:
         logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
         handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(logging_dir, "log.txt"))]
         if console:
             handlers.append(TqdmHandler())
@@ -96,72 +119,81 @@ def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> l
     return logger
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file, then rename: a crash mid-write never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # atomic on POSIX within one file system
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+class CSVLog:
+    """CSV of logged metrics, one row per logged step. A row with new columns (e.g. ANM stats after the
+    step-0 evaluation) rewrites the header; on resume, rows past the resumed step are dropped so the log
+    matches the weights."""
+
+    def __init__(self, path: str, resume_step: int | None) -> None:
+        self.path, self.fields = path, None
+        rows: list[dict] = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = reader.fieldnames
+                rows = [row for row in reader if int(row["step"]) <= resume_step]
+        if self.fields is not None:
+            self._rewrite(rows)
+        elif os.path.exists(path):
+            os.remove(path)  # a run that stopped before its first checkpoint: its log starts over too
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_write(self.path) as f:
+            f.write(text.getvalue().encode())
+
+    def write(self, row: dict) -> None:
+        """Append one row (columns not seen before extend the header)."""
+        if self.fields is None or any(key not in self.fields for key in row):
+            rows = []
+            if self.fields is not None:
+                with open(self.path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.fields = list(self.fields or []) + [key for key in row if key not in (self.fields or [])]
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
 
 
-def latest_checkpoint(checkpoint_dir: str) -> str | None:
-    """Path of the highest-step checkpoint in a directory, or None."""
-    paths = [p for p in glob(os.path.join(checkpoint_dir, "*.pt"))
-             if re.fullmatch(r"\d+\.pt", os.path.basename(p))]
-    return max(paths, key=lambda p: int(os.path.basename(p)[:-3])) if paths else None
+class MetricLog:
+    """Where logged rows go: log.csv always (rank 0), plus TensorBoard and/or Weights & Biases (--report-to)."""
+
+    def __init__(self, args: argparse.Namespace, experiment_dir: str, resume_step: int | None, rank: int) -> None:
+        self.csv = CSVLog(os.path.join(experiment_dir, "log.csv"), resume_step) if rank == 0 else None
+        self.tensorboard = self.wandb = None
+        if rank == 0 and "tensorboard" in args.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tb"))
+        if rank == 0 and "wandb" in args.report_to:  # WANDB_MODE=offline logs without a network
+            import wandb
+            self.wandb = wandb.init(project="anm-sit", name=os.path.basename(experiment_dir), dir=experiment_dir,
+                                    config=vars(args), resume="allow")
+
+    def write(self, row: dict) -> None:
+        """One row: LOG_FIELDS first (blank when absent), then any other keys (e.g. ANM statistics)."""
+        row = {k: row.get(k, "") for k in LOG_FIELDS} | {k: v for k, v in row.items() if k not in LOG_FIELDS}
+        if self.csv is not None:
+            self.csv.write(row)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def parse_model_name(name: str) -> tuple[str, int]:
-    """'SiT-XL/2' -> ('XL', 2)."""
-    match = re.fullmatch(r"SiT-(\w+)/(\d+)", name)
-    if match is None or match.group(1) not in MODEL_SIZES:
-        raise ValueError(f"unknown model {name!r}: use SiT-<{'|'.join(MODEL_SIZES)}>/<patch>, e.g. SiT-XL/2")
-    return match.group(1), int(match.group(2))
-
-
-def model_config(args: argparse.Namespace, in_channels: int, input_size: int, num_classes: int) -> dict:
-    """Keyword arguments for SiT(...): the named size, with --depth/--hidden-size/--num-heads overrides."""
-    size, patch_size = parse_model_name(args.model)
-    depth, hidden_size, num_heads = MODEL_SIZES[size]
-    return dict(
-        input_size=input_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        hidden_size=args.hidden_size or hidden_size,
-        depth=args.depth or depth,
-        num_heads=args.num_heads or num_heads,
-        num_classes=num_classes,
-        class_dropout_prob=args.class_dropout_prob,
-        learn_sigma=False,  # velocity only; official learn_sigma checkpoints are sliced on load
-    )
-
-
-def anm_layers(spec: str) -> str | list[str]:
-    """--anm-layers: 'auto', a glob, or a comma-separated list of globs."""
-    return spec if "," not in spec else [part.strip() for part in spec.split(",") if part.strip()]
-
-
-def setup_distributed() -> tuple[int, int, int, torch.device, bool]:
-    """Join the torchrun process group if launched by torchrun; else a single process. Returns
-    (rank, local_rank, world_size, device, created) where created says whether we made the group."""
-    created = False
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        created = True
-    if dist.is_initialized():
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return rank, local_rank, world_size, device, created
-
+#################################################################################
+#                          Processes and random streams                         #
+#################################################################################
 
 def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     """Mean over ranks (identity in a single process)."""
@@ -189,8 +221,8 @@ def rng_state(generator: torch.Generator, device: torch.device) -> dict:
     state = {
         "python": random.getstate(),
         "numpy": _numpy_state_to_torch(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),  # noise and t of the flow-matching loss, VAE posterior samples
+        "torch": torch.get_rng_state(),  # label dropout
+        "generator": generator.get_state(),  # VAE posterior samples (--data imagenet)
     }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -214,9 +246,28 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+    """Seed python, numpy and torch with this rank's seed; returns the generator of the VAE posterior samples."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the reference trains in fp32 with TF32
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return torch.Generator(device).manual_seed(seed)
+
+
+#################################################################################
+#                   Data stream (resumable, one seed per item)                  #
+#################################################################################
+
 class StreamSampler(Sampler):
     """DistributedSampler's shuffled per-rank order (drop_last), startable mid-epoch; yields
-    (index, item seed) so that per-item augmentations replay identically after a resume."""
+    (index, item seed) so that per-item draws replay identically after a resume.
+
+    Step s of an epoch holds the items at positions [s*B, (s+1)*B) of the shuffled order for any number of
+    processes (rank r takes every world_size-th of them), so the data stream depends on the global batch B
+    alone."""
 
     def __init__(self, num_items: int, local_batch: int, rank: int, world_size: int, seed: int) -> None:
         self.order = DistributedSampler(range(num_items), world_size, rank, shuffle=True, seed=seed,
@@ -224,12 +275,14 @@ class StreamSampler(Sampler):
         self.local_batch, self.seed = local_batch, seed
         self.steps_per_epoch = len(self.order) // local_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"dataset of {num_items} items is too small for a global batch of "
+            raise UsageError(f"the data set of {num_items} items is too small for a global batch of "
                              f"{local_batch * world_size}: lower --global-batch-size")
         self.epoch, self.start_step = 0, 0
 
     def set_position(self, epoch: int, start_step: int) -> None:
         """Next iteration yields epoch `epoch` from its `start_step`-th batch on."""
+        if not 0 <= start_step < self.steps_per_epoch:
+            raise ValueError(f"batch {start_step} of an epoch of {self.steps_per_epoch} batches")
         self.epoch, self.start_step = epoch, start_step
         self.order.set_epoch(epoch)
 
@@ -243,17 +296,27 @@ class StreamSampler(Sampler):
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so each item is drawn with its own RNG seeded by the sampler (see StreamSampler)."""
+    """Wraps a dataset so each item is drawn with its own RNG seeded by the sampler (see StreamSampler), and
+    adds the item's flow-matching noise (of noise_shape) and uniform time draw from a second per-item stream.
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    Because noise and t belong to the item, not to a process, a step trains on the same numbers however
+    its batch is split over processes (DDP) or micro-batches (--grad-accum-steps)."""
+
+    def __init__(self, dataset: Dataset, noise_shape: tuple[int, ...]) -> None:
+        self.dataset, self.noise_shape = dataset, noise_shape
         self.takes_generator = "generator" in inspect.signature(type(dataset).__getitem__).parameters
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
         index, seed = key
+        draws = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+        noise = torch.randn(self.noise_shape, generator=draws)
+        u = torch.rand((), generator=draws)
+        return *self._item(index, seed), noise, u
+
+    def _item(self, index: int, seed: int) -> tuple[torch.Tensor, int]:
         if self.takes_generator:
             return self.dataset.__getitem__(index, generator=torch.Generator().manual_seed(seed))
         # Datasets that draw from the global RNGs (e.g. a random flip): seed them per item, then restore
@@ -270,96 +333,45 @@ class SeededItems(Dataset):
                 np.random.set_state(np_state)
 
 
-class CSVLog:
-    """CSV of logged metrics, one row per logged step. A row with new columns (e.g. ANM stats after the
-    step-0 evaluation) rewrites the header; on resume, rows past the resumed step are dropped so the log
-    matches the weights."""
+#################################################################################
+#                               Setup: model and data                           #
+#################################################################################
 
-    def __init__(self, path: str, resume_step: int | None) -> None:
-        self.path, self.fields = path, None
-        if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = reader.fieldnames
-                rows = [row for row in reader if int(row["step"]) <= resume_step]
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def write(self, row: dict) -> None:
-        if self.fields is None or any(key not in self.fields for key in row):
-            rows = []
-            if self.fields is not None:
-                with open(self.path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            self.fields = list(self.fields or []) + [key for key in row if key not in (self.fields or [])]
-            with open(self.path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.fields, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+def parse_model_name(name: str) -> tuple[str, int]:
+    """'SiT-XL/2' -> ('XL', 2)."""
+    match = re.fullmatch(r"SiT-(\w+)/(\d+)", name)
+    if match is None or match.group(1) not in SIT_SIZES or int(match.group(2)) <= 0:
+        raise UsageError(f"unknown model {name!r}: use SiT-<{'|'.join(SIT_SIZES)}>/<patch size>, e.g. SiT-XL/2")
+    return match.group(1), int(match.group(2))
 
 
-LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "steps_per_sec", "img_per_sec",
-              "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
+def model_config(args: argparse.Namespace, in_channels: int, input_size: int, num_classes: int) -> dict:
+    """Keyword arguments for SiT(...): the named size, with --depth/--hidden-size/--num-heads overrides."""
+    size, patch_size = parse_model_name(args.model)
+    depth, hidden_size, num_heads = SIT_SIZES[size]
+    config = dict(
+        input_size=input_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=args.hidden_size or hidden_size,
+        depth=args.depth or depth,
+        num_heads=args.num_heads or num_heads,
+        num_classes=num_classes,
+        class_dropout_prob=args.class_dropout_prob,
+        learn_sigma=False,  # velocity only; official learn_sigma checkpoints are sliced on load
+    )
+    if input_size % patch_size:
+        raise UsageError(f"{args.model}: the {input_size}x{input_size} input does not split into {patch_size}x"
+                         f"{patch_size} patches; choose a patch size dividing {input_size}")
+    if config["hidden_size"] % config["num_heads"]:
+        raise UsageError(f"hidden size {config['hidden_size']} is not divisible by {config['num_heads']} heads: "
+                         "change --hidden-size or --num-heads")
+    return config
 
 
-def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, device: torch.device,
-                  vae: nn.Module | None) -> dict[str, torch.Tensor]:
-    """A fixed held-out batch for the FM-loss evaluation: data, labels, noise and a uniform t grid.
-
-    sinusoid: fresh images from another seed; fashion-mnist: the test split; imagenet/latents: the
-    dataset at --eval-data-path, else the last --eval-samples items of the training set (then it is
-    a fixed monitoring set, not a held-out one)."""
-    if args.data == "sinusoid":
-        dataset = build_dataset("sinusoid", num_samples=args.eval_samples, image_size=image_size,
-                                seed=args.global_seed + 1_000_003)[0]
-    elif args.data == "fashion-mnist":
-        dataset = build_dataset("fashion-mnist", root=args.data_path or "/usr/share/datasets/fashion-mnist",
-                                split="test", image_size=image_size)[0]
-    elif args.eval_data_path is not None:
-        dataset = build_dataset(args.data, **data_kwargs(args, args.eval_data_path))[0]
-    else:
-        dataset = train_set
-    n = min(args.eval_samples, len(dataset))
-    start = len(dataset) - n if dataset is train_set else 0
-    gen = torch.Generator().manual_seed(12345)  # fixed: every run sees the same held-out noise
-    items = []
-    for i in range(start, start + n):
-        if "generator" in inspect.signature(type(dataset).__getitem__).parameters:
-            items.append(dataset.__getitem__(i, generator=gen))
-        else:
-            items.append(dataset[i])
-    x = torch.stack([item[0] for item in items]).to(device)
-    y = torch.tensor([int(item[1]) for item in items], device=device)
-    if vae is not None:
-        with torch.no_grad():
-            x = torch.cat([vae.encode(chunk).latent_dist.mean * LATENT_SCALE for chunk in x.split(32)])
-    noise = torch.randn(x.shape, generator=gen).to(device)
-    t = ((torch.arange(n, dtype=torch.float32) + 0.5) / n).to(device)  # uniform grid over (0, 1)
-    return dict(x=x, y=y, noise=noise, t=t)
-
-
-@torch.no_grad()
-def heldout_loss(model: nn.Module, transport, heldout: dict, batch_size: int, rank: int,
-                 world_size: int) -> float:
-    """Mean FM loss of `model` on the fixed held-out set (no RNG used); the set is split over ranks."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, device=heldout["x"].device, dtype=torch.float64)
-    indices = torch.arange(rank, heldout["x"].shape[0], world_size, device=heldout["x"].device)
-    for chunk in indices.split(batch_size):
-        out = transport.training_losses(model, heldout["x"][chunk], dict(y=heldout["y"][chunk]),
-                                        t=heldout["t"][chunk], noise=heldout["noise"][chunk])
-        total += torch.stack([out["loss"].double().sum(), total.new_tensor(float(len(chunk)))])
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+def anm_layers(spec: str) -> str | list[str]:
+    """--anm-layers: 'auto', a glob, or a comma-separated list of globs."""
+    return spec if "," not in spec else [part.strip() for part in spec.split(",") if part.strip()]
 
 
 def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
@@ -367,13 +379,338 @@ def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
     if args.data == "sinusoid":
         return dict(num_samples=args.data_size, image_size=args.image_size, seed=args.global_seed)
     if args.data == "fashion-mnist":
-        return dict(root=path or "/usr/share/datasets/fashion-mnist", split="train",
-                    image_size=args.image_size)
+        return dict(root=path, split="train", image_size=args.image_size)
     if path is None:
-        raise ValueError(f"--data {args.data} needs --data-path")
+        raise UsageError(f"--data {args.data} needs --data-path")
     if args.data == "imagenet":
         return dict(root=path, image_size=args.image_size)
     return dict(path=path)
+
+
+@dataclass
+class TrainData:
+    """The training stream and what the model needs to know about it."""
+
+    dataset: Dataset
+    sampler: StreamSampler
+    loader: DataLoader
+    vae: nn.Module | None  # imagenet: encodes the images every step; latents: decodes the sample grids
+    encode: bool  # whether the training images go through the VAE (--data imagenet)
+    in_channels: int
+    input_size: int
+    num_classes: int
+    heldout: HeldoutSet | None
+
+
+def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainData:
+    """The data set, the resumable loader of this rank's share of each global batch, and the held-out set."""
+    try:
+        dataset, channels, size, num_classes = build_dataset(args.data, **data_kwargs(args, args.data_path))
+    except DataError as error:
+        raise UsageError(str(error)) from error
+    vae = None
+    if args.data == "imagenet":
+        vae = load_vae(args.vae, ctx.device)
+    elif args.data == "latents" and args.sample_every > 0:
+        try:
+            vae = load_vae(args.vae, ctx.device)
+        except UsageError as error:
+            raise UsageError(f"{error} (the VAE decodes the sample grids; --sample-every 0 trains without it)") \
+                from error
+    in_channels, input_size = (channels, size)
+    if args.data == "imagenet":  # the model sees latents: the VAE's channels, at its downsampling
+        in_channels, input_size = vae.config.latent_channels, size // 2 ** (len(vae.config.block_out_channels) - 1)
+    local_batch = args.global_batch_size // ctx.world_size
+    sampler = StreamSampler(len(dataset), local_batch, ctx.rank, ctx.world_size, seed=args.global_seed)
+    loader = DataLoader(
+        SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
+        num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
+        generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
+    )
+    encode = args.data == "imagenet"
+    heldout = build_heldout(args, dataset, size, ctx.device, vae if encode else None) if args.eval_every > 0 else None
+    return TrainData(dataset, sampler, loader, vae, encode, in_channels, input_size, num_classes, heldout)
+
+
+def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, device: torch.device,
+                  vae: nn.Module | None) -> HeldoutSet:
+    """The fixed held-out set of the FM-loss evaluation (see heldout.py).
+
+    sinusoid: fresh images from another seed; fashion-mnist: the test split; imagenet/latents: the
+    dataset at --eval-data-path, else the last --eval-samples items of the training set (then it is
+    a fixed monitoring set, not a held-out one)."""
+    try:
+        if args.data == "sinusoid":
+            dataset = build_dataset("sinusoid", num_samples=args.eval_samples, image_size=image_size,
+                                    seed=args.global_seed + 1_000_003)[0]
+        elif args.data == "fashion-mnist":
+            dataset = build_dataset("fashion-mnist", root=args.data_path, split="test", image_size=image_size)[0]
+        elif args.eval_data_path is not None:
+            dataset = build_dataset(args.data, **data_kwargs(args, args.eval_data_path))[0]
+        else:
+            dataset = train_set
+    except DataError as error:
+        raise UsageError(f"held-out set: {error}") from error
+    n = min(args.eval_samples, len(dataset))
+    start = len(dataset) - n if dataset is train_set else 0
+    gen = torch.Generator().manual_seed(12345)  # fixed: every run sees the same held-out items
+    takes_generator = "generator" in inspect.signature(type(dataset).__getitem__).parameters
+    items = [dataset.__getitem__(i, generator=gen) if takes_generator else dataset[i]
+             for i in range(start, start + n)]
+    x = torch.stack([item[0] for item in items]).to(device)
+    y = torch.tensor([int(item[1]) for item in items], device=device)
+    if vae is not None:
+        with torch.no_grad():
+            x = torch.cat([vae.encode(chunk).latent_dist.mean * LATENT_SCALE for chunk in x.split(32)])
+    return make_heldout(x, y, seed=12345)
+
+
+def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
+    """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
+    wrapper or None, AdamW)."""
+    with torch.random.fork_rng(devices=[]):  # one initialisation for every rank and any number of processes
+        torch.manual_seed(args.global_seed)
+        raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
+    ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
+    requires_grad(ema, False)
+    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant torch.utils.checkpoint per block
+    anm_model, model, ddp = None, raw, None
+    if args.anm:
+        # Before DDP / compile: hooks must exist before the first (compiled) call. Non-finite norms
+        # propagate into the loss, which the loop checks, naming the steps.
+        anm_model = anm.ANM(raw, alpha=args.anm_alpha, lam=args.anm_lambda, warmup=args.anm_warmup,
+                            site=args.anm_site, layers=anm_layers(args.anm_layers), reduce=args.anm_reduce,
+                            objective=args.anm_objective, granularity=args.anm_granularity, nonfinite="propagate")
+        model = anm_model
+    if ctx.world_size > 1:
+        model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            fused=ctx.device.type == "cuda")
+    return raw, ema, anm_model, model, ddp, opt
+
+
+def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: --max-steps, or --epochs if that ends sooner, else the default."""
+    limits = [args.max_steps] if args.max_steps is not None else []
+    if args.epochs is not None:
+        limits.append(args.epochs * steps_per_epoch)
+    return min(limits) if limits else DEFAULT_MAX_STEPS
+
+
+def experiment_name(args: argparse.Namespace) -> str:
+    """--exp-name, or <model>-<data>-<anm|baseline>."""
+    return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
+
+
+#################################################################################
+#                           Run folder and checkpoints                          #
+#################################################################################
+
+def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, list[str]]:
+    """Check the run folder and pick the checkpoint to resume from: (path or None, warnings to log)."""
+    check_writable_path(os.path.join(experiment_dir, "checkpoints"))
+    check_run_folder(experiment_dir, args.resume)
+    if args.resume == "auto":
+        return newest_loadable_checkpoint(os.path.join(experiment_dir, "checkpoints"))
+    return args.resume, []
+
+
+def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
+    """Delete `<step>.pt.tmp-<pid>` files of dead processes: the temp names of train.py before atomic.py."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt.tmp-*")):
+        match = re.fullmatch(r"\d+\.pt\.tmp-(\d+)", os.path.basename(path))
+        if match is None:
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            os.remove(path)
+            removed.append(path)
+        except PermissionError:  # another user's live process
+            continue
+    return removed
+
+
+def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict,
+                    data: TrainData) -> tuple[str, dict | None, list[str]]:
+    """Validate the run folder and the resume checkpoint (rank 0 decides, every rank follows), then create
+    the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
+    experiment_dir = os.path.join(args.results_dir, experiment_name(args))
+    decision: tuple | str = ""
+    if ctx.is_main:
+        try:
+            decision = plan_resume(args, experiment_dir)
+        except UsageError as error:
+            decision = str(error)
+    decision = broadcast_object(decision)
+    if isinstance(decision, str):
+        raise UsageError(decision)
+    resume_path, warnings = decision
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_resume_compatible(checkpoint, resume_path, args, config, len(data.dataset), data.sampler.steps_per_epoch)
+    if ctx.is_main:
+        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
+        stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
+        warnings += [f"removed {path} (left by a killed process)" for path in stale]
+        with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
+            f.write(json.dumps(vars(args), indent=1).encode())
+    barrier()
+    return experiment_dir, checkpoint, warnings
+
+
+def restore(checkpoint: dict | None, raw: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+            anm_model: anm.ANM | None, generator: torch.Generator, ctx: DistContext, seed: int,
+            logger: logging.Logger) -> tuple[int, int, int]:
+    """Load a checkpoint (if any) into the models, optimizer and RNGs; returns (step, epoch, batch in epoch)."""
+    if checkpoint is None:
+        return 0, 0, 0
+    raw.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    opt.load_state_dict(checkpoint["opt"])  # after creating the optimizer (a reference bug otherwise)
+    if anm_model is not None and checkpoint.get("anm") is not None:
+        anm_model.load_anm_state_dict(checkpoint["anm"])
+    step = checkpoint["step"]
+    if checkpoint["world_size"] == ctx.world_size:
+        set_rng_state(checkpoint["rng"][ctx.rank], generator, ctx.device)
+    else:  # the data, noise and t of each step do not depend on the world size; label dropout is reseeded
+        logger.info(f"world size changed ({checkpoint['world_size']} -> {ctx.world_size}): reseeding RNGs")
+        generator.manual_seed(seed + step)
+        torch.manual_seed(seed + step)
+    logger.info(f"Resumed at step {step} (epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
+    return step, checkpoint["epoch"], checkpoint["epoch_step"]
+
+
+#################################################################################
+#                          Pieces of the training loop                          #
+#################################################################################
+
+def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, data: TrainData, config: dict,
+              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str]) -> None:
+    """The first lines of log.txt: where, on what, which model, and anything found wrong on disk."""
+    logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
+    for warning in warnings:
+        logger.warning(f"warning: {warning}")
+    logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
+                f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
+                + (f"ANM {anm_model.extra_repr()}" if anm_model is not None else "no ANM"))
+
+
+def sample_grid_inputs(args: argparse.Namespace, data: TrainData,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed starting noise and labels of every sample grid of the run."""
+    gen = torch.Generator().manual_seed(args.global_seed)
+    noise = torch.randn(args.sample_grid, data.in_channels, data.input_size, data.input_size, generator=gen)
+    labels = torch.randint(0, data.num_classes, (args.sample_grid,), generator=gen)
+    return noise.to(device), labels.to(device)
+
+
+def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args: argparse.Namespace,
+                     anm_model: anm.ANM | None, ctx: DistContext) -> dict[str, float]:
+    """The log row of the steps since the last one: mean losses (over ranks), speed, grad norm, ANM stats."""
+    fm, anm_term, grad_norm = (all_mean(running, ctx.world_size) / log_steps).tolist()
+    row = dict(fm_loss=fm, anm_loss=anm_term, loss=fm + anm_term, steps_per_sec=log_steps / elapsed,
+               img_per_sec=log_steps * args.global_batch_size / elapsed)
+    if args.max_grad_norm is not None:
+        row["grad_norm"] = grad_norm
+    if anm_model is not None:
+        row.update(anm_model.stats())  # anm/norm/<layer> etc., at this step
+    return row
+
+
+def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked_step: int, step: int,
+                 checkpoint_dir: str) -> int:
+    """Stop the run if a loss since the last check (at checked_step), or a weight, is NaN or infinite (one
+    device sync, at log and checkpoint steps only); returns step, the new last checked step."""
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all()
+    finite = torch.isfinite(running).all() & weights_finite
+    if all_mean(finite.float(), world_size).item() == 1.0:
+        return step
+    newest = checkpoint_paths(checkpoint_dir)
+    kept = f"the newest checkpoint, {newest[0]}, is from before" if newest else "no checkpoint was saved"
+    raise UsageError(f"the loss became NaN or infinite between steps {checked_step + 1} and {step}; {kept}. Lower --lr "
+                     "(or --max-grad-norm), check the data, and resume with --resume auto")
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
+                    opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
+                    args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext) -> str:
+    """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
+    included), atomically and durably. Returns its path."""
+    path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
+    rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
+    failure = ""
+    if ctx.is_main:
+        state = {
+            "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "step": step, "epoch": epoch, "epoch_step": epoch_step, "num_items": num_items,  # data position
+            "rng": rng, "world_size": ctx.world_size,
+            "anm": anm_model.anm_state_dict() if anm_model is not None else None,
+            "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
+            "latent": args.data in ("imagenet", "latents"),
+            "vae": args.vae if args.data in ("imagenet", "latents") else None,
+        }
+        try:
+            with atomic_write(path) as f:
+                torch.save(state, f)
+        except UsageError as error:  # a full disk: every rank stops with the message instead of waiting
+            failure = str(error)
+        except OSError as error:
+            failure = f"cannot write checkpoint {path} ({error}): fix the folder and resume with --resume auto"
+    if broadcast_object(failure):
+        raise UsageError(failure)
+    return path
+
+
+def save_sample_grid(experiment_dir: str, step: int, ema: nn.Module, transport: Transport, data: TrainData,
+                     args: argparse.Namespace) -> str:
+    """<experiment_dir>/samples/<step>.png: EMA samples from the run's fixed noise and labels (Heun ODE)."""
+    noise, labels = sample_grid_inputs(args, data, next(ema.parameters()).device)
+    path = os.path.join(experiment_dir, "samples", f"{step:07d}.png")
+    fn = FlowSampler(transport).sample_ode(num_steps=args.sample_num_steps, method="heun")
+    with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        images = generate(ema, noise, labels, fn, cfg_scale=args.sample_cfg_scale)
+    save_grid(decode_to_uint8(images.float(), data.vae), path)
+    return path
+
+
+def heldout_losses(raw: nn.Module, ema: nn.Module, transport: Transport, heldout: HeldoutSet,
+                   args: argparse.Namespace, ctx: DistContext) -> dict[str, float]:
+    """Held-out FM loss of the model and of its EMA."""
+    return {key: fm_loss(net, transport, heldout, args.eval_batch_size, ctx.rank, ctx.world_size)
+            for key, net in (("heldout_fm_loss", raw), ("heldout_fm_loss_ema", ema))}
+
+
+def gradient_sync(ddp: DDP | None, last: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces the gradients on the last micro-batch of a step only (no_sync on the others)."""
+    return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+
+
+def close_run(metrics: MetricLog, anm_model: anm.ANM | None, ctx: DistContext) -> None:
+    """Flush the loggers, remove the ANM hooks (the returned model is the bare SiT), leave the process group."""
+    metrics.close()
+    if anm_model is not None:
+        anm_model.close()
+    cleanup(ctx)
+
+
+def batches(loader: DataLoader):
+    """The loader's batches; a data file found corrupt mid-run stops the run with its name, not a traceback."""
+    try:
+        yield from loader
+    except DataError as error:  # from a worker, the message carries the worker's traceback: keep its last line
+        raise UsageError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from error
+
+
+def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
+    """The k equal micro-batches of a batch, as tuples of tensors."""
+    return zip(*(t.chunk(k) for t in tensors), strict=True)
 
 
 #################################################################################
@@ -382,299 +719,217 @@ def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns final metrics, paths and the (unwrapped) model and EMA."""
-    rank, local_rank, world_size, device, created_group = setup_distributed()
-    assert args.global_batch_size % world_size == 0, "global batch size must be divisible by world size"
-    local_batch = args.global_batch_size // world_size
-    seed = args.global_seed * world_size + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    generator = torch.Generator(device).manual_seed(seed)  # noise / t of the loss, VAE posterior samples
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the reference trains in fp32 with TF32
-        torch.backends.cudnn.allow_tf32 = True
+    ctx = setup_distributed()
+    check_args(args, ctx.world_size)
+    seed = args.global_seed * ctx.world_size + ctx.rank
+    generator = seed_everything(seed, ctx.device)
 
-    # Experiment folder and resume point:
-    kind = "anm" if args.anm else "baseline"
-    exp_name = args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{kind}"
-    experiment_dir = os.path.join(args.results_dir, exp_name)
+    # Everything is validated before the run folder is created: data, model, ANM flags, resume checkpoint.
+    data = load_data(args, ctx, seed)
+    steps_per_epoch = data.sampler.steps_per_epoch
+    max_steps = total_steps(args, steps_per_epoch)
+    config = model_config(args, data.in_channels, data.input_size, data.num_classes)
+    raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
+    experiment_dir, checkpoint, warnings = open_experiment(args, ctx, config, data)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-    sample_dir = os.path.join(experiment_dir, "samples")
-    if rank == 0:
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        os.makedirs(sample_dir, exist_ok=True)
-    if world_size > 1:
-        dist.barrier()
-    logger = create_logger(experiment_dir, rank, console=args.console_log)
-    resume_path = latest_checkpoint(checkpoint_dir) if args.resume == "auto" else args.resume
-    checkpoint = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
-    logger.info(f"Experiment directory: {experiment_dir}  (rank {rank}/{world_size}, device {device})")
-
-    # Data:
-    vae = load_vae(args.vae, device) if args.data == "imagenet" else None
-    dataset, data_channels, data_size, num_classes = build_dataset(args.data,
-                                                                   **data_kwargs(args, args.data_path))
-    latent = args.data in ("imagenet", "latents")
-    in_channels, input_size = (4, data_size // 8) if args.data == "imagenet" else (data_channels, data_size)
-    sampler = StreamSampler(len(dataset), local_batch, rank, world_size, seed=args.global_seed)
-    loader = DataLoader(
-        SeededItems(dataset), batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True,
-        generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
-    )
-    steps_per_epoch = sampler.steps_per_epoch
-    max_steps = args.max_steps
-    if args.epochs is not None:
-        max_steps = min(max_steps or math.inf, args.epochs * steps_per_epoch)
-    logger.info(f"Dataset {args.data}: {len(dataset):,} items, {steps_per_epoch:,} steps/epoch, "
-                f"training for {max_steps:,} steps")
-
-    # Model, EMA, ANM, optimizer:
-    config = model_config(args, in_channels, input_size, num_classes)
-    raw = SiT(**config).to(device)  # the bare model: its state_dict is what checkpoints hold
-    ema = deepcopy(raw).to(device)  # copied before ANM hooks exist on `raw`
-    requires_grad(ema, False)
-    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant torch.utils.checkpoint per block
-    anm_model = None
-    model: nn.Module = raw
-    if args.anm:
-        # Before DDP / compile: hooks must exist before the first (compiled) call.
-        anm_model = anm.ANM(raw, alpha=args.anm_alpha, lam=args.anm_lambda, warmup=args.anm_warmup,
-                            site=args.anm_site, layers=anm_layers(args.anm_layers), reduce=args.anm_reduce,
-                            objective=args.anm_objective, granularity=args.anm_granularity)
-        model = anm_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if args.compile:
-        model = torch.compile(model)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    transport = create_transport(args.path_type, args.prediction)
-    logger.info(f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters"
-                + (f"; ANM alpha={args.anm_alpha} lambda={args.anm_lambda} warmup={args.anm_warmup} "
-                   f"site={args.anm_site} reduce={args.anm_reduce}" if args.anm else "; no ANM"))
-
-    train_steps, epoch, epoch_step = 0, 0, 0
-    if checkpoint is None:
-        update_ema(ema, raw, decay=0)  # exact copy (already true after deepcopy; kept for clarity)
-    else:
-        raw.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        opt.load_state_dict(checkpoint["opt"])  # after creating the optimizer (a reference bug otherwise)
-        train_steps, epoch, epoch_step = checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"]
-        if anm_model is not None and checkpoint.get("anm") is not None:
-            anm_model.load_anm_state_dict(checkpoint["anm"])
-        if checkpoint["world_size"] == world_size:
-            set_rng_state(checkpoint["rng"][rank], generator, device)
-        else:  # same data order per step, fresh random streams
-            logger.info(f"world size changed ({checkpoint['world_size']} -> {world_size}): reseeding RNGs")
-            generator.manual_seed(seed + train_steps)
-            torch.manual_seed(seed + train_steps)
-        logger.info(f"Resumed from {resume_path} at step {train_steps} (epoch {epoch}, batch {epoch_step})")
+    logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
+    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, warnings)
+    train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
+    metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
     model.train()
     ema.eval()
 
-    # Held-out set and the fixed noise / labels of the sample grids:
-    heldout = build_heldout(args, dataset, data_size, device, vae) if args.eval_every > 0 else None
-    grid_gen = torch.Generator().manual_seed(args.global_seed)
-    grid_noise = torch.randn(args.sample_grid, in_channels, input_size, input_size, generator=grid_gen)
-    grid_noise = grid_noise.to(device)
-    grid_labels = torch.randint(0, num_classes, (args.sample_grid,), generator=grid_gen).to(device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    transport = create_transport(args.path_type, args.prediction)
+    t0, t1 = transport.interval()
+    autocast = dict(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
-    csv_log = CSVLog(os.path.join(experiment_dir, "log.csv"), train_steps if resume_path else None) \
-        if rank == 0 else None
-    tb = None
-    if rank == 0 and args.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(experiment_dir, "tb"))
-        except ImportError:
-            logger.info("tensorboard not installed: logging to log.csv only")
-
-    def log_row(row: dict) -> None:
-        row = {k: row.get(k, "") for k in LOG_FIELDS} | {k: v for k, v in row.items() if k not in LOG_FIELDS}
-        if csv_log is not None:
-            csv_log.write(row)
-        if tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, float):
-                    tb.add_scalar(key, value, row["step"])
-
-    def evaluate(step: int) -> dict:
-        losses = [heldout_loss(net, transport, heldout, args.eval_batch_size, rank, world_size)
-                  for net in (raw, ema)]
-        return dict(heldout_fm_loss=losses[0], heldout_fm_loss_ema=losses[1])
-
-    def save_checkpoint(step: int) -> str:
-        rng = gather_objects(rng_state(generator, device), world_size)  # every rank's streams
-        path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
-        if rank == 0:
-            atomic_save({
-                "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "step": step, "epoch": epoch, "epoch_step": epoch_step,  # data position
-                "rng": rng, "world_size": world_size,
-                "anm": anm_model.anm_state_dict() if anm_model is not None else None,
-                "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
-                "latent": latent, "vae": args.vae if latent else None,
-            }, path)
-            logger.info(f"Saved checkpoint to {path}")
-        if world_size > 1:
-            dist.barrier()
-        return path
-
-    def sample_grid(step: int) -> str:
-        fn = FlowSampler(transport).sample_ode(num_steps=args.sample_num_steps, method="heun")
-        with torch.autocast(**autocast):
-            images = generate(ema, grid_noise, grid_labels, fn, cfg_scale=args.sample_cfg_scale)
-        path = os.path.join(sample_dir, f"{step:07d}.png")
-        save_grid(decode_to_uint8(images.float(), vae if latent else None), path)
-        return path
-
-    if heldout is not None and train_steps == 0:
-        log_row(dict(step=0, epoch=0, **evaluate(0)))
+    if data.heldout is not None and train_steps == 0:
+        metrics.write(dict(step=0, epoch=0, **heldout_losses(raw, ema, transport, data.heldout, args, ctx)))
     last = dict(step=train_steps)
 
-    # Training loop: every step is in plain sight here.
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
-    progress = tqdm(total=max_steps, initial=train_steps, disable=rank != 0 or not args.progress,
-                    desc=exp_name, dynamic_ncols=True, position=args.progress_position)
-    running = torch.zeros(2, device=device)  # FM loss, ANM loss summed since the last log
-    log_steps, start_time, run_start = 0, time.time(), time.time()
+    progress = tqdm(total=max_steps, initial=train_steps, disable=not (ctx.is_main and args.progress),
+                    desc=experiment_name(args), dynamic_ncols=True, position=args.progress_position)
+    k = args.grad_accum_steps
+    running = torch.zeros(3, device=ctx.device)  # FM loss, ANM loss, grad norm summed since the last log
+    log_steps, checked_step, start_time, run_start = 0, train_steps, time.time(), time.time()
     while train_steps < max_steps:
-        sampler.set_position(epoch, epoch_step)
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if vae is not None:
+        data.sampler.set_position(epoch, epoch_step)
+        batches_this_epoch = 0
+        for batch in batches(data.loader):
+            batches_this_epoch += 1
+            x, y, noise, u = (tensor.to(ctx.device, non_blocking=True) for tensor in batch)
+            t = t0 + u * (t1 - t0)  # each item's time, drawn with its noise (see SeededItems)
+            if data.encode:
                 with torch.no_grad():  # posterior *sample*, as the reference
-                    x = vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
-            with torch.autocast(**autocast):
-                fm_loss = transport.training_losses(model, x, dict(y=y), generator=generator)["loss"].mean()
-                anm_loss = fm_loss.new_zeros(()) if anm_model is None else anm_model.loss(step=train_steps)
-                loss = fm_loss + anm_loss
+                    x = data.vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for i, (xs, ys, ns, ts) in enumerate(micro_batches((x, y, noise, t), k)):
+                with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
+                    fm = transport.training_losses(model, xs, dict(y=ys), t=ts, noise=ns)["loss"].mean()
+                    anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=train_steps)
+                    ((fm + anm_loss) / k).backward()
+                running[:2] += torch.stack([fm.detach().float(), anm_loss.detach().float()]) / k
+            if args.max_grad_norm is not None:
+                running[2] += nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm).float()
             opt.step()
             update_ema(ema, raw, args.ema_decay)
 
             train_steps += 1
-            epoch_step += 1
-            if epoch_step == steps_per_epoch:
-                epoch, epoch_step = epoch + 1, 0
-            running += torch.stack([fm_loss.detach().float(), anm_loss.detach().float()])
+            epoch, epoch_step = (epoch + 1, 0) if epoch_step + 1 == steps_per_epoch else (epoch, epoch_step + 1)
             log_steps += 1
             progress.update(1)
 
             row: dict[str, Any] = {}
             if train_steps % args.log_every == 0 or train_steps == max_steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.time() - start_time
-                avg = all_mean(running / log_steps, world_size).tolist()
-                row.update(fm_loss=avg[0], anm_loss=avg[1], loss=avg[0] + avg[1],
-                           steps_per_sec=log_steps / elapsed,
-                           img_per_sec=log_steps * args.global_batch_size / elapsed)
-                if anm_model is not None:
-                    row.update(anm_model.stats())  # anm/norm/<layer> etc., at this step
-                logger.info(f"(step={train_steps:07d}) FM loss {avg[0]:.4f}, ANM loss {avg[1]:.4f}, "
+                checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
+                row.update(training_metrics(running, log_steps, time.time() - start_time, args, anm_model, ctx))
+                logger.info(f"(step={train_steps:07d}) FM loss {row['fm_loss']:.4f}, ANM loss {row['anm_loss']:.4f}, "
                             f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
-                progress.set_postfix(fm=f"{avg[0]:.4f}", anm=f"{avg[1]:.4f}")
+                progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}")
                 running.zero_()
                 log_steps, start_time = 0, time.time()
-            if heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
-                row.update(evaluate(train_steps))
+            if data.heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
+                row.update(heldout_losses(raw, ema, transport, data.heldout, args, ctx))
                 logger.info(f"(step={train_steps:07d}) held-out FM loss {row['heldout_fm_loss']:.4f} "
                             f"(EMA {row['heldout_fm_loss_ema']:.4f})")
             if row:
                 row = dict(step=train_steps, epoch=epoch, **row, elapsed_s=time.time() - run_start)
-                log_row(row)
+                metrics.write(row)
                 last.update(row)
-            if args.sample_every > 0 and train_steps % args.sample_every == 0 and rank == 0:
-                last["sample_grid"] = sample_grid(train_steps)
+            if args.sample_every > 0 and train_steps % args.sample_every == 0 and ctx.is_main:
+                last["sample_grid"] = save_sample_grid(experiment_dir, train_steps, ema, transport, data, args)
             if train_steps % args.ckpt_every == 0 or train_steps == max_steps:
-                last["checkpoint"] = save_checkpoint(train_steps)
+                checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
+                last["checkpoint"] = save_checkpoint(checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt,
+                                                     anm_model, generator, args, config, len(data.dataset), ctx)
+                logger.info(f"Saved checkpoint to {last['checkpoint']}")
             if train_steps >= max_steps:
                 break
+        if batches_this_epoch == 0:  # a guard: an empty epoch would otherwise loop forever
+            raise RuntimeError(f"epoch {epoch} from batch {epoch_step} yielded no batch")
     progress.close()
-    last.setdefault("checkpoint", latest_checkpoint(checkpoint_dir))  # nothing left to train on resume
+    last.setdefault("checkpoint", next(iter(checkpoint_paths(checkpoint_dir)), None))  # nothing left to train
 
     logger.info("Done!")
-    if tb is not None:
-        tb.close()
-    if anm_model is not None:
-        anm_model.close()  # remove the hooks: the returned model is the bare SiT
-    if created_group:
-        dist.destroy_process_group()
+    close_run(metrics, anm_model, ctx)
     return dict(last, experiment_dir=experiment_dir, log_csv=os.path.join(experiment_dir, "log.csv"),
                 model=raw, ema=ema, model_config=config)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+#################################################################################
+#                                  Command line                                 #
+#################################################################################
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default, and the description's usage examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:  # the help text says what happens without the flag
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags, in groups, each with its help text and default."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     group = parser.add_argument_group("data")
-    group.add_argument("--data", choices=["sinusoid", "fashion-mnist", "imagenet", "latents"],
-                       default="latents")
+    group.add_argument("--data", choices=["sinusoid", "fashion-mnist", "imagenet", "latents"], default="latents",
+                       help="training data: procedural sinusoids, Fashion-MNIST, ImageNet images (encoded by "
+                            "--vae each step) or extract_latents.py output")
     group.add_argument("--data-path", type=str, default=None,
-                       help="ImageNet train folder (imagenet), extract_latents.py output (latents), "
-                            "or the Fashion-MNIST folder")
-    group.add_argument("--eval-data-path", type=str, default=None, help="held-out set for imagenet/latents")
-    group.add_argument("--data-size", type=int, default=100_000, help="number of sinusoid images")
+                       help="ImageNet train folder (imagenet), extract_latents.py output (latents), or the "
+                            "Fashion-MNIST folder (default: the Debian package's)")
+    group.add_argument("--eval-data-path", type=str, default=None,
+                       help="held-out set for imagenet/latents (default: the last --eval-samples training items)")
+    group.add_argument("--data-size", type=int, default=None,
+                       help=f"number of sinusoid images (default: {DEFAULT_SINUSOIDS:,})")
     group.add_argument("--image-size", type=int, default=None,
-                       help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from data)")
-    group.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema", help="hub id or local dir")
-    group.add_argument("--num-workers", type=int, default=4)
+                       help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from the data)")
+    group.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema",
+                       help="SD VAE hub id or local folder (imagenet: encodes every step; latents: decodes the "
+                            "sample grids, loaded only with --sample-every > 0, and recorded for sample.py)")
+    group.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
     group = parser.add_argument_group("model")
-    group.add_argument("--model", type=str, default="SiT-XL/2", help=f"SiT-<{'|'.join(MODEL_SIZES)}>/<patch>")
+    group.add_argument("--model", type=str, default="SiT-XL/2", help=f"SiT-<{'|'.join(SIT_SIZES)}>/<patch size>")
     group.add_argument("--hidden-size", type=int, default=None, help="override the named size's width")
     group.add_argument("--depth", type=int, default=None, help="override the named size's depth")
     group.add_argument("--num-heads", type=int, default=None, help="override the named size's heads")
-    group.add_argument("--class-dropout-prob", type=float, default=0.1)
-    group.add_argument("--path-type", choices=["Linear", "GVP", "VP"], default="Linear")
-    group.add_argument("--prediction", choices=["velocity", "noise", "score"], default="velocity")
+    group.add_argument("--class-dropout-prob", type=float, default=0.1, help="label dropout (for CFG)")
+    group.add_argument("--path-type", choices=["Linear", "GVP", "VP"], default="Linear", help="interpolant path")
+    group.add_argument("--prediction", choices=["velocity", "noise", "score"], default="velocity",
+                       help="what the model predicts")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--results-dir", type=str, default="results")
-    group.add_argument("--exp-name", type=str, default=None, help="default: <model>-<data>-<anm|baseline>")
-    group.add_argument("--max-steps", type=int, default=400_000)
-    group.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (if sooner)")
-    group.add_argument("--global-batch-size", type=int, default=256)
-    group.add_argument("--global-seed", type=int, default=0)
-    group.add_argument("--lr", type=float, default=1e-4)
-    group.add_argument("--weight-decay", type=float, default=0.0)
-    group.add_argument("--ema-decay", type=float, default=0.9999)
-    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    group.add_argument("--compile", action="store_true")
-    group.add_argument("--grad-checkpointing", action="store_true", help="non-reentrant, per block")
-    group.add_argument("--resume", type=str, default=None, help="checkpoint path, or 'auto' (latest, if any)")
+    group.add_argument("--results-dir", type=str, default="results", help="folder holding one folder per run")
+    group.add_argument("--exp-name", type=str, default=None,
+                       help="the run's folder name (default: <model>-<data>-<anm|baseline>)")
+    group.add_argument("--max-steps", type=int, default=None,
+                       help=f"optimizer steps to train for (default: {DEFAULT_MAX_STEPS:,}, or --epochs)")
+    group.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (if before --max-steps)")
+    group.add_argument("--global-batch-size", type=int, default=256,
+                       help="images per optimizer step, over all processes and micro-batches")
+    group.add_argument("--grad-accum-steps", type=int, default=1,
+                       help="micro-batches per optimizer step: each process runs global batch / (K x processes)")
+    group.add_argument("--global-seed", type=int, default=0, help="seed of the data order, init and noise")
+    group.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant)")
+    group.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    group.add_argument("--max-grad-norm", type=float, default=None,
+                       help="clip the gradient norm to this value and log it (default: no clipping)")
+    group.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--grad-checkpointing", action="store_true",
+                       help="non-reentrant activation checkpointing, per block")
+    group.add_argument("--resume", type=str, default=None,
+                       help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
+                            "(starts fresh if it has none) (default: a new run; refused if the folder holds one)")
     group = parser.add_argument_group("ANM")
-    group.add_argument("--anm", action=argparse.BooleanOptionalAction, default=False)
+    group.add_argument("--anm", action=argparse.BooleanOptionalAction, default=False,
+                       help="add the ANM term to the loss")
     group.add_argument("--anm-alpha", type=float, default=70.0, help="target norm (paper: 70 at D=1152, l2)")
-    group.add_argument("--anm-lambda", type=float, default=10.0)
-    group.add_argument("--anm-warmup", type=int, default=2000)
-    group.add_argument("--anm-site", choices=["update", "output"], default="update")
-    group.add_argument("--anm-layers", type=str, default="auto",
-                       help="'auto', a glob, or comma-separated globs")
-    group.add_argument("--anm-reduce", choices=["l2", "rms"], default="l2")
-    group.add_argument("--anm-objective", choices=["hinge", "exp"], default="hinge")
-    group.add_argument("--anm-granularity", choices=["token", "sample", "batch"], default="token")
+    group.add_argument("--anm-lambda", type=float, default=10.0, help="weight of the ANM term")
+    group.add_argument("--anm-warmup", type=int, default=2000, help="optimizer steps of linear weight ramp")
+    group.add_argument("--anm-site", choices=["update", "output"], default="update",
+                       help="block output - input (update) or block output")
+    group.add_argument("--anm-layers", type=str, default="auto", help="'auto', a glob, or comma-separated globs")
+    group.add_argument("--anm-reduce", choices=["l2", "rms"], default="l2", help="norm: l2, or rms = l2/sqrt(D)")
+    group.add_argument("--anm-objective", choices=["hinge", "exp"], default="hinge", help="penalty shape")
+    group.add_argument("--anm-granularity", choices=["token", "sample", "batch"], default="token",
+                       help="where the penalty applies")
     group = parser.add_argument_group("logging, evaluation, checkpoints")
-    group.add_argument("--log-every", type=int, default=100)
-    group.add_argument("--ckpt-every", type=int, default=50_000)
-    group.add_argument("--eval-every", type=int, default=5_000, help="held-out FM loss; 0 = never")
-    group.add_argument("--eval-samples", type=int, default=1024)
-    group.add_argument("--eval-batch-size", type=int, default=128)
-    group.add_argument("--sample-every", type=int, default=10_000, help="EMA sample grid; 0 = never")
+    group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
+    group.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and the last step)")
+    group.add_argument("--eval-every", type=int, default=5_000, help="steps between held-out FM losses; 0 = never")
+    group.add_argument("--eval-samples", type=int, default=1024, help="held-out set size")
+    group.add_argument("--eval-batch-size", type=int, default=128, help="batch of the held-out evaluation")
+    group.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids; 0 = never")
     group.add_argument("--sample-grid", type=int, default=16, help="images per grid")
     group.add_argument("--sample-num-steps", type=int, default=50, help="Heun steps for the grids")
     group.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG scale for the grids")
-    group.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
+    group.add_argument("--report-to", nargs="+", choices=["csv", "tensorboard", "wandb"], default=["csv"],
+                       help="metric loggers; log.csv is always written (wandb: WANDB_MODE=offline works offline)")
+    group.add_argument("--no-tensorboard", dest="report_to", action="store_const", const=["csv"],
+                       help="deprecated, the default now: same as --report-to csv")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="tqdm progress bar (default: on when stdout is a terminal)")
     group.add_argument("--progress-position", type=int, default=0, help="tqdm line (parallel runs)")
     group.add_argument("--console-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log lines on the console too (always in log.txt)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of train.py (see --help)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_ignored_flags(args, parser)
+    if args.data == "sinusoid" and args.data_size is None:
+        args.data_size = DEFAULT_SINUSOIDS
+    if args.progress is None:
+        args.progress = sys.stdout.isatty()
+    return args
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

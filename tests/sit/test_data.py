@@ -1,8 +1,10 @@
 """Tests for examples/sit/data.py: ADM crop, ImageFolder, sinusoids, IDX/Fashion-MNIST, build_dataset."""
 
 import gzip
+import json
 import math
 import os
+import re
 import struct
 
 import numpy as np
@@ -10,8 +12,11 @@ import pytest
 import torch
 from data import (
     FASHION_MNIST_ROOT,
+    DataError,
     FashionMNISTDataset,
     ImageFolderDataset,
+    LatentDataset,
+    MissingDataError,
     SinusoidDataset,
     build_dataset,
     center_crop_arr,
@@ -93,6 +98,70 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderDataset(str(tmp_path / "empty"))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    ds = ImageFolderDataset(root, image_size=16, random_flip=False)
+    with open(ds.paths[1], "r+b") as f:
+        f.truncate(30)
+    with pytest.raises(DataError, match=f"cannot read image {ds.paths[1]} .*replace or remove it"):
+        ds[1]
+    assert ds[0][0].shape == (3, 16, 16)  # the others still load
+    with pytest.raises(MissingDataError):  # still a FileNotFoundError for callers that catch that
+        ImageFolderDataset(str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------- latents (checks on open)
+
+
+def write_latent_folder(root, num_images=10, chunk_size=4):
+    """meta.json, labels.npy and float16 moment shards as extract_latents.py writes them."""
+    os.makedirs(root)
+    meta = dict(num_images=num_images, image_size=16, chunk_size=chunk_size, latent_shape=[4, 2, 2], num_classes=3)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    np.save(os.path.join(root, "labels.npy"), np.arange(num_images, dtype=np.int64) % 3)
+    for chunk, start in enumerate(range(0, num_images, chunk_size)):
+        rows = min(chunk_size, num_images - start)
+        np.save(os.path.join(root, f"chunk_{chunk:06d}.npy"), np.ones((rows, 2, 2, 4, 2, 2), np.float16))
+    return str(root)
+
+
+def test_latent_dataset_opens_a_good_folder(tmp_path):
+    ds = LatentDataset(write_latent_folder(tmp_path / "lat"))
+    assert len(ds) == 10 and ds[9][0].shape == (4, 2, 2) and ds[9][1] == 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: open(p, "r+b").truncate(100), "is truncated or not a .npy file"),
+    (lambda p: np.save(p, np.ones((3, 2, 2, 4, 2, 2), np.float16)), "expected float16/32 (4, 2, 2, 4, 2, 2)"),
+    (lambda p: np.save(p, np.ones((4, 2, 2, 4, 2, 2), np.int32)), "holds int32"),
+    (lambda p: open(p, "wb").write(os.urandom(500)), "is truncated or not a .npy file"),
+])
+def test_latent_dataset_names_a_bad_shard(tmp_path, damage, message):
+    root = write_latent_folder(tmp_path / "lat")
+    shard = os.path.join(root, "chunk_000001.npy")
+    damage(shard)
+    with pytest.raises(DataError, match="latent shard " + re.escape(shard) + ".*" + re.escape(message)):
+        LatentDataset(root)
+
+
+def test_latent_dataset_bad_meta_and_labels(tmp_path):
+    root = write_latent_folder(tmp_path / "lat")
+    np.save(os.path.join(root, "labels.npy"), np.zeros(7, np.int64))
+    with pytest.raises(DataError, match="labels.npy holds \\(7,\\) labels, meta.json says 10 images"):
+        LatentDataset(root)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
+        LatentDataset(root)
+    with open(os.path.join(root, "meta.json"), "w") as f:
+        json.dump({"num_images": 10}, f)
+    with pytest.raises(DataError, match="lacks chunk_size, latent_shape, num_classes, image_size"):
+        LatentDataset(root)
+    with pytest.raises(MissingDataError, match="meta.json missing"):
+        LatentDataset(str(tmp_path / "nowhere"))
 
 
 # ----------------------------------------------------------------------------- sinusoids

@@ -1,0 +1,215 @@
+"""What train.py checks before it creates anything on disk, and when it resumes.
+
+Every function raises :class:`cli.UsageError` with one line naming the problem and the fix:
+
+- :func:`check_args`: numbers that make no sense (batch 0, ``--max-steps 0``, ...), an ``--exp-name`` that
+  would write outside ``--results-dir``, a missing optional logger.
+- :func:`check_ignored_flags`: flags the chosen data, or ``--no-anm``, would silently ignore.
+- :func:`check_run_folder`: a rerun under an existing experiment name without ``--resume``.
+- :func:`load_checkpoint` / :func:`newest_loadable_checkpoint`: an empty, truncated or foreign file.
+- :func:`check_resume_compatible`: a checkpoint of another model, data set or batch size.
+
+Example:
+    >>> from checks import check_exp_name
+    >>> check_exp_name("SiT-B-4-latents-anm")
+    >>> check_exp_name("../x")
+    Traceback (most recent call last):
+    ...
+    cli.UsageError: --exp-name '../x' must be a plain folder name (no '/', '..' or absolute path): ...
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import pickle
+import re
+import zipfile
+from typing import Any
+
+import torch
+from cli import UsageError
+
+__all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
+           "checkpoint_paths", "load_checkpoint", "newest_loadable_checkpoint", "check_resume_compatible",
+           "CHECKPOINT_KEYS"]
+
+# What a train.py checkpoint must hold to resume from it.
+CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "epoch", "epoch_step", "rng", "world_size", "args",
+                   "model_config")
+# Settings that decide which sample a step sees: changing them mid-run would silently change the data
+# stream (the saved position is a batch index, meaningless under another batch size or data set).
+STREAM_SETTINGS = ("data", "data_size", "global_batch_size", "global_seed")
+# Files that mark a folder as holding a run.
+RUN_FILES = ("log.csv", "log.txt", "args.json")
+
+
+def check_args(args: argparse.Namespace, world_size: int) -> None:
+    """Argument problems that need no file: counts, divisibility, ignored flags, the experiment name."""
+    positive = dict(global_batch_size=args.global_batch_size, max_steps=args.max_steps, epochs=args.epochs,
+                    ckpt_every=args.ckpt_every, log_every=args.log_every, grad_accum_steps=args.grad_accum_steps,
+                    eval_batch_size=args.eval_batch_size, sample_grid=args.sample_grid,
+                    sample_num_steps=args.sample_num_steps, eval_samples=args.eval_samples)
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("_", "-")
+            hint = " (nothing to train)" if name in ("max_steps", "epochs") else ""
+            raise UsageError(f"{flag} must be > 0, got {value}{hint}")
+    for name in ("eval_every", "sample_every", "num_workers", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0 = never/none), got {getattr(args, name)}")
+    for name in ("hidden_size", "depth", "num_heads", "image_size", "data_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.ema_decay <= 1:
+        raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm} (leave it out to not clip)")
+    per_step = world_size * args.grad_accum_steps
+    if args.global_batch_size % per_step:
+        raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} "
+                         f"process(es) x --grad-accum-steps {args.grad_accum_steps}: use a multiple of {per_step}")
+    check_exp_name(args.exp_name)
+    check_loggers(args.report_to)
+
+
+def check_exp_name(name: str | None) -> None:
+    """An experiment name is one folder inside --results-dir: no separators, no '..', not absolute."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
+        raise UsageError(f"--exp-name {name!r} must be a plain folder name (no '/', '..' or absolute path): "
+                         "the run folder is <--results-dir>/<--exp-name>")
+
+
+def check_ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flags that the chosen data (or --no-anm) would silently ignore are refused: the user meant something.
+
+    A flag counts as given when its value differs from the parser's default."""
+    ignored: list[str] = []
+    if args.data == "latents" and args.image_size is not None:
+        ignored.append("--image-size (the latents' meta.json sets the size)")
+    if args.data != "sinusoid" and args.data_size is not None:
+        ignored.append(f"--data-size (only --data sinusoid generates images; --data {args.data} has its own size)")
+    if args.data == "sinusoid" and args.data_path is not None:
+        ignored.append("--data-path (--data sinusoid generates its images)")
+    if args.data in ("sinusoid", "fashion-mnist") and args.eval_data_path is not None:
+        ignored.append(f"--eval-data-path (--data {args.data} brings its own held-out set)")
+    if not args.anm:
+        ignored += [f"--{name.replace('_', '-')} (ANM is off: add --anm)" for name in sorted(vars(args))
+                    if name.startswith("anm_") and getattr(args, name) != parser.get_default(name)]
+    if ignored:
+        raise UsageError(f"{ignored[0]} would be ignored: drop it")
+
+
+def check_loggers(report_to: list[str]) -> None:
+    """The optional loggers of --report-to must be installed before the run starts."""
+    packages = {"tensorboard": "tensorboard", "wandb": "wandb"}
+    for name in report_to:
+        if name in packages and importlib.util.find_spec(packages[name]) is None:
+            raise UsageError(f"--report-to {name} needs the {packages[name]} package: "
+                             f"pip install {packages[name]} (or drop --report-to {name}; log.csv is always written)")
+
+
+def check_writable_path(path: str) -> None:
+    """Raise now if ``path`` (a folder, maybe not yet created) could not be created and written."""
+    from atomic import check_writable
+
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"cannot create {path}: {existing} is a file, not a folder; choose another --results-dir")
+    check_writable(existing)
+
+
+def checkpoint_paths(checkpoint_dir: str) -> list[str]:
+    """train.py checkpoints (``<step>.pt``) in a folder, newest (highest step) first."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt"))
+             if re.fullmatch(r"\d+\.pt", os.path.basename(p))]
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[:-3]), reverse=True)
+
+
+def check_run_folder(experiment_dir: str, resume: str | None) -> None:
+    """Refuse to start a second run in a folder that holds one: the two would overwrite and mix.
+
+    ``--resume auto`` continues the folder's own run; ``--resume PATH`` may continue it from one of its own
+    checkpoints, or branch another run's checkpoint into a new folder.
+    """
+    checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+    if resume == "auto" or not os.path.isdir(experiment_dir):
+        return
+    if resume is not None and os.path.abspath(os.path.dirname(resume)) == os.path.abspath(checkpoint_dir):
+        return
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(experiment_dir, name))]
+    checkpoints = checkpoint_paths(checkpoint_dir)
+    if checkpoints:
+        found.append(f"{len(checkpoints)} checkpoint(s)")
+    if found:
+        raise UsageError(f"{experiment_dir} already holds a run ({', '.join(found)}): continue it with "
+                         "--resume auto, or start a new one under another --exp-name")
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A train.py checkpoint, or UsageError naming the file if it is missing, unreadable or incomplete."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist: check --resume (or use --resume auto)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, zipfile.BadZipFile,
+            pickle.UnpicklingError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"checkpoint {path} is unreadable (empty, truncated or not a checkpoint: {reason}): "
+                         "resume from another one, or delete it") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UsageError(f"checkpoint {path} lacks {', '.join(missing)}: not a train.py checkpoint (or an "
+                         "incomplete one); resume from another one")
+    return checkpoint
+
+
+def newest_loadable_checkpoint(checkpoint_dir: str) -> tuple[str | None, list[str]]:
+    """(path of the newest checkpoint that loads, warnings naming the newer ones that do not).
+
+    None when the folder holds no checkpoint; UsageError when it holds some but none loads.
+    """
+    warnings: list[str] = []
+    paths = checkpoint_paths(checkpoint_dir)
+    for path in paths:
+        try:
+            load_checkpoint(path)
+        except UsageError as error:
+            warnings.append(f"skipping {error}")
+            continue
+        return path, warnings
+    if paths:
+        raise UsageError(f"none of the {len(paths)} checkpoint(s) in {checkpoint_dir} loads ({warnings[0]}): "
+                         "resume from a good copy with --resume PATH, or start a new --exp-name")
+    return None, warnings
+
+
+def check_resume_compatible(checkpoint: dict, path: str, args: argparse.Namespace, model_config: dict,
+                            num_items: int, steps_per_epoch: int) -> None:
+    """The checkpoint's model and data stream must be the ones these arguments build."""
+    saved_config = checkpoint["model_config"]
+    differing = [f"{key}={saved_config.get(key)!r} (now {value!r})" for key, value in model_config.items()
+                 if saved_config.get(key) != value]
+    if differing:
+        raise UsageError(f"checkpoint {path} is another model: {', '.join(differing)}; resume with the flags it "
+                         "was trained with (its args are stored inside), or start a new --exp-name")
+    saved_args = checkpoint["args"]
+    differing = [f"--{key.replace('_', '-')} {saved_args.get(key)!r} (now {getattr(args, key)!r})"
+                 for key in STREAM_SETTINGS if key in saved_args and saved_args.get(key) != getattr(args, key)]
+    saved_items = checkpoint.get("num_items")
+    if saved_items is not None and saved_items != num_items:
+        differing.append(f"a data set of {saved_items} items (now {num_items})")
+    elif not 0 <= checkpoint["epoch_step"] < steps_per_epoch:  # checkpoints that predate num_items
+        differing.append(f"batch {checkpoint['epoch_step']} of an epoch (now {steps_per_epoch} batches per epoch)")
+    if differing:
+        raise UsageError(f"checkpoint {path} was trained with {', '.join(differing)}: its data position only "
+                         "means something with the same data and global batch; resume with those settings "
+                         "(--grad-accum-steps and the number of processes may change), or start a new --exp-name")
