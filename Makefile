@@ -3,8 +3,13 @@
 #   make test   - the test suite (fast; `make test-slow` runs the slow tests too)
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; on a GPU machine: make TORCH="torch" ...
+# The torch to install, from pip's configured index (CI tests torch 2.13.0 on CPU). Which build that is
+# depends on the index: on PyPI, torch==2.13.0 for Linux x86-64 is the CUDA build, with NVIDIA's libraries
+# as extra wheels. For the CPU build on Linux: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Another version: make test TORCH="torch>=2.4"
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 BIN := $(VENV)/bin
 
 .PHONY: test test-slow demo lint bench clean
@@ -13,12 +18,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.dev: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,examples,eval]"
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,examples,eval,integrations]"
 	touch $@
 
 $(VENV)/.examples: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[examples]"
 	touch $@
 

@@ -57,7 +57,8 @@ def test_timm_forward_intermediates():
 @pytest.mark.parametrize("bad, match", [
     (torch.zeros(2, 3, 4), "sequence"), ([torch.zeros(2, 3, 4)], "at least one block"),
     ([torch.zeros(2, 3, 4), torch.zeros(2, 5, 4)], "same residual stream"),
-    ([torch.zeros(2, 3, 4), "x"], "floating-point"), ([torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long)], "floating"),
+    ([torch.zeros(2, 3, 4), "x"], "floating-point"),
+    ([torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long)], "floating"),
 ])
 def test_bad_input_names_the_fix(bad, match):
     with pytest.raises(anm.ANMError, match=match):

@@ -67,8 +67,9 @@ if transformers is not None:
             self.anm_reg = anm_reg
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            kwargs = {"num_items_in_batch": num_items_in_batch}
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             if model.training:  # not in evaluate() / predict()
                 term = self.anm_reg.loss(step=self.state.global_step)  # optimizer steps taken so far
                 if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
@@ -243,6 +244,7 @@ def lightning_run(tmp_path: Path, model: nn.Module, max_steps: int, ckpt_path: s
     return lit, trainer
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed", "ignore:You're resuming from a checkpoint that ended")
 def test_lightning_accumulation_logging_checkpoint_and_resume(tmp_path):
     pytest.importorskip("lightning")
     model = tiny_transformer()
