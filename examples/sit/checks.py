@@ -23,17 +23,15 @@ import argparse
 import glob
 import importlib.util
 import os
-import pickle
 import re
-import zipfile
 from typing import Any
 
 import torch
 from cli import UsageError
 
 __all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
-           "checkpoint_paths", "load_checkpoint", "newest_loadable_checkpoint", "check_resume_compatible",
-           "CHECKPOINT_KEYS"]
+           "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
+           "check_resume_compatible", "CHECKPOINT_KEYS"]
 
 # What a train.py checkpoint must hold to resume from it.
 CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "epoch", "epoch_step", "rng", "world_size", "args",
@@ -154,17 +152,28 @@ def check_run_folder(experiment_dir: str, resume: str | None) -> None:
                          "--resume auto, or start a new one under another --exp-name")
 
 
+def read_checkpoint(path: str, flag: str = "--ckpt") -> Any:
+    """``torch.load(path)`` on the CPU, weights only; UsageError naming the file (and ``flag``) when it is
+    missing, a folder, empty, truncated, corrupt or not a PyTorch checkpoint."""
+    if not os.path.exists(path):
+        raise UsageError(f"checkpoint {path} does not exist: check {flag}")
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint {path} is a folder: pass the .pt file, e.g. <run>/checkpoints/0400000.pt")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"checkpoint {path} is empty (0 bytes): copy it again or choose another {flag}")
+    try:
+        # weights_only keeps loading safe; train.py's checkpoints may also hold an argparse Namespace.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 — arbitrary bytes make the unpickler raise almost anything
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
+                         f"({reason[:200]}); copy it again or choose another {flag}") from error
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """A train.py checkpoint, or UsageError naming the file if it is missing, unreadable or incomplete."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist: check --resume (or use --resume auto)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (EOFError, RuntimeError, OSError, ValueError, KeyError, zipfile.BadZipFile,
-            pickle.UnpicklingError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"checkpoint {path} is unreadable (empty, truncated or not a checkpoint: {reason}): "
-                         "resume from another one, or delete it") from error
+    checkpoint = read_checkpoint(path, flag="--resume (or use --resume auto)")
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise UsageError(f"checkpoint {path} lacks {', '.join(missing)}: not a train.py checkpoint (or an "

@@ -3,7 +3,8 @@
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` / ``MASTER_PORT`` in the
 environment) :func:`setup_distributed` joins the group — NCCL with one GPU per process when CUDA is
 available, gloo on the CPU — and otherwise returns a single-process context. Scripts call
-:func:`barrier` and :func:`cleanup` unconditionally; both do nothing without a group.
+:func:`barrier` and :func:`cleanup` unconditionally; both do nothing without a group, as
+:func:`all_mean` and :func:`gather_objects` do nothing in a single process.
 
 Example:
     >>> from distributed import setup_distributed, barrier, cleanup
@@ -14,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "cleanup"]
+__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "all_mean", "gather_objects",
+           "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Mean over ranks (identity in a single process)."""
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world_size
+    return values
+
+
+def gather_objects(obj: Any, world_size: int) -> list[Any]:
+    """obj (tensors, containers, numbers) from every rank, in rank order (on every rank)."""
+    if world_size == 1:
+        return [obj]
+    # Sent as torch.save bytes: all_gather_object's own pickling of tensors fails to load in some versions.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in out]
 
 
 def cleanup(ctx: DistContext) -> None:

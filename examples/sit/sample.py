@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
-import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from atomic import atomic_write
+from checks import read_checkpoint
 from cli import UsageError, run
 from data import LATENT_SCALE
 from models import SiT, SiT_models, create_model, load_official_checkpoint
@@ -37,24 +36,6 @@ OFFICIAL_DEFAULTS = dict(image_size=256, num_classes=1000)  # flags that only de
 #################################################################################
 #                             Checkpoint loading                                #
 #################################################################################
-
-def read_checkpoint(path: str) -> Any:
-    """torch.load(path) on the CPU (weights only); a missing, empty, truncated or foreign file raises
-    cli.UsageError naming it."""
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path} does not exist: check --ckpt")
-    if os.path.isdir(path):
-        raise UsageError(f"checkpoint {path} is a folder: pass the .pt file, e.g. <run>/checkpoints/0400000.pt")
-    if os.path.getsize(path) == 0:
-        raise UsageError(f"checkpoint {path} is empty (0 bytes): copy it again or choose another --ckpt")
-    try:
-        # weights_only keeps loading safe; train.py's checkpoints may also hold an argparse Namespace.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise UsageError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
-                         f"({type(error).__name__}); copy it again or choose another --ckpt") from error
-
 
 def _load_error(path: str, error: Exception) -> UsageError:
     """A state_dict mismatch as one line: the first missing / unexpected / mis-sized keys."""

@@ -17,56 +17,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import glob
-import inspect
-import io
-import json
 import logging
 import os
-import random
 import re
 import sys
 import time
 from collections import OrderedDict
 from copy import deepcopy
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from atomic import atomic_write, remove_stale_temps
-from checks import (
-    check_args,
-    check_ignored_flags,
-    check_resume_compatible,
-    check_run_folder,
-    check_writable_path,
-    checkpoint_paths,
-    load_checkpoint,
-    newest_loadable_checkpoint,
-)
+from checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
+from checks import check_args, check_ignored_flags, checkpoint_paths
 from cli import UsageError, run
-from data import LATENT_SCALE, DataError, build_dataset
-from distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
-from heldout import HeldoutSet, fm_loss, make_heldout
+from data import LATENT_SCALE, DataError
+from distributed import DistContext, all_mean, cleanup, setup_distributed
+from heldout import HeldoutSet, fm_loss
 from models import SIT_SIZES, SiT
-from sample import decode_to_uint8, generate, load_vae, save_grid
+from run_log import MetricLog, create_logger
+from sample import decode_to_uint8, generate, save_grid
 from samplers import Sampler as FlowSampler
+from streams import seed_everything
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from train_data import TrainData, load_data
 from transport import Transport, create_transport
 
 import anm
 
 DEFAULT_MAX_STEPS = 400_000  # the paper's SiT-XL/2 schedule
 DEFAULT_SINUSOIDS = 100_000  # images of --data sinusoid
-LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "grad_norm", "steps_per_sec", "img_per_sec",
-              "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
 
 
 #################################################################################
@@ -88,253 +70,7 @@ def requires_grad(model: nn.Module, flag: bool = True) -> None:
 
 
 #################################################################################
-#                                    Logging                                    #
-#################################################################################
-
-class TqdmHandler(logging.StreamHandler):
-    """Log lines printed above the progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record))
-
-
-def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> logging.Logger:
-    """A logger that writes plain text to the console and <logging_dir>/log.txt on rank 0, silent elsewhere."""
-    logger = logging.getLogger("sit-train")
-    for handler in logger.handlers:  # main() may run several times in one process (tests, demo.py)
-        handler.close()
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0 and logging_dir is not None:
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(logging_dir, "log.txt"))]
-        if console:
-            handlers.append(TqdmHandler())
-        for handler in handlers:
-            handler.setFormatter(fmt)
-            logger.addHandler(handler)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
-
-
-class CSVLog:
-    """CSV of logged metrics, one row per logged step. A row with new columns (e.g. ANM stats after the
-    step-0 evaluation) rewrites the header; on resume, rows past the resumed step are dropped so the log
-    matches the weights."""
-
-    def __init__(self, path: str, resume_step: int | None) -> None:
-        self.path, self.fields = path, None
-        rows: list[dict] = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = reader.fieldnames
-                rows = [row for row in reader if int(row["step"]) <= resume_step]
-        if self.fields is not None:
-            self._rewrite(rows)
-        elif os.path.exists(path):
-            os.remove(path)  # a run that stopped before its first checkpoint: its log starts over too
-
-    def _rewrite(self, rows: list[dict]) -> None:
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=self.fields, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        with atomic_write(self.path) as f:
-            f.write(text.getvalue().encode())
-
-    def write(self, row: dict) -> None:
-        """Append one row (columns not seen before extend the header)."""
-        if self.fields is None or any(key not in self.fields for key in row):
-            rows = []
-            if self.fields is not None:
-                with open(self.path, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            self.fields = list(self.fields or []) + [key for key in row if key not in (self.fields or [])]
-            self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
-
-
-class MetricLog:
-    """Where logged rows go: log.csv always (rank 0), plus TensorBoard and/or Weights & Biases (--report-to)."""
-
-    def __init__(self, args: argparse.Namespace, experiment_dir: str, resume_step: int | None, rank: int) -> None:
-        self.csv = CSVLog(os.path.join(experiment_dir, "log.csv"), resume_step) if rank == 0 else None
-        self.tensorboard = self.wandb = None
-        if rank == 0 and "tensorboard" in args.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tb"))
-        if rank == 0 and "wandb" in args.report_to:  # WANDB_MODE=offline logs without a network
-            import wandb
-            self.wandb = wandb.init(project="anm-sit", name=os.path.basename(experiment_dir), dir=experiment_dir,
-                                    config=vars(args), resume="allow")
-
-    def write(self, row: dict) -> None:
-        """One row: LOG_FIELDS first (blank when absent), then any other keys (e.g. ANM statistics)."""
-        row = {k: row.get(k, "") for k in LOG_FIELDS} | {k: v for k, v in row.items() if k not in LOG_FIELDS}
-        if self.csv is not None:
-            self.csv.write(row)
-        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(key, value, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=row["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-#################################################################################
-#                          Processes and random streams                         #
-#################################################################################
-
-def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Mean over ranks (identity in a single process)."""
-    if world_size > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= world_size
-    return values
-
-
-def gather_objects(obj: Any, world_size: int) -> list[Any]:
-    """obj (tensors, containers, numbers) from every rank, in rank order (on every rank)."""
-    if world_size == 1:
-        return [obj]
-    # Sent as torch.save bytes: all_gather_object's own pickling of tensors fails to load in some versions.
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, buffer.getvalue())
-    return [torch.load(io.BytesIO(data), weights_only=True) for data in out]
-
-
-def rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    """Every random stream a training step draws from, for bit-exact resume."""
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_torch(np.random.get_state()),
-        "torch": torch.get_rng_state(),  # label dropout
-        "generator": generator.get_state(),  # VAE posterior samples (--data imagenet)
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _numpy_state_to_torch(state: tuple) -> tuple:
-    # numpy's key array as a tensor, so checkpoints load with torch.load(weights_only=True).
-    name, keys, pos, has_gauss, cached = state
-    return name, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(cached)
-
-
-def set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    """Inverse of rng_state."""
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
-    """Seed python, numpy and torch with this rank's seed; returns the generator of the VAE posterior samples."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the reference trains in fp32 with TF32
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    return torch.Generator(device).manual_seed(seed)
-
-
-#################################################################################
-#                   Data stream (resumable, one seed per item)                  #
-#################################################################################
-
-class StreamSampler(Sampler):
-    """DistributedSampler's shuffled per-rank order (drop_last), startable mid-epoch; yields
-    (index, item seed) so that per-item draws replay identically after a resume.
-
-    Step s of an epoch holds the items at positions [s*B, (s+1)*B) of the shuffled order for any number of
-    processes (rank r takes every world_size-th of them), so the data stream depends on the global batch B
-    alone."""
-
-    def __init__(self, num_items: int, local_batch: int, rank: int, world_size: int, seed: int) -> None:
-        self.order = DistributedSampler(range(num_items), world_size, rank, shuffle=True, seed=seed,
-                                        drop_last=True)
-        self.local_batch, self.seed = local_batch, seed
-        self.steps_per_epoch = len(self.order) // local_batch
-        if self.steps_per_epoch == 0:
-            raise UsageError(f"the data set of {num_items} items is too small for a global batch of "
-                             f"{local_batch * world_size}: lower --global-batch-size")
-        self.epoch, self.start_step = 0, 0
-
-    def set_position(self, epoch: int, start_step: int) -> None:
-        """Next iteration yields epoch `epoch` from its `start_step`-th batch on."""
-        if not 0 <= start_step < self.steps_per_epoch:
-            raise ValueError(f"batch {start_step} of an epoch of {self.steps_per_epoch} batches")
-        self.epoch, self.start_step = epoch, start_step
-        self.order.set_epoch(epoch)
-
-    def __iter__(self):
-        begin, end = self.start_step * self.local_batch, self.steps_per_epoch * self.local_batch
-        for index in list(self.order)[begin:end]:
-            yield index, ((self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + index) % 2**63
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.local_batch
-
-
-class SeededItems(Dataset):
-    """Wraps a dataset so each item is drawn with its own RNG seeded by the sampler (see StreamSampler), and
-    adds the item's flow-matching noise (of noise_shape) and uniform time draw from a second per-item stream.
-
-    Because noise and t belong to the item, not to a process, a step trains on the same numbers however
-    its batch is split over processes (DDP) or micro-batches (--grad-accum-steps)."""
-
-    def __init__(self, dataset: Dataset, noise_shape: tuple[int, ...]) -> None:
-        self.dataset, self.noise_shape = dataset, noise_shape
-        self.takes_generator = "generator" in inspect.signature(type(dataset).__getitem__).parameters
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-        index, seed = key
-        draws = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
-        noise = torch.randn(self.noise_shape, generator=draws)
-        u = torch.rand((), generator=draws)
-        return *self._item(index, seed), noise, u
-
-    def _item(self, index: int, seed: int) -> tuple[torch.Tensor, int]:
-        if self.takes_generator:
-            return self.dataset.__getitem__(index, generator=torch.Generator().manual_seed(seed))
-        # Datasets that draw from the global RNGs (e.g. a random flip): seed them per item, then restore
-        # the training process's own streams (with num_workers=0 this runs in the main process).
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-
-#################################################################################
-#                               Setup: model and data                           #
+#                                  Setup: model                                 #
 #################################################################################
 
 def parse_model_name(name: str) -> tuple[str, int]:
@@ -374,97 +110,6 @@ def anm_layers(spec: str) -> str | list[str]:
     return spec if "," not in spec else [part.strip() for part in spec.split(",") if part.strip()]
 
 
-def data_kwargs(args: argparse.Namespace, path: str | None) -> dict:
-    """Keyword arguments of data.build_dataset for --data."""
-    if args.data == "sinusoid":
-        return dict(num_samples=args.data_size, image_size=args.image_size, seed=args.global_seed)
-    if args.data == "fashion-mnist":
-        return dict(root=path, split="train", image_size=args.image_size)
-    if path is None:
-        raise UsageError(f"--data {args.data} needs --data-path")
-    if args.data == "imagenet":
-        return dict(root=path, image_size=args.image_size)
-    return dict(path=path)
-
-
-@dataclass
-class TrainData:
-    """The training stream and what the model needs to know about it."""
-
-    dataset: Dataset
-    sampler: StreamSampler
-    loader: DataLoader
-    vae: nn.Module | None  # imagenet: encodes the images every step; latents: decodes the sample grids
-    encode: bool  # whether the training images go through the VAE (--data imagenet)
-    in_channels: int
-    input_size: int
-    num_classes: int
-    heldout: HeldoutSet | None
-
-
-def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainData:
-    """The data set, the resumable loader of this rank's share of each global batch, and the held-out set."""
-    try:
-        dataset, channels, size, num_classes = build_dataset(args.data, **data_kwargs(args, args.data_path))
-    except DataError as error:
-        raise UsageError(str(error)) from error
-    vae = None
-    if args.data == "imagenet":
-        vae = load_vae(args.vae, ctx.device)
-    elif args.data == "latents" and args.sample_every > 0:
-        try:
-            vae = load_vae(args.vae, ctx.device)
-        except UsageError as error:
-            raise UsageError(f"{error} (the VAE decodes the sample grids; --sample-every 0 trains without it)") \
-                from error
-    in_channels, input_size = (channels, size)
-    if args.data == "imagenet":  # the model sees latents: the VAE's channels, at its downsampling
-        in_channels, input_size = vae.config.latent_channels, size // 2 ** (len(vae.config.block_out_channels) - 1)
-    local_batch = args.global_batch_size // ctx.world_size
-    sampler = StreamSampler(len(dataset), local_batch, ctx.rank, ctx.world_size, seed=args.global_seed)
-    loader = DataLoader(
-        SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
-        num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
-        generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
-    )
-    encode = args.data == "imagenet"
-    heldout = build_heldout(args, dataset, size, ctx.device, vae if encode else None) if args.eval_every > 0 else None
-    return TrainData(dataset, sampler, loader, vae, encode, in_channels, input_size, num_classes, heldout)
-
-
-def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, device: torch.device,
-                  vae: nn.Module | None) -> HeldoutSet:
-    """The fixed held-out set of the FM-loss evaluation (see heldout.py).
-
-    sinusoid: fresh images from another seed; fashion-mnist: the test split; imagenet/latents: the
-    dataset at --eval-data-path, else the last --eval-samples items of the training set (then it is
-    a fixed monitoring set, not a held-out one)."""
-    try:
-        if args.data == "sinusoid":
-            dataset = build_dataset("sinusoid", num_samples=args.eval_samples, image_size=image_size,
-                                    seed=args.global_seed + 1_000_003)[0]
-        elif args.data == "fashion-mnist":
-            dataset = build_dataset("fashion-mnist", root=args.data_path, split="test", image_size=image_size)[0]
-        elif args.eval_data_path is not None:
-            dataset = build_dataset(args.data, **data_kwargs(args, args.eval_data_path))[0]
-        else:
-            dataset = train_set
-    except DataError as error:
-        raise UsageError(f"held-out set: {error}") from error
-    n = min(args.eval_samples, len(dataset))
-    start = len(dataset) - n if dataset is train_set else 0
-    gen = torch.Generator().manual_seed(12345)  # fixed: every run sees the same held-out items
-    takes_generator = "generator" in inspect.signature(type(dataset).__getitem__).parameters
-    items = [dataset.__getitem__(i, generator=gen) if takes_generator else dataset[i]
-             for i in range(start, start + n)]
-    x = torch.stack([item[0] for item in items]).to(device)
-    y = torch.tensor([int(item[1]) for item in items], device=device)
-    if vae is not None:
-        with torch.no_grad():
-            x = torch.cat([vae.encode(chunk).latent_dist.mean * LATENT_SCALE for chunk in x.split(32)])
-    return make_heldout(x, y, seed=12345)
-
-
 def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
     wrapper or None, AdamW)."""
@@ -497,94 +142,6 @@ def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
     if args.epochs is not None:
         limits.append(args.epochs * steps_per_epoch)
     return min(limits) if limits else DEFAULT_MAX_STEPS
-
-
-def experiment_name(args: argparse.Namespace) -> str:
-    """--exp-name, or <model>-<data>-<anm|baseline>."""
-    return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
-
-
-#################################################################################
-#                           Run folder and checkpoints                          #
-#################################################################################
-
-def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, list[str]]:
-    """Check the run folder and pick the checkpoint to resume from: (path or None, warnings to log)."""
-    check_writable_path(os.path.join(experiment_dir, "checkpoints"))
-    check_run_folder(experiment_dir, args.resume)
-    if args.resume == "auto":
-        return newest_loadable_checkpoint(os.path.join(experiment_dir, "checkpoints"))
-    return args.resume, []
-
-
-def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
-    """Delete `<step>.pt.tmp-<pid>` files of dead processes: the temp names of train.py before atomic.py."""
-    removed = []
-    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt.tmp-*")):
-        match = re.fullmatch(r"\d+\.pt\.tmp-(\d+)", os.path.basename(path))
-        if match is None:
-            continue
-        try:
-            os.kill(int(match[1]), 0)
-            continue  # its process still runs
-        except ProcessLookupError:
-            os.remove(path)
-            removed.append(path)
-        except PermissionError:  # another user's live process
-            continue
-    return removed
-
-
-def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict,
-                    data: TrainData) -> tuple[str, dict | None, list[str]]:
-    """Validate the run folder and the resume checkpoint (rank 0 decides, every rank follows), then create
-    the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
-    experiment_dir = os.path.join(args.results_dir, experiment_name(args))
-    decision: tuple | str = ""
-    if ctx.is_main:
-        try:
-            decision = plan_resume(args, experiment_dir)
-        except UsageError as error:
-            decision = str(error)
-    decision = broadcast_object(decision)
-    if isinstance(decision, str):
-        raise UsageError(decision)
-    resume_path, warnings = decision
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None:
-        check_resume_compatible(checkpoint, resume_path, args, config, len(data.dataset), data.sampler.steps_per_epoch)
-    if ctx.is_main:
-        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
-        stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
-        warnings += [f"removed {path} (left by a killed process)" for path in stale]
-        with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
-            f.write(json.dumps(vars(args), indent=1).encode())
-    barrier()
-    return experiment_dir, checkpoint, warnings
-
-
-def restore(checkpoint: dict | None, raw: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
-            anm_model: anm.ANM | None, generator: torch.Generator, ctx: DistContext, seed: int,
-            logger: logging.Logger) -> tuple[int, int, int]:
-    """Load a checkpoint (if any) into the models, optimizer and RNGs; returns (step, epoch, batch in epoch)."""
-    if checkpoint is None:
-        return 0, 0, 0
-    raw.load_state_dict(checkpoint["model"])
-    ema.load_state_dict(checkpoint["ema"])
-    opt.load_state_dict(checkpoint["opt"])  # after creating the optimizer (a reference bug otherwise)
-    if anm_model is not None and checkpoint.get("anm") is not None:
-        anm_model.load_anm_state_dict(checkpoint["anm"])
-    step = checkpoint["step"]
-    if checkpoint["world_size"] == ctx.world_size:
-        set_rng_state(checkpoint["rng"][ctx.rank], generator, ctx.device)
-    else:  # the data, noise and t of each step do not depend on the world size; label dropout is reseeded
-        logger.info(f"world size changed ({checkpoint['world_size']} -> {ctx.world_size}): reseeding RNGs")
-        generator.manual_seed(seed + step)
-        torch.manual_seed(seed + step)
-    logger.info(f"Resumed at step {step} (epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
-    return step, checkpoint["epoch"], checkpoint["epoch_step"]
 
 
 #################################################################################
@@ -622,50 +179,6 @@ def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args
     if anm_model is not None:
         row.update(anm_model.stats())  # anm/norm/<layer> etc., at this step
     return row
-
-
-def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked_step: int, step: int,
-                 checkpoint_dir: str) -> int:
-    """Stop the run if a loss since the last check (at checked_step), or a weight, is NaN or infinite (one
-    device sync, at log and checkpoint steps only); returns step, the new last checked step."""
-    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all()
-    finite = torch.isfinite(running).all() & weights_finite
-    if all_mean(finite.float(), world_size).item() == 1.0:
-        return step
-    newest = checkpoint_paths(checkpoint_dir)
-    kept = f"the newest checkpoint, {newest[0]}, is from before" if newest else "no checkpoint was saved"
-    raise UsageError(f"the loss became NaN or infinite between steps {checked_step + 1} and {step}; {kept}. Lower --lr "
-                     "(or --max-grad-norm), check the data, and resume with --resume auto")
-
-
-def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
-                    opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
-                    args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext) -> str:
-    """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
-    included), atomically and durably. Returns its path."""
-    path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
-    rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
-    failure = ""
-    if ctx.is_main:
-        state = {
-            "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "step": step, "epoch": epoch, "epoch_step": epoch_step, "num_items": num_items,  # data position
-            "rng": rng, "world_size": ctx.world_size,
-            "anm": anm_model.anm_state_dict() if anm_model is not None else None,
-            "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
-            "latent": args.data in ("imagenet", "latents"),
-            "vae": args.vae if args.data in ("imagenet", "latents") else None,
-        }
-        try:
-            with atomic_write(path) as f:
-                torch.save(state, f)
-        except UsageError as error:  # a full disk: every rank stops with the message instead of waiting
-            failure = str(error)
-        except OSError as error:
-            failure = f"cannot write checkpoint {path} ({error}): fix the folder and resume with --resume auto"
-    if broadcast_object(failure):
-        raise UsageError(failure)
-    return path
 
 
 def save_sample_grid(experiment_dir: str, step: int, ema: nn.Module, transport: Transport, data: TrainData,
@@ -730,7 +243,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     max_steps = total_steps(args, steps_per_epoch)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
-    experiment_dir, checkpoint, warnings = open_experiment(args, ctx, config, data)
+    experiment_dir, checkpoint, warnings = open_experiment(args, ctx, config, len(data.dataset),
+                                                         steps_per_epoch)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
     log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, warnings)

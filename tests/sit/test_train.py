@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoints
 import pytest
+import run_log
 import torch
 import train
 
@@ -82,7 +84,7 @@ def test_resume_is_bit_exact(tmp_path: Path, straight: dict, split: int) -> None
 def test_resume_without_rng_restore_diverges(tmp_path: Path, straight: dict, monkeypatch) -> None:
     """The exact-resume test can fail: skipping the RNG restore breaks bit-equality."""
     train.main(tiny_args(tmp_path, "--max-steps", "3", *ANM_FLAGS))
-    monkeypatch.setattr(train, "set_rng_state", lambda *a, **k: None)
+    monkeypatch.setattr(checkpoints, "set_rng_state", lambda *a, **k: None)
     resumed = train.main(tiny_args(tmp_path, "--max-steps", "8", "--resume", "auto", *ANM_FLAGS))
     weight = straight["model"].final_layer.linear.weight
     assert not torch.equal(weight, resumed["model"].final_layer.linear.weight)
@@ -94,7 +96,7 @@ def test_csv_log_columns_and_outputs(tmp_path: Path) -> None:
                                "--sample-grid", "4", "--sample-num-steps", "2", "--ckpt-every", "2"))
     run = tmp_path / "run"
     fields, rows = read_csv(run / "log.csv")
-    assert fields[: len(train.LOG_FIELDS)] == train.LOG_FIELDS
+    assert fields[: len(run_log.LOG_FIELDS)] == run_log.LOG_FIELDS
     assert {"anm/norm/blocks.0", "anm/norm/blocks.1", "anm/frac_below_alpha"} <= set(fields)
     by_step = {int(row["step"]): row for row in rows}
     assert sorted(by_step) == [0, 2, 3, 4]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import streams
 import torch
 import train
 
@@ -136,13 +137,13 @@ def test_resume_may_change_grad_accumulation(results: Path) -> None:
 
 
 def test_an_empty_epoch_raises_instead_of_spinning(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(train.StreamSampler, "__iter__", lambda self: iter(()))
+    monkeypatch.setattr(streams.StreamSampler, "__iter__", lambda self: iter(()))
     with pytest.raises(RuntimeError, match="yielded no batch"):
         train.main(train.parse_args([*TINY, "--results-dir", str(tmp_path), "--max-steps", "2"]))
 
 
 def test_sampler_refuses_a_position_past_the_epoch() -> None:
-    sampler = train.StreamSampler(48, 8, 0, 1, seed=0)
+    sampler = streams.StreamSampler(48, 8, 0, 1, seed=0)
     with pytest.raises(ValueError, match="batch 6 of an epoch of 6"):
         sampler.set_position(0, 6)
 
@@ -276,8 +277,8 @@ def test_resume_auto_falls_back_to_the_newest_loadable_checkpoint(results: Path)
     out = train.main(train.parse_args([*TINY, "--results-dir", str(results), "--exp-name", "run", "--max-steps", "6",
                                        "--resume", "auto", "--ckpt-every", "2"]))
     log = (results / "run" / "log.txt").read_text()
-    assert f"warning: skipping checkpoint {checkpoints / '0000005.pt'} is unreadable" in log
-    assert f"warning: skipping checkpoint {newest} is unreadable" in log
+    assert f"warning: skipping checkpoint {checkpoints / '0000005.pt'} is empty" in log
+    assert f"warning: skipping cannot read checkpoint {newest}: truncated" in log
     assert "at step 2 (epoch 0, batch 2)" in log
     assert out["step"] == 6 and torch.load(newest, weights_only=True)["step"] == 4  # rewritten by the resumed run
 
@@ -302,8 +303,8 @@ def bad_checkpoint(kind: str, good: Path, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, message", [("empty", "unreadable"), ("truncated", "unreadable"),
-                                           ("random", "unreadable"), ("missing-keys", "lacks opt, rng"),
+@pytest.mark.parametrize("kind, message", [("empty", "is empty"), ("truncated", "cannot read checkpoint"),
+                                           ("random", "cannot read checkpoint"), ("missing-keys", "lacks opt, rng"),
                                            ("missing-file", "does not exist")])
 def test_explicit_resume_from_a_bad_file(finished: Path, tmp_path: Path, kind: str, message: str, monkeypatch,
                                          capsys) -> None:
@@ -509,3 +510,18 @@ def test_resume_position_past_the_epoch_is_refused(finished: Path, tmp_path: Pat
                            monkeypatch, capsys)
     assert code == 2 and "batch 99 of an epoch (now 6 batches per epoch)" in one_error_line(err)
     assert not (tmp_path / "r").exists()
+
+
+def test_any_junk_file_is_one_usage_error(tmp_path: Path) -> None:
+    # Arbitrary bytes make torch's unpickler raise almost anything (IndexError, TypeError, ...), not only
+    # the errors a truncated zip gives: every one must become the same one-line message.
+    import random
+
+    from checks import read_checkpoint
+    from cli import UsageError
+
+    path = tmp_path / "junk.pt"
+    for seed in range(300):
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(UsageError, match="cannot read checkpoint"):
+            read_checkpoint(str(path))

@@ -1,0 +1,162 @@
+"""A run's folder and its checkpoints: picking the checkpoint to resume from, creating the folder, loading
+a checkpoint into the models, optimizer and RNG streams, and saving one. :func:`check_finite` stops the run
+before a NaN or infinite loss or weight can reach a checkpoint.
+
+Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, samples/, log.csv, log.txt}.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import re
+
+import torch
+from atomic import atomic_write, remove_stale_temps
+from checks import (
+    check_resume_compatible,
+    check_run_folder,
+    check_writable_path,
+    checkpoint_paths,
+    load_checkpoint,
+    newest_loadable_checkpoint,
+)
+from cli import UsageError
+from distributed import DistContext, all_mean, barrier, broadcast_object, gather_objects
+from streams import rng_state, set_rng_state
+from torch import nn
+
+import anm
+
+__all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "open_experiment", "restore",
+           "check_finite", "save_checkpoint"]
+
+
+def experiment_name(args: argparse.Namespace) -> str:
+    """--exp-name, or <model>-<data>-<anm|baseline>."""
+    return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
+
+
+def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, list[str]]:
+    """Check the run folder and pick the checkpoint to resume from: (path or None, warnings to log)."""
+    check_writable_path(os.path.join(experiment_dir, "checkpoints"))
+    check_run_folder(experiment_dir, args.resume)
+    if args.resume == "auto":
+        return newest_loadable_checkpoint(os.path.join(experiment_dir, "checkpoints"))
+    return args.resume, []
+
+
+def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
+    """Delete `<step>.pt.tmp-<pid>` files of dead processes: the temp names of train.py before atomic.py."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt.tmp-*")):
+        match = re.fullmatch(r"\d+\.pt\.tmp-(\d+)", os.path.basename(path))
+        if match is None:
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+            continue  # its process still runs
+        except ProcessLookupError:
+            os.remove(path)
+            removed.append(path)
+        except PermissionError:  # another user's live process
+            continue
+    return removed
+
+
+def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, num_items: int,
+                    steps_per_epoch: int) -> tuple[str, dict | None, list[str]]:
+    """Validate the run folder and the resume checkpoint (rank 0 decides, every rank follows), then create
+    the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
+    experiment_dir = os.path.join(args.results_dir, experiment_name(args))
+    decision: tuple | str = ""
+    if ctx.is_main:
+        try:
+            decision = plan_resume(args, experiment_dir)
+        except UsageError as error:
+            decision = str(error)
+    decision = broadcast_object(decision)
+    if isinstance(decision, str):
+        raise UsageError(decision)
+    resume_path, warnings = decision
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_resume_compatible(checkpoint, resume_path, args, config, num_items, steps_per_epoch)
+    if ctx.is_main:
+        checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
+        stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
+        warnings += [f"removed {path} (left by a killed process)" for path in stale]
+        with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
+            f.write(json.dumps(vars(args), indent=1).encode())
+    barrier()
+    return experiment_dir, checkpoint, warnings
+
+
+def restore(checkpoint: dict | None, raw: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+            anm_model: anm.ANM | None, generator: torch.Generator, ctx: DistContext, seed: int,
+            logger: logging.Logger) -> tuple[int, int, int]:
+    """Load a checkpoint (if any) into the models, optimizer and RNGs; returns (step, epoch, batch in epoch)."""
+    if checkpoint is None:
+        return 0, 0, 0
+    raw.load_state_dict(checkpoint["model"])
+    ema.load_state_dict(checkpoint["ema"])
+    opt.load_state_dict(checkpoint["opt"])  # after creating the optimizer (a reference bug otherwise)
+    if anm_model is not None and checkpoint.get("anm") is not None:
+        anm_model.load_anm_state_dict(checkpoint["anm"])
+    step = checkpoint["step"]
+    if checkpoint["world_size"] == ctx.world_size:
+        set_rng_state(checkpoint["rng"][ctx.rank], generator, ctx.device)
+    else:  # the data, noise and t of each step do not depend on the world size; label dropout is reseeded
+        logger.info(f"world size changed ({checkpoint['world_size']} -> {ctx.world_size}): reseeding RNGs")
+        generator.manual_seed(seed + step)
+        torch.manual_seed(seed + step)
+    logger.info(f"Resumed at step {step} (epoch {checkpoint['epoch']}, batch {checkpoint['epoch_step']})")
+    return step, checkpoint["epoch"], checkpoint["epoch_step"]
+
+
+def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked_step: int, step: int,
+                 checkpoint_dir: str) -> int:
+    """Stop the run if a loss since the last check (at checked_step), or a weight, is NaN or infinite (one
+    device sync, at log and checkpoint steps only); returns step, the new last checked step."""
+    weights_finite = torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all()
+    finite = torch.isfinite(running).all() & weights_finite
+    if all_mean(finite.float(), world_size).item() == 1.0:
+        return step
+    newest = checkpoint_paths(checkpoint_dir)
+    kept = f"the newest checkpoint, {newest[0]}, is from before" if newest else "no checkpoint was saved"
+    raise UsageError(f"the loss became NaN or infinite between steps {checked_step + 1} and {step}; {kept}. Lower --lr "
+                     "(or --max-grad-norm), check the data, and resume with --resume auto")
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
+                    opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
+                    args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext) -> str:
+    """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
+    included), atomically and durably. Returns its path."""
+    path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
+    rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
+    failure = ""
+    if ctx.is_main:
+        state = {
+            "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "step": step, "epoch": epoch, "epoch_step": epoch_step, "num_items": num_items,  # data position
+            "rng": rng, "world_size": ctx.world_size,
+            "anm": anm_model.anm_state_dict() if anm_model is not None else None,
+            "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
+            "latent": args.data in ("imagenet", "latents"),
+            "vae": args.vae if args.data in ("imagenet", "latents") else None,
+        }
+        try:
+            with atomic_write(path) as f:
+                torch.save(state, f)
+        except UsageError as error:  # a full disk: every rank stops with the message instead of waiting
+            failure = str(error)
+        except OSError as error:
+            failure = f"cannot write checkpoint {path} ({error}): fix the folder and resume with --resume auto"
+    if broadcast_object(failure):
+        raise UsageError(failure)
+    return path

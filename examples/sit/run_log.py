@@ -1,0 +1,120 @@
+"""Where a training run's log goes: plain-text lines on the console and in log.txt, and one row of metrics
+per logged step in log.csv (plus TensorBoard / Weights & Biases with --report-to).
+
+Only rank 0 writes. On resume, log.csv drops the rows past the resumed step, so the log matches the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+
+from atomic import atomic_write
+from tqdm.auto import tqdm
+
+__all__ = ["LOG_FIELDS", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
+
+LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "grad_norm", "steps_per_sec", "img_per_sec",
+              "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
+
+
+class TqdmHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> logging.Logger:
+    """A logger that writes plain text to the console and <logging_dir>/log.txt on rank 0, silent elsewhere."""
+    logger = logging.getLogger("sit-train")
+    for handler in logger.handlers:  # main() may run several times in one process (tests, demo.py)
+        handler.close()
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0 and logging_dir is not None:
+        logger.setLevel(logging.INFO)
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(logging_dir, "log.txt"))]
+        if console:
+            handlers.append(TqdmHandler())
+        for handler in handlers:
+            handler.setFormatter(fmt)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+class CSVLog:
+    """CSV of logged metrics, one row per logged step. A row with new columns (e.g. ANM stats after the
+    step-0 evaluation) rewrites the header; on resume, rows past the resumed step are dropped so the log
+    matches the weights."""
+
+    def __init__(self, path: str, resume_step: int | None) -> None:
+        self.path, self.fields = path, None
+        rows: list[dict] = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = reader.fieldnames
+                rows = [row for row in reader if int(row["step"]) <= resume_step]
+        if self.fields is not None:
+            self._rewrite(rows)
+        elif os.path.exists(path):
+            os.remove(path)  # a run that stopped before its first checkpoint: its log starts over too
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_write(self.path) as f:
+            f.write(text.getvalue().encode())
+
+    def write(self, row: dict) -> None:
+        """Append one row (columns not seen before extend the header)."""
+        if self.fields is None or any(key not in self.fields for key in row):
+            rows = []
+            if self.fields is not None:
+                with open(self.path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.fields = list(self.fields or []) + [key for key in row if key not in (self.fields or [])]
+            self._rewrite(rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+
+
+class MetricLog:
+    """Where logged rows go: log.csv always (rank 0), plus TensorBoard and/or Weights & Biases (--report-to)."""
+
+    def __init__(self, args: argparse.Namespace, experiment_dir: str, resume_step: int | None, rank: int) -> None:
+        self.csv = CSVLog(os.path.join(experiment_dir, "log.csv"), resume_step) if rank == 0 else None
+        self.tensorboard = self.wandb = None
+        if rank == 0 and "tensorboard" in args.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(experiment_dir, "tb"))
+        if rank == 0 and "wandb" in args.report_to:  # WANDB_MODE=offline logs without a network
+            import wandb
+            self.wandb = wandb.init(project="anm-sit", name=os.path.basename(experiment_dir), dir=experiment_dir,
+                                    config=vars(args), resume="allow")
+
+    def write(self, row: dict) -> None:
+        """One row: LOG_FIELDS first (blank when absent), then any other keys (e.g. ANM statistics)."""
+        row = {k: row.get(k, "") for k in LOG_FIELDS} | {k: v for k, v in row.items() if k not in LOG_FIELDS}
+        if self.csv is not None:
+            self.csv.write(row)
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, float)}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
