@@ -163,19 +163,24 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-def test_sample_ddp_two_processes_match_one(ckpt: str, tmp_path: Path) -> None:
-    one = sample_ddp.main(ddp_args(ckpt, tmp_path / "one", "--num-fid-samples", "5",
-                                   "--per-proc-batch-size", "2"))
-    cli = ["--ckpt", ckpt, "--sample-dir", str(tmp_path / "two"), "--folder-name", "s", "--mode", "ode",
-           "--method", "euler", "--num-steps", "2", "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
+def launch_two_ranks(cli: list[str], stderr: int) -> list[subprocess.Popen]:
+    """sample_ddp.py as two gloo ranks on this machine, the way torchrun starts them."""
     port = _free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, str(SIT_DIR / "sample_ddp.py"), *cli], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=subprocess.PIPE, stderr=stderr, text=True))
+    return procs
+
+
+def test_sample_ddp_two_processes_match_one(ckpt: str, tmp_path: Path) -> None:
+    one = sample_ddp.main(ddp_args(ckpt, tmp_path / "one", "--num-fid-samples", "5",
+                                   "--per-proc-batch-size", "2"))
+    cli = ["--ckpt", ckpt, "--sample-dir", str(tmp_path / "two"), "--folder-name", "s", "--mode", "ode",
+           "--method", "euler", "--num-steps", "2", "--num-fid-samples", "5", "--per-proc-batch-size", "2"]
+    procs = launch_two_ranks(cli, stderr=subprocess.STDOUT)
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     with np.load(one) as a, np.load(tmp_path / "two" / "s.npz") as b:
@@ -392,13 +397,7 @@ def test_two_ranks_both_stop_on_a_refused_folder(ckpt: str, tmp_path: Path) -> N
     sample_ddp.main(ddp_args(ckpt, tmp_path, "--num-fid-samples", "2"))
     cli = ["--ckpt", ckpt, "--sample-dir", str(tmp_path), "--folder-name", "s", "--mode", "ode",
            "--method", "euler", "--num-steps", "2", "--num-fid-samples", "2", "--cfg-scale", "0.5"]
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(SIT_DIR / "sample_ddp.py"), *cli], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = launch_two_ranks(cli, stderr=subprocess.PIPE)
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], errors
     for err in errors:
