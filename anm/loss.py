@@ -84,6 +84,8 @@ class ANMLoss(nn.Module):
     """Module form of :func:`anm_loss` that also owns the warm-up: ``ANMLoss(...)(norms, step)``.
 
     Use it in your own loop with norms you collect yourself (e.g. from an :class:`ActivationCollector`).
+    ``step`` is the optimizer step (the same for every micro-batch of an accumulated step); without it
+    the term is at full weight.
 
     Example:
         >>> import torch
@@ -98,7 +100,7 @@ class ANMLoss(nn.Module):
         self,
         alpha: float = 70.0,  # norm the hinge pushes each activation up to
         lam: float = 10.0,  # weight of the term once warmed up
-        warmup: int = 2000,  # steps of linear ramp from 0 to lam (0 = none)
+        warmup: int = 2000,  # optimizer steps of linear ramp from 0 to lam (0 = none)
         objective: str = "hinge",  # "hinge" or "exp"
         granularity: str = "token",  # "token", "sample" or "batch"
         warmup_kind: str = "linear",  # "linear" or "cosine"

@@ -13,7 +13,7 @@ WARMUP_KINDS = ("linear", "cosine")
 
 
 def warmup_weight(step: int, warmup: int, kind: str = "linear") -> float:
-    """Weight in [0, 1] that ramps the ANM term in over the first ``warmup`` steps.
+    """Weight in [0, 1] that ramps the ANM term in over the first ``warmup`` optimizer steps.
 
     ``linear`` rises as ``step / warmup``; ``cosine`` as ``(1 - cos(pi * step / warmup)) / 2``. Both start
     at exactly 0 at step 0, reach 1 at ``step == warmup`` and stay there. ``warmup=0`` means no warm-up
