@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .compiled import classes_with_compiled_forward
 from .errors import ANMError
 from .layers import LayerSpec, select_layers
-from .layout import check_feature_layout
+from .layout import block_widths, check_feature_layout
 from .norms import REDUCTIONS, activation_norms, validate_feature_dim
 from .outputs import Select, default_select, hidden_input, positional_names, return_positions
 from .warn import warn
@@ -75,6 +75,9 @@ class ActivationCollector:
         if select is not None and not callable(select):
             raise ANMError("select= must be a function f(output, hidden_in) -> tensor.")
         validate_feature_dim(feature_dim)
+        for flag, value in (("keep_activations", keep_activations), ("training_only", training_only)):
+            if not isinstance(value, bool):
+                raise ANMError(f"{flag} must be True or False, got {value!r}.")
         self.site, self.reduce, self.training_only = site, reduce, training_only
         self.keep_activations, self.feature_dim = keep_activations, feature_dim
         self._select = select
@@ -85,7 +88,11 @@ class ActivationCollector:
         # Looked up once here so that the hook itself is plain Python that torch.compile traces.
         self._arg_names = [positional_names(type(module)) for _, module in self.layers]
         self._return_positions = [return_positions(type(module)) for _, module in self.layers]
-        self.widths: dict[int, int] = {}  # feature width of each layer's activation, seen in eager mode
+        self._block_widths = [frozenset(block_widths(module)) for _, module in self.layers]
+        # torch's own transformer layers default to (tokens, batch, D): their norms are turned to (batch, tokens).
+        self._sequence_first = [_sequence_first(module) for _, module in self.layers]
+        self.widths: dict[int, int] = {}  # feature width of each layer's activation, seen in eager forwards
+        self.active = True  # False for a regulariser's collector copied without its regulariser
         self._pending_warned = False
         # Modules whose forward runs the hooked layers inside it: a graph compiled for one of these
         # before the hooks existed would skip them (see compiled.py).
@@ -176,6 +183,8 @@ class ActivationCollector:
 
     # -- the hook ------------------------------------------------------------------------------------
     def _record(self, index: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.active:
+            return
         if self.training_only and not (module.training and torch.is_grad_enabled()):
             if module.training:
                 self._refuse_reentrant_checkpoint(index, hidden_input(args, kwargs, self._arg_names[index])[1])
@@ -201,14 +210,18 @@ class ActivationCollector:
             if hidden_in.shape != activation.shape:
                 raise ANMError(
                     f"layer {self.names[index]!r} maps {tuple(hidden_in.shape)} to "
-                    f"{tuple(activation.shape)}, so it has no residual update: use site='output', "
-                    "a select= that returns the hidden state, or hook other layers."
+                    f"{tuple(activation.shape)}, so it has no residual update: hook the blocks inside it "
+                    "(layers=<their class> or a glob such as 'stages.*.blocks.*'), use site='output', or "
+                    "a select= that returns the hidden state."
                 )
             minus = hidden_in
-        if not torch.compiler.is_compiling() and index not in self.widths:
-            check_feature_layout(self.names[index], module, activation, self.feature_dim)
+        # Shapes only: under torch.compile this runs once, while tracing, and costs nothing per step.
+        check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
+        if not torch.compiler.is_compiling():  # a dict written from a compiled graph would recompile it
             self.widths[index] = activation.shape[self.feature_dim]
         norms = activation_norms(activation, self.reduce, minus=minus, feature_dim=self.feature_dim)
+        if self._sequence_first[index] and norms.dim() == 2:
+            norms = norms.transpose(0, 1)
         if self.training_only and _replaying_for_backward():
             # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
             # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
@@ -218,6 +231,17 @@ class ActivationCollector:
             self._activations.append((index, activation if minus is None else activation - minus))
         if self.training_only and not torch.compiler.is_compiling():
             self._bound_pending()
+
+    # -- copies --------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy of a hooked model, e.g. an EMA; a pickled module) starts with nothing
+        # recorded: the records hold autograd graphs, which cannot be copied and belong to the original.
+        state = self.__dict__.copy()
+        state["records"], state["_activations"] = [], []
+        # A regulariser's hooks copied without the regulariser (only the model was copied) stay inert:
+        # nothing would ever consume their records. The regulariser re-activates its own copy.
+        state["active"] = self.active and not self.training_only
+        return state
 
     def _bound_pending(self) -> None:
         # Records hold autograd graphs: a training loop that never calls loss() would keep every
@@ -265,11 +289,19 @@ def _is_inside(name: str, ancestor: str) -> bool:
     return ancestor == "" or name.startswith(ancestor + ".")
 
 
+def _sequence_first(module: nn.Module) -> bool:
+    # nn.TransformerEncoderLayer / DecoderLayer keep their batch_first only on their attention.
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    return isinstance(module, nn.MultiheadAttention) and not module.batch_first
+
+
 def _refuse_second_regularizer(layers: list[tuple[str, nn.Module]]) -> None:
     # Two live regularisers on one block would each add a term: the ANM loss would silently double.
     for name, module in layers:
         for hook in module._forward_hooks.values():
-            if isinstance(hook, _Hook) and hook.collector.training_only and hook.collector._handles:
+            other = hook.collector if isinstance(hook, _Hook) else None
+            if other is not None and other.training_only and other.active and other._handles:
                 raise ANMError(
                     f"layer {name!r} already carries the hooks of another ANM regulariser: call .detach() "
                     "(or .close()) on the first one before attaching again, or keep using it."

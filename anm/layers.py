@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable
 
@@ -40,7 +41,9 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     parameters and submodules of its own (SiT/DiT ``blocks``, timm ViT ``blocks``, GPT-2
     ``transformer.h``, Llama ``model.layers``, diffusers ``transformer_blocks``). The largest list by
     parameter count is taken, plus any list outside it holding at least a quarter as many parameters
-    (e.g. Flux's ``single_transformer_blocks``). Lists inside a chosen list (MoE experts) are skipped.
+    (e.g. Flux's ``single_transformer_blocks``). Lists inside a chosen list (MoE experts) are skipped,
+    except in hierarchical models: when every element of the list is a stage whose own block list holds
+    most of its parameters (Swin, ConvNeXt), the blocks inside the stages are taken.
 
     Example:
         >>> from torch import nn
@@ -53,6 +56,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         >>> [name for name, _ in find_blocks(net)]
         ['blocks.0', 'blocks.1', 'blocks.2']
     """
+    _require_module(model)
     stacks = _block_stacks(model)
     if not stacks:
         raise ANMError(
@@ -71,8 +75,35 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = []
     for name, module in model.named_modules():
         if id(module) in wanted:
-            blocks.extend((_join(name, child_name), child) for child_name, child in module.named_children())
+            blocks.extend(_blocks_of(name, module))
     return [(clean_name(name), block) for name, block in blocks]
+
+
+def _blocks_of(name: str, stack: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of a block list, or — for a hierarchical model whose list holds stages (Swin,
+    ConvNeXt: downsampling plus a block list) — the blocks inside every stage."""
+    children = [(_join(name, child_name), child) for child_name, child in stack.named_children()]
+    inner = [_inner_stack(child) for _, child in children]
+    if all(found is not None for found in inner):
+        return [
+            (_join(_join(child_name, inner_name), block_name), block)
+            for (child_name, _), (inner_name, inner_stack) in zip(children, inner, strict=True)
+            for block_name, block in inner_stack.named_children()
+        ]
+    return children
+
+
+def _inner_stack(stage: nn.Module) -> tuple[str, nn.Module] | None:
+    # A direct child that is itself a block list holding most of the stage's parameters. Experts of a
+    # mixture-of-experts layer can look like that too; they run side by side, not one after the other,
+    # and every MoE implementation calls them experts.
+    total = sum(p.numel() for p in stage.parameters())
+    for child_name, child in stage.named_children():
+        if "expert" in child_name.lower():
+            continue
+        if _is_block_list(child) and 2 * sum(p.numel() for p in child.parameters()) >= total:
+            return child_name, child
+    return None
 
 
 def select_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[tuple[str, nn.Module]]:
@@ -92,9 +123,13 @@ def select_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[tuple[st
         >>> [name for name, _ in select_layers(net, "[02]")]
         ['0', '2']
     """
+    _require_module(model)
     if isinstance(layers, str) and layers == "auto":
         return find_blocks(model)
-    specs = list(layers) if isinstance(layers, (list, tuple, set)) and not isinstance(layers, str) else [layers]
+    if isinstance(layers, (str, type, nn.Module)) or callable(layers) or not isinstance(layers, Iterable):
+        specs = [layers]
+    else:
+        specs = list(layers)  # a list, tuple, set or generator of selections
     if not specs:
         raise ANMError("layers= is an empty list: pass 'auto', a glob, a module class, modules or a predicate.")
     matchers = [_matcher(spec) for spec in specs]
@@ -103,6 +138,7 @@ def select_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[tuple[st
         name = clean_name(name)
         if name and any(match(name, module) for match in matchers):
             selected.append((name, module))
+    selected = _expand_containers(selected)
     if not selected:
         try:
             hint = f"blocks found by layers='auto': {[name for name, _ in find_blocks(model)][:8]}"
@@ -110,6 +146,27 @@ def select_layers(model: nn.Module, layers: LayerSpec = "auto") -> list[tuple[st
             hint = f"top-level modules: {_top_level(model)}"
         raise ANMError(f"layers={layers!r} matched no module of {type(model).__name__}; {hint}.")
     return selected
+
+
+def _expand_containers(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    # A ModuleList / ModuleDict is never called itself, so a hook on it would never fire and the ANM
+    # term would silently stay 0: what the user means is the blocks it holds.
+    expanded, seen = [], set()
+    for name, module in selected:
+        children = (
+            [(_join(name, child_name), child) for child_name, child in module.named_children()]
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else [(name, module)]
+        )
+        for child_name, child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                expanded.append((child_name, child))
+    return expanded
+
+
+def _require_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ANMError(f"expected an nn.Module (the model whose blocks to hook), got {type(model).__name__}.")
 
 
 def _matcher(spec: object) -> Callable[[str, nn.Module], bool]:
@@ -125,6 +182,15 @@ def _matcher(spec: object) -> Callable[[str, nn.Module], bool]:
     if isinstance(spec, nn.Module):
         return lambda name, module: module is spec
     if callable(spec):
+        try:
+            inspect.signature(spec).bind("name", nn.Module())
+        except TypeError:
+            raise ANMError(
+                "a layers= predicate is called as f(name, module) -> bool: give it those two arguments, "
+                "e.g. lambda name, module: name.startswith('blocks.')."
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): trust it
+            pass
         return lambda name, module: bool(spec(name, module))
     raise ANMError(
         f"layers= got {type(spec).__name__}: use 'auto', a glob string, a module class, a module, "
@@ -158,18 +224,21 @@ def _glob_to_regex(glob: str) -> re.Pattern:
 
 
 def _block_stacks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    stacks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
-            continue
-        children = list(module.children())
-        if len(children) < 2 or any(type(child) is not type(children[0]) for child in children):
-            continue
-        # A block has parameters and structure of its own: this skips lists of bare Linear heads.
-        if not all(_has_params(child) and any(True for _ in child.children()) for child in children):
-            continue
-        stacks.append((name, module, sum(p.numel() for p in module.parameters())))
-    return stacks
+    return [
+        (name, module, sum(p.numel() for p in module.parameters()))
+        for name, module in model.named_modules()
+        if _is_block_list(module)
+    ]
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return False
+    children = list(module.children())
+    if len(children) < 2 or any(type(child) is not type(children[0]) for child in children):
+        return False
+    # A block has parameters and structure of its own: this skips lists of bare Linear heads.
+    return all(_has_params(child) and any(True for _ in child.children()) for child in children)
 
 
 def _join(parent: str, child: str) -> str:

@@ -44,12 +44,15 @@ def block_widths(module: nn.Module) -> set[int]:
     return widths
 
 
-def check_feature_layout(name: str, module: nn.Module, activation: Tensor, feature_dim: int) -> None:
-    """Raise ``ANMError`` when ``activation`` of layer ``name`` has its features on another axis."""
-    if activation.dim() < 3:
-        return
-    widths = block_widths(module)
-    if not widths:
+def check_feature_layout(name: str, widths: frozenset[int], activation: Tensor, feature_dim: int) -> None:
+    """Raise ``ANMError`` when ``activation`` of layer ``name`` (whose layers have ``widths``, see
+    :func:`block_widths`) has its features on another axis, or ``feature_dim`` does not exist."""
+    if not -activation.dim() <= feature_dim < activation.dim():
+        raise ANMError(
+            f"feature_dim={feature_dim} is out of range for layer {name!r}'s activation of shape "
+            f"{tuple(activation.shape)}: use -1 for (..., features) tensors or 1 for channel-first maps."
+        )
+    if activation.dim() < 3 or not widths:
         return
     chosen = feature_dim % activation.dim()
     other = 1 if chosen == activation.dim() - 1 else activation.dim() - 1

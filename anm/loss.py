@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +45,18 @@ def anm_loss(
         tensor(0.8333)
     """
     validate_loss_args(alpha, lam, objective, granularity)
-    if isinstance(weight, (int, float)) and (not math.isfinite(weight) or weight < 0):
-        raise ANMError(f"weight must be a finite number >= 0, got {weight!r} (use warmup_weight()).")
+    _validate_weight(weight)
+    if norms is None or isinstance(norms, (str, bytes, Mapping)) or not isinstance(norms, (Tensor, Iterable)):
+        raise ANMError(
+            f"norms must be a tensor or a list of tensors, got {type(norms).__name__}: pass "
+            "activation_norms(...) / collector.norms() / hidden_state_norms(...) output."
+        )
     tensors = [norms] if isinstance(norms, Tensor) else list(norms)
+    for tensor in tensors:
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            kind = f"a {tensor.dtype} tensor" if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ANMError(f"norms must be floating-point tensors, got {kind}: pass activation_norms(...) output.")
+    tensors = [tensor for tensor in tensors if tensor.numel() > 0]  # an empty batch adds no term
     if not tensors:
         return torch.zeros(())
     values = torch.cat([_granular(n, granularity) for n in tensors])
@@ -55,9 +65,21 @@ def anm_loss(
     return (lam * weight) * per_value.mean()
 
 
+def _validate_weight(weight: object) -> None:
+    if isinstance(weight, Tensor):
+        if weight.numel() != 1 or not weight.is_floating_point():
+            raise ANMError(
+                f"weight must be a number or a one-element float tensor, got a {weight.dtype} tensor of shape "
+                f"{tuple(weight.shape)} (use warmup_weight())."
+            )
+        if weight.device.type == "cpu" and not (torch.isfinite(weight).all() and (weight >= 0).all()):
+            raise ANMError(f"weight must be finite and >= 0, got {weight.item()} (use warmup_weight()).")
+        return
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
+        raise ANMError(f"weight must be a finite number >= 0, got {weight!r} (use warmup_weight()).")
+
+
 def _granular(norms: Tensor, granularity: str) -> Tensor:
-    if not isinstance(norms, Tensor):
-        raise ANMError(f"norms must be tensors, got {type(norms).__name__}: pass activation_norms(...) output.")
     if granularity == "token" or norms.dim() == 0:
         return norms.reshape(-1)
     if granularity == "sample":
@@ -67,12 +89,12 @@ def _granular(norms: Tensor, granularity: str) -> Tensor:
 
 def validate_loss_args(alpha: float, lam: float, objective: str, granularity: str = "token") -> None:
     """Raise ``ANMError`` naming the fix for an invalid α, λ, objective or granularity."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
         raise ANMError(
             f"alpha must be a finite number > 0: it is the norm the hinge pushes up to (paper: 70 for "
             f"SiT-XL/2 with reduce='l2'), got {alpha!r}."
         )
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
         raise ANMError(f"lam must be a finite number >= 0 (paper: 10; 0 switches ANM off), got {lam!r}.")
     if objective not in OBJECTIVES:
         raise ANMError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}.")

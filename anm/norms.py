@@ -101,6 +101,12 @@ def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = No
             f"feature_dim={feature_dim} is out of range for an activation of shape {tuple(x.shape)}: use -1 "
             "for (..., features) tensors or 1 for channel-first (N, C, ...) maps."
         )
+    if x.shape[feature_dim] == 0:
+        raise ANMError(f"the activation has no features (shape {tuple(x.shape)}, feature_dim={feature_dim}).")
+    if minus is not None and (not isinstance(minus, Tensor) or not minus.is_floating_point()):
+        raise ANMError(f"minus= must be a floating-point tensor like x, got {_describe(minus)}.")
+    if minus is not None and minus.device != x.device:
+        raise ANMError(f"minus= is on {minus.device}, x on {x.device}: pass both on the same device.")
     if minus is not None and minus.shape != x.shape:
         raise ANMError(
             f"cannot take the residual update: output shape {tuple(x.shape)} != input shape "

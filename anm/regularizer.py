@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ PAPER_ALPHA, PAPER_WIDTH = 70.0, 1152
 _PAPER_WIDTH_RANGE = (192, 2304)  # half the narrowest to twice the widest SiT
 # step-less loss() calls without an optimizer step of the model before we say the clock may not run.
 _CALLS_WITHOUT_STEP_WARNING = 64
+# training-mode loss() calls in a row that found nothing recorded before we say the hooks never run.
+_EMPTY_TRAINING_CALLS_WARNING = 3
 
 
 class Regularizer:
@@ -78,13 +81,33 @@ class Regularizer:
             feature_dim=feature_dim,
         )
         self._steps = OptimizerStepCounter(model)
+        self._release_when_dropped()
         self._offset = 0  # step = optimizer steps counted + offset (set by an explicit step or a resume)
         self._last_step: int | None = None
         self._calls_without_step = 0
         self._count_at_last_call = 0
+        self._empty_training_calls = 0
         self._width_checked = False
         self._last: dict[str, Any] | None = None
         self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
+
+    def _release_when_dropped(self) -> None:
+        # A regulariser nobody holds any more must not leave hooks behind that record forever and make
+        # the next attach() refuse the model: its hooks go with it.
+        self._finalizer = weakref.finalize(self, _release, self.collector, self._steps)
+        self._finalizer.atexit = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_finalizer"]
+        state["_last"], state["_pending_check"] = None, None  # detached numbers of the original's last step
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy of a wrapped model (copy.deepcopy, pickle) gets its own live hooks and step clock.
+        self.__dict__.update(state)
+        self.collector.active = bool(self.collector._handles)
+        self._release_when_dropped()
 
     @property
     def names(self) -> list[str]:
@@ -119,7 +142,10 @@ class Regularizer:
         records = self.collector.pop()
         if not records:
             self._refuse_stale_compiled_graph()
-        step = self._resolve_step(step)
+            self._warn_once_if_hooks_never_run()
+        else:
+            self._empty_training_calls = 0
+        step = self._resolve_step(step, recorded=bool(records))
         weight = warmup_weight(step, self.warmup, self.warmup_kind)
         self._last_step = step
         if records and self.nonfinite != "propagate":
@@ -219,13 +245,15 @@ class Regularizer:
         )
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _resolve_step(self, step: int | None) -> int:
+    def _resolve_step(self, step: int | None, recorded: bool) -> int:
+        self._steps.arm()  # the next optimizer step of the model's parameters is one more step
         if step is not None:
             step = validate_step(step)
             self._offset = step - self._steps.count  # later step-less calls go on counting from here
             self._calls_without_step = 0
             return step
-        self._count_calls_without_optimizer_steps()
+        if recorded:  # an eval loop calling loss() on nothing is no training step
+            self._count_calls_without_optimizer_steps()
         return self.step
 
     def _count_calls_without_optimizer_steps(self) -> None:
@@ -258,6 +286,19 @@ class Regularizer:
             f"Scale it to the width: alpha={PAPER_ALPHA * math.sqrt(width / PAPER_WIDTH):.1f} "
             f"(70·√({width}/{PAPER_WIDTH})), or use reduce='rms', alpha={PAPER_ALPHA / math.sqrt(PAPER_WIDTH):.2f}."
         )
+
+    def _warn_once_if_hooks_never_run(self) -> None:
+        # Training-mode steps that record nothing: the hooked modules are not on the forward path.
+        if not (self.model.training and torch.is_grad_enabled()):
+            return
+        self._empty_training_calls += 1
+        if self._empty_training_calls == _EMPTY_TRAINING_CALLS_WARNING:
+            warn(
+                f"ANM: {_EMPTY_TRAINING_CALLS_WARNING} training-mode loss() calls in a row found nothing "
+                f"recorded: the hooked layers {self.names[:4]} did not run with autograd on. Hook modules "
+                "the forward calls (anm.find_blocks(model) shows what layers='auto' picks), and call loss() "
+                "after the forward."
+            )
 
     def _refuse_stale_compiled_graph(self) -> None:
         # Nothing recorded is normal after eval or no_grad forwards. In training mode it is what a graph
@@ -322,6 +363,11 @@ class Regularizer:
             "model itself diverged there (lower the learning rate, check inputs / mixed precision), or pass "
             "nonfinite='skip' to leave such layers out of the ANM term for that step."
         )
+
+
+def _release(collector: ActivationCollector, steps: OptimizerStepCounter) -> None:
+    collector.remove()
+    steps.stop()
 
 
 def attach(

@@ -45,7 +45,10 @@ def validate_step(step: object) -> int:
     if isinstance(step, bool):
         raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.")
     if hasattr(step, "numel") and callable(step.numel) and step.numel() == 1:  # a tensor
-        step = step.item()
+        try:
+            step = step.item()
+        except (RuntimeError, NotImplementedError):  # a meta tensor has no value
+            raise ANMError(f"step must be a number, got a tensor without a value ({step!r}).") from None
     if isinstance(step, float) and step.is_integer():
         step = int(step)
     try:
@@ -59,7 +62,13 @@ def validate_step(step: object) -> int:
 
 def validate_warmup(warmup: int, kind: str) -> None:
     """Raise ``ANMError`` unless ``warmup`` is a whole number >= 0 and ``kind`` is known."""
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if isinstance(warmup, float) and warmup.is_integer():
+        warmup = int(warmup)
+    try:
+        whole = not isinstance(warmup, bool) and operator.index(warmup) >= 0
+    except TypeError:
+        whole = False
+    if not whole:
         raise ANMError(f"warmup must be a whole number of steps >= 0 (0 = no warm-up), got {warmup!r}.")
     if kind not in WARMUP_KINDS:
         raise ANMError(f"unknown warm-up kind {kind!r}: use one of {', '.join(WARMUP_KINDS)}.")

@@ -5,7 +5,9 @@ micro-batches, k ``loss()`` calls share one step. One process-wide ``torch.optim
 (installed on first use) advances every live :class:`OptimizerStepCounter` whose model has a parameter
 in the optimizer that stepped — so a GAN's second optimizer or an EMA never advance it, and a skipped
 step (AMP ``GradScaler`` after an overflow, an accumulation micro-batch in accelerate / Lightning /
-HF Trainer) is not counted.
+HF Trainer) is not counted. Between two ``loss()`` calls at most one step is counted, so several
+optimizers sharing the model's parameters (Muon for matrices and AdamW for the rest) or an optimizer
+that wraps another (ZeroRedundancyOptimizer, Lookahead) advance the clock once per training step.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class OptimizerStepCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
+        self._armed = True
         # A strong reference adds no lifetime (the regulariser holds the model anyway), and unlike a weak
         # one it follows copy.deepcopy / pickle to the copied model.
         self._model = model
@@ -50,23 +53,29 @@ class OptimizerStepCounter:
         _install_hook()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"count": self.count, "_model": self._model, "_counting": self in _counters}
+        return {"count": self.count, "_armed": self._armed, "_model": self._model, "_counting": self in _counters}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (deepcopy of a wrapped model, a pickled module in a spawned process) counts its own
         # model's optimizer steps from where the original was.
-        self.count, self._model = state["count"], state["_model"]
+        self.count, self._armed, self._model = state["count"], state["_armed"], state["_model"]
         self._holds = weakref.WeakKeyDictionary()
         if state["_counting"]:
             self._start()
+
+    def arm(self) -> None:
+        """Count the next optimizer step (called by each ``loss()``): several optimizers stepping for the
+        same loss (Muon for matrices + AdamW for the rest, an optimizer wrapping another) are one step."""
+        self._armed = True
 
     def stop(self) -> None:
         """Stop counting (the count stays as it is)."""
         _counters.discard(self)
 
     def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._holds_model_parameters(optimizer):
+        if self._armed and self._holds_model_parameters(optimizer):
             self.count += 1
+            self._armed = False
 
     def _holds_model_parameters(self, optimizer: torch.optim.Optimizer) -> bool:
         # Cached per optimizer; recomputed if its parameter groups change (add_param_group).

@@ -6,16 +6,22 @@ import os
 import sys
 import warnings
 
+import torch
+
 __all__ = ["warn"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# A warning raised inside a forward hook has torch.nn's call machinery between anm and the user's line.
+_TORCH_NN_DIR = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "nn")
 
 
 def warn(message: str) -> None:
-    """``warnings.warn(message)`` attributed to the first caller outside the ``anm`` package.
+    """``warnings.warn(message)`` attributed to the first caller outside ``anm`` and ``torch.nn``.
 
     Example:
         >>> import warnings
+
+import torch
         >>> from anm.warn import warn
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")
@@ -24,6 +30,11 @@ def warn(message: str) -> None:
         'ANM: hello'
     """
     level, frame = 1, sys._getframe(1)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
+    while frame is not None and _internal(frame.f_code.co_filename):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level + 1)
+
+
+def _internal(filename: str) -> bool:
+    path = os.path.abspath(filename)
+    return os.path.dirname(path) == _PACKAGE_DIR or path.startswith(_TORCH_NN_DIR + os.sep)

@@ -111,7 +111,8 @@ def test_a_clock_that_never_moves_warns_once():
     reg = anm.attach(model, reduce="rms", alpha=2.0, warmup=10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(130):
+        for _ in range(130):  # training steps whose optimizer is not a torch.optim one: nothing counts them
+            model(*make_batch(batch=1, tokens=2))
             reg.loss()
     messages = [str(w.message) for w in caught if "warm-up has not moved" in str(w.message)]
     assert len(messages) == 1 and "loss(step=" in messages[0]
@@ -139,7 +140,96 @@ def test_copies_count_their_own_optimizer_steps():
     torch.optim.SGD(model.parameters(), lr=0.0).step()
     for twin in (copy.deepcopy(wrapped), pickle.loads(pickle.dumps(wrapped))):
         assert twin.step == 1
+        twin.loss()
         torch.optim.SGD(twin.model.parameters(), lr=0.0).step()
         assert twin.step == 2 and wrapped.step == 1  # the copy's optimizer moves the copy's clock only
         twin(*make_batch())
         assert twin.loss().item() > 0 and wrapped.collector.records == []
+
+
+def test_several_optimizers_or_wrapped_optimizers_are_one_step():
+    model = ToyDiT()
+    reg = anm.attach(model, reduce="rms", alpha=2.0, warmup=100)
+    matrices = torch.optim.SGD([p for p in model.parameters() if p.dim() == 2], lr=0.0)
+    rest = torch.optim.AdamW([p for p in model.parameters() if p.dim() != 2], lr=0.0)
+
+    class Wrapping(torch.optim.Optimizer):  # Lookahead / ZeroRedundancyOptimizer-style: steps an inner one
+        def __init__(self, inner):
+            super().__init__(inner.param_groups, {})
+            self.inner = inner
+
+        def step(self, closure=None):
+            self.inner.step()
+
+    wrapped = Wrapping(torch.optim.SGD(model.parameters(), lr=0.0))
+    for _ in range(5):
+        model(*make_batch())
+        reg.loss()
+        matrices.step()
+        rest.step()
+    for _ in range(5):
+        model(*make_batch())
+        reg.loss()
+        wrapped.step()
+    assert reg.step == 10
+
+
+def test_eval_loops_calling_loss_do_not_count_as_stuck_training():
+    model = ToyDiT()
+    reg = anm.attach(model, reduce="rms", alpha=2.0, warmup=10)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(200):
+            with torch.no_grad():
+                model(*make_batch())
+            reg.loss()
+
+
+def test_copies_of_the_bare_model_are_inert_and_do_not_block_attach():
+    model = ToyDiT()
+    reg = anm.attach(model, reduce="rms", alpha=2.0, warmup=0)
+    model(*make_batch())
+    ema = copy.deepcopy(model)  # between a forward and loss(): the records are not copied
+    reg.loss()
+    ema(*make_batch())
+    assert reg.collector.records == []
+    twin = anm.attach(ema, reduce="rms", alpha=2.0, warmup=0)  # the copied hooks are inert, not a regulariser
+    ema(*make_batch())
+    assert len(twin.collector.records) == 3 and twin.loss().item() > 0
+
+
+def test_a_dropped_regularizer_takes_its_hooks_along():
+    import gc
+
+    model = ToyDiT()
+    anm.attach(model, reduce="rms", alpha=2.0)
+    gc.collect()
+    assert not any(block._forward_hooks for block in model.blocks)
+    wrapped = anm.ANM(model, reduce="rms", alpha=2.0)
+    del wrapped
+    gc.collect()
+    assert not any(block._forward_hooks for block in model.blocks)
+    anm.attach(model, reduce="rms", alpha=2.0).detach()
+
+
+def test_a_container_given_as_layers_means_its_blocks():
+    model = ToyDiT()
+    for layers in (model.blocks, "blocks", model.blocks.children()):
+        reg = anm.attach(model, layers=layers, reduce="rms", alpha=2.0, warmup=0)
+        assert reg.names == ["blocks.0", "blocks.1", "blocks.2"]
+        model(*make_batch())
+        assert reg.loss().item() > 0
+        reg.detach()
+
+
+def test_hooks_that_never_run_in_training_warn_once():
+    model = ToyDiT()
+    reg = anm.attach(model, layers="head", site="output", reduce="rms", alpha=2.0)
+    model.head = torch.nn.Linear(32, 6)  # the hooked module is no longer on the forward path
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            model(*make_batch())
+            reg.loss()
+    assert len([w for w in caught if "did not run" in str(w.message)]) == 1

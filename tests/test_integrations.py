@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import anm
 from anm import ANM
 
 
@@ -100,3 +101,35 @@ def test_sit_example_model():
     with torch.no_grad():
         wrapped.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.tensor([1, 2, 10, 10]), 4.0)
     assert wrapped.collector.records == []  # sampling: eval + no_grad records nothing
+
+
+def test_hierarchical_models_get_the_blocks_inside_each_stage():
+    transformers = pytest.importorskip("transformers")
+    swin = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                          num_heads=[2, 2], window_size=4))
+    assert [name for name, _ in anm.find_blocks(swin)] == [
+        f"encoder.layers.{stage}.blocks.{block}" for stage in range(2) for block in range(2)]
+    swin.train()
+    reg = anm.attach(swin, reduce="rms", alpha=1.0, warmup=0)
+    swin(pixel_values=torch.randn(2, 3, 32, 32))
+    assert [tuple(n.shape) for n in reg.collector.norms()] == [(2, 64), (2, 64), (2, 16), (2, 16)]
+    reg.detach()
+
+    convnext = transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[2, 2],
+                                                                      num_stages=2)).train()
+    reg = anm.attach(convnext, reduce="rms", alpha=1.0)
+    with pytest.raises(anm.ANMError, match="feature_dim=1"):  # channel-first stages: the fix is named
+        convnext(pixel_values=torch.randn(2, 3, 32, 32))
+    reg.detach()
+    reg = anm.attach(convnext, feature_dim=1, reduce="rms", alpha=1.0, warmup=0)
+    convnext(pixel_values=torch.randn(2, 3, 32, 32))
+    assert [tuple(n.shape) for n in reg.collector.norms()] == [(2, 8, 8), (2, 8, 8), (2, 4, 4), (2, 4, 4)]
+
+
+def test_moe_layers_stay_the_blocks():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(config)
+    assert [name for name, _ in anm.find_blocks(model)] == ["model.layers.0", "model.layers.1"]

@@ -93,3 +93,15 @@ def test_meta_device_models_are_fine():
     with torch.device("meta"):
         model = ToyDiT(dim=1024, depth=4)
     assert len(find_blocks(model)) == 4
+
+
+def test_auto_descends_into_stages_of_a_hierarchical_model():
+    class Stage(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.downsample = nn.Linear(d, d)
+            self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(2))
+
+    model = nn.Module()
+    model.stages = nn.ModuleList(Stage(8) for _ in range(3))
+    assert names(find_blocks(model)) == [f"stages.{s}.blocks.{b}" for s in range(3) for b in range(2)]

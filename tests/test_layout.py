@@ -99,3 +99,24 @@ def test_timm_convnext_blocks_by_glob():
     reg = anm.attach(model, layers="stages.*.blocks.*", site="output", feature_dim=1, reduce="rms", alpha=1.0)
     model(x)
     assert all(n.dim() == 3 for n in reg.collector.norms())
+
+
+def test_the_guard_also_holds_under_torch_compile():
+    net = stages(ConvNeXtBlock)
+    reg = anm.attach(net, layers="*", reduce="rms", alpha=1.0)
+    with pytest.raises(anm.ANMError, match="feature_dim=1"):
+        torch.compile(net, backend="aot_eager")(torch.randn(2, 12, 5, 7))
+    reg.detach()
+    torch.compiler.reset()
+
+
+def test_sequence_first_torch_layers_give_batch_first_norms():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)  # torch's default: (tokens, batch, D)
+    net = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    reg = anm.attach(net, reduce="rms", alpha=1.0, warmup=0)
+    x = torch.randn(7, 3, 16)
+    net(x)
+    assert [tuple(n.shape) for n in reg.collector.norms()] == [(3, 7), (3, 7)]
+    first = net.layers[0](x)
+    expected = (torch.linalg.vector_norm(first - x, dim=-1) / 4).t()
+    torch.testing.assert_close(reg.collector.norms()[0], expected)

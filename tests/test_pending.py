@@ -40,3 +40,13 @@ def test_loss_every_step_never_warns():
         for _ in range(3 * MAX_PENDING_FORWARDS):
             model(*make_batch())
             model.loss()
+
+
+def test_the_warning_points_at_the_users_code_not_at_torch_or_anm():
+    model = anm.ANM(ToyDiT(depth=2), reduce="rms", alpha=2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(MAX_PENDING_FORWARDS + 1):
+            model(*make_batch())
+    [warning] = [w for w in caught if "without a loss() call" in str(w.message)]
+    assert warning.filename.endswith("toy_models.py")  # the model's own forward, which called the block
