@@ -2,239 +2,303 @@
 The whole story on one machine, no GPU and no download needed: train a tiny SiT on procedural sinusoid
 images twice from the same seed, without and with ANM, sample both, and compare.
 
-    python examples/sit/demo.py                       # CPU: a few minutes on 2 cores
+    python examples/sit/demo.py                       # CPU (see README.md for the time it takes)
     python examples/sit/demo.py --scale gpu           # a bigger model, longer, on a GPU
     python examples/sit/demo.py --steps 50 --out /tmp/demo   # smoke run
 
-Writes to --out: samples_baseline.png, samples_anm.png, loss.png (training and held-out flow-matching
-loss of both runs) and metrics.json (final / held-out FM loss, and the sinusoid metric of each run's
-samples next to its real-vs-real noise floor), plus runs/{baseline,anm}/ with each run's checkpoints and
-log.csv. The numbers are printed as measured: this demo shows the machinery, it is not evidence that ANM
-helps or hurts (one seed, a tiny model, a short horizon).
+Writes to --out:
+  samples.png     real training images | baseline samples | ANM samples, side by side
+  norms.png       mean ||block update|| per block over training, both runs, with ANM's alpha as a line
+  loss.png        training flow-matching loss and the loss on the fixed evaluation set, both runs
+  comparison.md   the comparison table; metrics.json: every number, the settings and the time taken
+  runs/{baseline,anm}/   each run's checkpoints and log.csv (train.py's layout; a rerun replaces them)
 
-ANM's alpha is an l2 norm, so it depends on the width D: the paper's alpha=70 at D=1152 is an RMS of
-70/sqrt(1152) = 2.06 per feature. The demo keeps that RMS: alpha = 70 * sqrt(D / 1152).
+Both runs are measured the same way (heldout.py) at every saved checkpoint: FM loss and each block's
+residual-update norm on a fixed evaluation set (the training images with fixed noise and a uniform t
+grid); at the end also the FM loss on fresh sinusoids neither run saw. On CPU the training set is small
+enough for the tiny model to learn it by heart within the run, which is what makes its samples clean.
+Samples are judged by the sinusoid metric (sinusoid_metric.py), next to its real-vs-real noise floor.
+This demo shows the machinery; one seed of a tiny model is not evidence that ANM helps or hurts.
+
+ANM's alpha is an l2 norm, so it depends on the width D: the demo keeps the paper's per-feature RMS,
+alpha = 70 * sqrt(D / 1152) (alpha_scaling.py).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import multiprocessing
 import os
+import resource
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from glob import glob
 
 import numpy as np
 import torch
 import train
-from ablate import PAPER_ALPHA, matched_alpha
-from data import make_sinusoids
-from sample import decode_to_uint8, generate, load_model, make_sample_fn, save_grid
+from alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA, matched_alpha
+from atomic import atomic_write
+from cli import UsageError, run
+from data import SinusoidDataset, make_sinusoids
+from demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
+from heldout import HeldoutSet, make_heldout, measure
+from sample import decode_to_uint8, generate, load_model, make_sample_fn
 from sinusoid_metric import SinusoidMetric
 from transport import create_transport
 
-import anm
+EVAL_SEED = 12345  # the fixed noise of the evaluation set
+HELDOUT_SEED = 2_000_003  # fresh sinusoids, drawn apart from the training set's per-item seeds
+METRIC_SEED = 777  # the metric's real reference sets
+LABELS = {"baseline": "baseline", "anm": "ANM"}
 
-# Per scale: data, model, batch, default steps per run, samples for the metric, Heun steps, EMA decay.
-# lr 2e-4 (the paper's 1e-4 is for 400k-step runs) and a short-horizon EMA suit these short runs.
+
+@dataclass(frozen=True)
+class Scale:
+    """Data, model and run size of the demo; every field is a train.py flag or a sampling setting."""
+
+    image_size: int
+    model: str  # SiT-<size>/<patch>
+    hidden_size: int
+    depth: int
+    num_heads: int
+    data_size: int  # training images (a finite set, shuffled every epoch)
+    batch: int
+    steps: int
+    lr: float
+    ema_decay: float
+    num_samples: int  # samples of each run for the metric
+    sample_steps: int  # Heun steps
+    eval_points: int  # checkpoints measured on the held-out set over training
+    eval_samples: int  # held-out images
+    num_workers: int = 0
+
+
 SCALES = {
-    "cpu": dict(image_size=16, model="SiT-T/2", hidden_size=64, depth=4, num_heads=4, batch=64,
-                steps=2000, num_samples=256, sample_steps=16, ema_decay=0.99, lr=2e-4, num_workers=0),
-    "gpu": dict(image_size=32, model="SiT-S/2", hidden_size=384, depth=12, num_heads=6, batch=128,
-                steps=10_000, num_samples=2048, sample_steps=50, ema_decay=0.9995, lr=2e-4, num_workers=4),
+    # A small training set that the tiny model can learn to reproduce within minutes on a CPU (it memorises
+    # it): with unlimited data, runs this short give blocky noise. lr 3e-3 and a short-horizon EMA suit
+    # such short runs (the paper's 1e-4 and 0.9999 are for 400k steps).
+    "cpu": Scale(image_size=8, model="SiT-T/2", hidden_size=64, depth=4, num_heads=4, data_size=32, batch=32,
+                 steps=5000, lr=3e-3, ema_decay=0.995, num_samples=256, sample_steps=16, eval_points=10,
+                 eval_samples=256),
+    # Not timed on a GPU yet. Every eval point keeps a checkpoint (weights, EMA, optimizer): ~80 MB here.
+    "gpu": Scale(image_size=16, model="SiT-S/2", hidden_size=256, depth=6, num_heads=4, data_size=100_000,
+                 batch=128, steps=10_000, lr=2e-4, ema_decay=0.9995, num_samples=2048, sample_steps=32,
+                 eval_points=10, eval_samples=1024, num_workers=4),
 }
 
 
-def run_training(name: str, cfg: dict, args: argparse.Namespace, anm_flags: list[str], position: int = 0,
-                 threads: int | None = None) -> dict:
-    """train.py's main() with the demo's settings; returns its metrics and paths (not the models), so it
+@dataclass(frozen=True)
+class Training:
+    """One of the demo's two trainings: its name and the ANM flags handed to train.py."""
+
+    name: str
+    anm_flags: tuple[str, ...]
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+
+def train_argv(training: Training, scale: Scale, out: str, seed: int, position: int) -> list[str]:
+    """train.py's command line for one run."""
+    every = max(1, scale.steps // scale.eval_points)
+    argv = [
+        "--data", "sinusoid", "--image-size", scale.image_size, "--data-size", scale.data_size,
+        "--model", scale.model, "--hidden-size", scale.hidden_size, "--depth", scale.depth,
+        "--num-heads", scale.num_heads, "--class-dropout-prob", 0, "--global-batch-size", scale.batch,
+        "--lr", scale.lr, "--ema-decay", scale.ema_decay, "--num-workers", scale.num_workers,
+        "--results-dir", os.path.join(out, "runs"), "--exp-name", training.name, "--global-seed", seed,
+        "--max-steps", scale.steps, "--log-every", every, "--ckpt-every", every, "--eval-every", 0,
+        "--sample-every", 0, "--no-console-log", "--progress-position", position, *training.anm_flags,
+    ]
+    return [str(arg) for arg in argv]
+
+
+def run_training(argv: list[str], threads: int | None) -> dict:
+    """train.py's main() in this process; returns its paths and final metrics (not the models), so that it
     can run in a worker process."""
     if threads is not None:
         torch.set_num_threads(threads)
-    steps = args.steps
-    argv = [
-        "--data", "sinusoid", "--image-size", cfg["image_size"], "--data-size", max(steps, 1) * cfg["batch"],
-        "--model", cfg["model"], "--hidden-size", cfg["hidden_size"], "--depth", cfg["depth"],
-        "--num-heads", cfg["num_heads"], "--global-batch-size", cfg["batch"], "--lr", cfg["lr"],
-        "--ema-decay", cfg["ema_decay"], "--num-workers", cfg["num_workers"],
-        "--results-dir", os.path.join(args.out, "runs"), "--exp-name", name, "--global-seed", args.seed,
-        "--max-steps", steps, "--log-every", max(1, steps // 50), "--eval-every", max(1, steps // 10),
-        "--eval-samples", args.eval_samples, "--ckpt-every", steps, "--sample-every", 0, "--no-console-log",
-        "--progress-position", position, *anm_flags,
-    ]
-    argv = [str(arg) for arg in argv]
-    start = time.time()
     out = train.main(train.parse_args(argv))
-    out["wall_s"] = time.time() - start
     return {key: value for key, value in out.items() if key not in ("model", "ema")}
 
 
-def read_log(path: str) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of the training and held-out FM loss from a run's log.csv."""
-    import csv
+def train_both(trainings: list[Training], scale: Scale, args: argparse.Namespace) -> dict[str, dict]:
+    """Train each of ``trainings``, at the same time in separate processes with --parallel (each with
+    ``args.threads`` threads); returns train.py's results by name."""
+    jobs = {t.name: train_argv(t, scale, args.out, args.seed, i) for i, t in enumerate(trainings)}
+    if not args.parallel:
+        return {name: run_training(argv, args.threads) for name, argv in jobs.items()}
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(run_training, argv, args.threads) for name, argv in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
-    series: dict[str, list[tuple[int, float]]] = {"fm_loss": [], "heldout_fm_loss": []}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for key in series:
-                if row.get(key):
-                    series[key].append((int(row["step"]), float(row[key])))
+
+#################################################################################
+#                                  Measuring                                    #
+#################################################################################
+
+
+def checkpoints(experiment_dir: str) -> list[str]:
+    """A run's checkpoints in step order."""
+    return sorted(glob(os.path.join(experiment_dir, "checkpoints", "*.pt")))
+
+
+def evaluation_sets(scale: Scale, seed: int, device: torch.device) -> tuple[HeldoutSet, HeldoutSet, np.ndarray]:
+    """The fixed evaluation set (training images, repeated up to ``eval_samples``, with fixed noise and t),
+    a held-out set of fresh sinusoids the runs never saw, and the real images of the left grid (uint8)."""
+    train_set = SinusoidDataset(scale.data_size, scale.image_size, seed=seed)  # what train.py trains on
+    images = torch.stack([train_set[i % scale.data_size][0] for i in range(scale.eval_samples)])
+    fresh, _ = make_sinusoids(scale.eval_samples, scale.image_size, torch.Generator().manual_seed(HELDOUT_SEED))
+    real = decode_to_uint8(images[: min(64, scale.data_size)])
+    return make_heldout(images, seed=EVAL_SEED).to(device), make_heldout(fresh, seed=HELDOUT_SEED).to(device), real
+
+
+def curves(experiment_dir: str, evaluation: HeldoutSet, transport, device: torch.device) -> dict[str, list]:
+    """FM loss (raw and EMA weights) and mean update norm per block on ``evaluation`` at every checkpoint."""
+    series: dict[str, list] = dict(step=[], fm_loss=[], fm_loss_ema=[], update_norms=[])
+    for path in checkpoints(experiment_dir):
+        raw, info = load_model(path, device, use_ema=False)
+        ema, _ = load_model(path, device, use_ema=True)
+        result = measure(raw, transport, evaluation, sites=("update",))
+        series["step"].append(info["step"])
+        series["fm_loss"].append(result.fm_loss)
+        series["fm_loss_ema"].append(measure(ema, transport, evaluation).fm_loss)
+        series["update_norms"].append(result.mean_per_block("update"))
     return series
 
 
-def plot_losses(logs: dict[str, dict], path: str) -> None:
-    """Training (left) and held-out (right) FM loss of both runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "fm_loss", "training FM loss (mean over log interval)"),
-                           (axes[1], "heldout_fm_loss", "held-out FM loss (fixed noise, uniform t grid)")):
-        for name, series in logs.items():
-            if series[key]:
-                steps, values = zip(*series[key], strict=True)
-                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def training_log(log_csv: str) -> dict[str, list]:
+    """(step, FM loss) of the training log, and ANM's own per-block norms on the training batches."""
+    series: dict[str, list] = dict(step=[], fm_loss=[], anm_norms=[])
+    with open(log_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get("fm_loss"):
+                continue
+            series["step"].append(int(row["step"]))
+            series["fm_loss"].append(float(row["fm_loss"]))
+            norms = [float(v) for k, v in row.items() if k.startswith("anm/norm/") and v]
+            series["anm_norms"].append(norms)
+    return series
 
 
-@torch.no_grad()
-def update_norms(model: torch.nn.Module, image_size: int, alpha: float, seed: int, n: int = 256) -> dict:
-    """Per-token l2 norm of each block's residual update, on fresh sinusoids noised at a uniform t grid:
-    mean per block, overall mean, and the share of tokens below alpha (measured after training, the same
-    way for both runs)."""
-    device = next(model.parameters()).device
+def final_norms(checkpoint: str, evaluation: HeldoutSet, transport, alpha: float, device: torch.device) -> dict:
+    """Per-token update norms of the final raw weights: mean per block, overall mean, share below alpha."""
+    raw, _ = load_model(checkpoint, device, use_ema=False)
+    norms = measure(raw, transport, evaluation, sites=("update",)).norms["update"]
+    return dict(mean=norms.mean().item(), per_block=norms.mean(dim=(1, 2)).tolist(),
+                frac_below_alpha=(norms < alpha).float().mean().item())
+
+
+def sample(checkpoint: str, scale: Scale, seed: int, device: torch.device) -> np.ndarray:
+    """uint8 samples of a run's final EMA weights: Heun ODE from noise drawn from ``seed`` (same for both)."""
+    ema, _ = load_model(checkpoint, device, use_ema=True)
     gen = torch.Generator().manual_seed(seed)
-    x1, _ = make_sinusoids(n, image_size, gen)
-    x0 = torch.randn(x1.shape, generator=gen)
-    t = (torch.arange(n) + 0.5) / n
-    xt, _ = create_transport().plan(t, x0, x1)
-    with anm.ActivationCollector(model.eval(), layers="auto", site="update") as collector:
-        model(xt.to(device), t.to(device), torch.zeros(n, dtype=torch.long, device=device))
-        norms = collector.norms()
-    every = torch.cat([layer.reshape(-1) for layer in norms])
-    return dict(mean=every.mean().item(), per_block=[layer.mean().item() for layer in norms],
-                frac_below_alpha=(every < alpha).float().mean().item())
+    z = torch.randn(scale.num_samples, 3, scale.image_size, scale.image_size, generator=gen).to(device)
+    y = torch.zeros(scale.num_samples, dtype=torch.long, device=device)
+    sample_fn = make_sample_fn(create_transport(), "ode", "heun", scale.sample_steps)
+    return decode_to_uint8(torch.cat([generate(ema, part, y[: len(part)], sample_fn) for part in z.split(256)]))
 
 
-def upscale(images: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour upscaling of uint8 (N, H, W, 3) images, so that 16px samples are visible."""
-    return images.repeat(factor, axis=1).repeat(factor, axis=2)
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (the training workers)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+
+def check_args(args: argparse.Namespace) -> Scale:
+    """The scale with the command line's overrides; UsageError before anything is written."""
+    for flag in ("steps", "num_samples", "eval_samples", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    overrides = {k: getattr(args, k) for k in ("steps", "num_samples", "eval_samples") if getattr(args, k)}
+    scale = replace(SCALES[args.scale], **overrides)
+    return replace(scale, eval_points=min(scale.eval_points, scale.steps))
 
 
 def main(args: argparse.Namespace) -> dict:
-    cfg = dict(SCALES[args.scale])
-    if args.steps is None:
-        args.steps = cfg["steps"]
-    if args.num_samples is not None:
-        cfg["num_samples"] = args.num_samples
+    scale = check_args(args)
     os.makedirs(args.out, exist_ok=True)
+    for name in ("baseline", "anm"):  # a rerun replaces the runs an earlier one left (stale checkpoints)
+        shutil.rmtree(os.path.join(args.out, "runs", name), ignore_errors=True)
+    start, cpu_start = time.time(), cpu_seconds()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    width = cfg["hidden_size"]
-    alpha = matched_alpha(PAPER_ALPHA, width)  # the paper's per-feature RMS at this width
-    # The paper ramps lambda in over 2000 steps; short runs ramp over their first quarter (a ramp over a
-    # few dozen steps stalled the tiny model in trials).
-    warmup = min(2000, args.steps // 4)
-    print(f"SiT D={width}, depth {cfg['depth']}, {cfg['image_size']}px sinusoids, batch {cfg['batch']}, "
-          f"{args.steps} steps per run, on {device}")
-    print(f"ANM: alpha = 70 * sqrt({width}/1152) = {alpha:.2f} (per-token l2 norm of each block's residual "
-          f"update; RMS {alpha / math.sqrt(width):.2f} as the paper's 70 at D=1152), lambda = 10, "
-          f"warm-up {warmup} steps")
+    args.parallel = args.parallel and device.type == "cpu"
+    # Tiny matmuls gain little from a second thread, and OpenMP threads that share a core slow down many-fold.
+    args.threads = args.threads or (1 if device.type == "cpu" else None)
+    alpha = matched_alpha(PAPER_ALPHA, scale.hidden_size)  # the paper's per-feature RMS at this width
+    # The paper ramps lambda in over 2000 steps of 400k; short runs ramp over their first quarter.
+    warmup = min(2000, scale.steps // 4)
+    anm_config = dict(alpha=alpha, alpha_rule="70*sqrt(D/1152)", lam=PAPER_LAMBDA, warmup=warmup, site="update",
+                      reduce="l2")
+    print(f"SiT D={scale.hidden_size}, depth {scale.depth}, {scale.model}, {scale.image_size}px sinusoids "
+          f"({scale.data_size} training images), batch {scale.batch}, {scale.steps} steps per run, on {device}")
+    print(f"ANM: alpha = 70 * sqrt({scale.hidden_size}/1152) = {alpha:.2f} (per-token l2 norm of each block's "
+          f"residual update; RMS {alpha / math.sqrt(scale.hidden_size):.2f} as the paper's 70 at D=1152), "
+          f"lambda = {PAPER_LAMBDA:g}, warm-up {warmup} steps")
+    trainings = [Training("baseline", ("--no-anm",)),
+                 Training("anm", ("--anm", "--anm-alpha", f"{alpha:.6g}", "--anm-lambda", f"{PAPER_LAMBDA:g}",
+                                  "--anm-warmup", str(warmup), "--anm-site", "update"))]
+    trained = train_both(trainings, scale, args)
+    train_wall = time.time() - start
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
-    start = time.time()
-    jobs = {
-        "baseline": ["--no-anm"],
-        "anm": ["--anm", "--anm-alpha", f"{alpha:.6g}", "--anm-lambda", "10", "--anm-warmup", str(warmup),
-                "--anm-site", "update"],
-    }
-    parallel = device.type == "cpu" and args.parallel
-    # On CPU each run gets one core: tiny matmuls gain little from 2 threads, and OpenMP threads that
-    # share cores with anything else slow down many-fold.
-    threads = args.threads or (1 if device.type == "cpu" else None)
-    if parallel:
-        print(f"Training both runs at once, in 2 processes with {threads} thread(s) each")
-        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {name: pool.submit(run_training, name, cfg, args, flags, i, threads)
-                       for i, (name, flags) in enumerate(jobs.items())}
-            runs = {name: future.result() for name, future in futures.items()}
-    else:
-        runs = {name: run_training(name, cfg, args, flags, 0, threads) for name, flags in jobs.items()}
-    if threads is not None:
-        torch.set_num_threads(threads)
-
-    # Samples: the same noise for both EMA models, Heun ODE.
-    metric = SinusoidMetric(image_size=cfg["image_size"], seed=args.seed + 777)
-    sample_fn = make_sample_fn(create_transport(), "ode", "heun", cfg["sample_steps"])
-    gen = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(cfg["num_samples"], 3, cfg["image_size"], cfg["image_size"], generator=gen).to(device)
-    y = torch.zeros(cfg["num_samples"], dtype=torch.long, device=device)
-    results: dict = dict(
-        config=dict(cfg, scale=args.scale, steps=args.steps, seed=args.seed,
-                    anm=dict(alpha=alpha, alpha_rule="70*sqrt(D/1152)", lam=10.0, warmup=warmup,
-                             site="update",
-                             reduce="l2")),
-    )
-    logs = {}
-    for name, out in runs.items():
-        ema, _ = load_model(out["checkpoint"], device)  # the run's final EMA weights
-        images = torch.cat([generate(ema, part, y[: len(part)], sample_fn) for part in z.split(256)])
-        uint8 = decode_to_uint8(images)
-        save_grid(upscale(uint8[:64], max(1, 64 // cfg["image_size"])),
-                  os.path.join(args.out, f"samples_{name}.png"), nrow=8)
-        sinusoid = metric(uint8)
-        trained = load_model(out["checkpoint"], device, use_ema=False)[0]
-        norms = update_norms(trained, cfg["image_size"], alpha, seed=args.seed + 999)
-        log = logs[name] = read_log(out["log_csv"])
+    transport = create_transport()
+    evaluation, fresh, real = evaluation_sets(scale, args.seed, device)
+    metric = SinusoidMetric(image_size=scale.image_size, seed=METRIC_SEED)
+    results: dict = dict(config=dict(asdict(scale), scale=args.scale, seed=args.seed, anm=anm_config))
+    results["real_training_images_sinusoid"] = real_metric = metric(real)
+    grids = {f"real training images ({len(real)})\nvalid sinusoids: {real_metric['validity']:.0%}": real}
+    series = {}  # by the label the plots show
+    for name, out in trained.items():
+        samples = sample(out["checkpoint"], scale, args.seed, device)
+        measured = series[LABELS[name]] = dict(evaluation=curves(out["experiment_dir"], evaluation, transport,
+                                                                 device), train=training_log(out["log_csv"]))
+        ema, _ = load_model(out["checkpoint"], device, use_ema=True)
         results[name] = dict(
-            final_fm_loss=log["fm_loss"][-1][1] if log["fm_loss"] else None,
-            heldout_fm_loss=out.get("heldout_fm_loss"),
-            heldout_fm_loss_ema=out.get("heldout_fm_loss_ema"),
-            update_norms=norms, sinusoid=sinusoid, train_wall_s=out["wall_s"], checkpoint=out["checkpoint"],
+            final_fm_loss=measured["train"]["fm_loss"][-1],
+            train_images_fm_loss_ema=measured["evaluation"]["fm_loss_ema"][-1],
+            fresh_fm_loss_ema=measure(ema, transport, fresh).fm_loss,
+            update_norms=final_norms(out["checkpoint"], evaluation, transport, alpha, device),
+            sinusoid=metric(samples), checkpoint=os.path.relpath(out["checkpoint"], args.out),
+            curves=measured["evaluation"],
         )
-    plot_losses(logs, os.path.join(args.out, "loss.png"))
-    results["wall_s"] = time.time() - start
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        validity = results[name]["sinusoid"]["validity"]
+        grids[f"{LABELS[name]} samples\nvalid sinusoids: {validity:.0%}"] = samples
 
-    # The comparison, as measured.
-    rows = [
-        ("training FM loss (last log interval)", "final_fm_loss", None),
-        ("held-out FM loss", "heldout_fm_loss", None),
-        ("held-out FM loss, EMA", "heldout_fm_loss_ema", None),
-        ("sinusoid Frechet (EMA samples)", "frechet", "frechet_floor"),
-        ("sinusoid MMD^2", "mmd2", "mmd2_floor"),
-        ("valid sinusoids (rho < 0.05)", "validity", "validity_real"),
-        ("mean |update| per token (final weights)", "mean", None),
-        (f"tokens with |update| < alpha={alpha:.1f}", "frac_below_alpha", None),
-    ]
-    print(f"\n{'':40s}{'baseline':>12s}{'ANM':>12s}{'real vs real':>14s}")
-    for label, key, floor in rows:
-        values = [next(part[key] for part in (results[n], results[n]["sinusoid"], results[n]["update_norms"])
-                       if key in part) for n in runs]
-        floor_value = results["baseline"]["sinusoid"][floor] if floor else None
-        cells = "".join(f"{v:12.4g}" if v is not None else f"{'-':>12s}" for v in values)
-        print(f"{label:40s}{cells}{floor_value:14.4g}" if floor_value is not None else f"{label:40s}{cells}")
-    print(f"\n{cfg['num_samples']} samples per run; lower is better except validity. One seed: "
-          "differences within run-to-run noise mean nothing.")
-    print(f"Wrote samples_baseline.png, samples_anm.png, loss.png, metrics.json to {args.out} "
-          f"({results['wall_s']:.0f} s)")
+    plot_samples(grids, os.path.join(args.out, "samples.png"))
+    plot_norms(series, alpha, os.path.join(args.out, "norms.png"))
+    plot_losses(series, os.path.join(args.out, "loss.png"))
+    rows = comparison_rows(results, alpha)
+    results["timing"] = dict(train_wall_s=train_wall, wall_s=time.time() - start, cpu_s=cpu_seconds() - cpu_start,
+                             threads_per_run=args.threads, parallel=args.parallel, cpu_count=os.cpu_count())
+    table = write_table(rows, results, os.path.join(args.out, "comparison.md"))
+    with atomic_write(os.path.join(args.out, "metrics.json")) as f:
+        f.write(json.dumps(results, indent=1).encode())
+
+    print(f"\n{table}")
+    t = results["timing"]
+    print(f"Wrote samples.png, norms.png, loss.png, comparison.md, metrics.json to {args.out} "
+          f"({t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU)")
     return results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu",
-                        help="cpu: tiny (minutes); gpu: bigger")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: tiny (minutes); gpu: bigger")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per scale)")
     parser.add_argument("--out", type=str, default="demo_out")
     parser.add_argument("--seed", type=int, default=0)
@@ -242,9 +306,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU: train baseline and ANM at the same time in two processes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (CPU default: 1)")
     parser.add_argument("--num-samples", type=int, default=None, help="samples per run for the metric")
-    parser.add_argument("--eval-samples", type=int, default=512, help="held-out images for the FM loss")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="images of the evaluation and held-out sets (default: per scale)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

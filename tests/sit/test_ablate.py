@@ -1,12 +1,18 @@
-"""Tests of examples/sit/ablate.py: alpha scaling, steps-to-baseline, the arm grid, and a smoke run."""
+"""Tests of examples/sit/ablate*.py: alpha scaling, steps-to-baseline, the arm grid, budgets, records, a smoke run."""
 
 import json
 import math
 import os
+from dataclasses import replace
 
 import ablate
+import ablate_arms
+import ablate_records
+import ablate_report
 import pytest
 import torch
+from alpha_scaling import matched_alpha
+from cli import UsageError
 
 import anm
 
@@ -14,29 +20,30 @@ import anm
 
 
 def test_matched_alpha_keeps_the_per_feature_rms():
-    assert ablate.matched_alpha(70.0, 1152) == pytest.approx(70.0)
-    assert ablate.matched_alpha(70.0, 64) == pytest.approx(70.0 * math.sqrt(64 / 1152))
-    assert ablate.matched_alpha(70.0, 64) == pytest.approx(16.499, abs=1e-3)  # the demo's alpha (D=64)
+    assert matched_alpha(70.0, 1152) == pytest.approx(70.0)
+    assert matched_alpha(70.0, 64) == pytest.approx(70.0 * math.sqrt(64 / 1152))
+    assert matched_alpha(70.0, 64) == pytest.approx(16.499, abs=1e-3)  # the demo's alpha (D=64)
     for width in (384, 1152):  # the demo's GPU width, the paper's width
-        assert ablate.matched_alpha(70.0, width) / math.sqrt(width) == pytest.approx(70 / math.sqrt(1152))
+        assert matched_alpha(70.0, width) / math.sqrt(width) == pytest.approx(70 / math.sqrt(1152))
     # Same RMS per feature at both widths: alpha / sqrt(D) is constant.
-    assert ablate.matched_alpha(70.0, 64) / math.sqrt(64) == pytest.approx(70.0 / math.sqrt(1152))
+    assert matched_alpha(70.0, 64) / math.sqrt(64) == pytest.approx(70.0 / math.sqrt(1152))
 
 
 def test_arm_alpha_used_per_scaling():
-    assert ablate.Arm("a", alpha=50.0, scaling="raw").alpha_used(64) == 50.0
-    assert ablate.Arm("a", alpha=50.0, scaling="matched").alpha_used(64) == pytest.approx(50 * math.sqrt(64 / 1152))
-    rms = ablate.Arm("a", alpha=70.0, scaling="rms")
+    assert ablate_arms.Arm("a", alpha=50.0, scaling="raw").alpha_used(64) == 50.0
+    matched = ablate_arms.Arm("a", alpha=50.0, scaling="matched")
+    assert matched.alpha_used(64) == pytest.approx(50 * math.sqrt(64 / 1152))
+    rms = ablate_arms.Arm("a", alpha=70.0, scaling="rms")
     assert rms.reduce == "rms" and rms.alpha_used(64) == pytest.approx(70 / math.sqrt(1152))
-    assert ablate.Arm("a", scaling="matched").reduce == "l2"
+    assert ablate_arms.Arm("a", scaling="matched").reduce == "l2"
 
 
 def test_rms_arm_is_the_matched_l2_arm_up_to_scale():
     # reduce="rms" at alpha/sqrt(1152) and reduce="l2" at the matched alpha give the same loss.
     h = torch.randn(4, 16, 64) * 1.7
     hidden = h.shape[-1]
-    l2 = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=ablate.matched_alpha(70.0, hidden))
-    rms = anm.anm_loss(anm.activation_norms(h, "rms"), alpha=ablate.Arm("r", scaling="rms").alpha_used(hidden))
+    l2 = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=matched_alpha(70.0, hidden))
+    rms = anm.anm_loss(anm.activation_norms(h, "rms"), alpha=ablate_arms.Arm("r", scaling="rms").alpha_used(hidden))
     raw = anm.anm_loss(anm.activation_norms(h, "l2"), alpha=70.0)
     assert rms.item() == pytest.approx(l2.item(), rel=1e-5)
     assert raw.item() > l2.item()  # the raw alpha pushes harder on a narrow model
@@ -47,10 +54,10 @@ def test_rms_arm_is_the_matched_l2_arm_up_to_scale():
 
 def test_steps_to_reach():
     steps = [0, 10, 20, 30]
-    assert ablate.steps_to_reach(steps, [1.0, 0.6, 0.5, 0.4], 0.5) == 20  # equality counts
-    assert ablate.steps_to_reach(steps, [1.0, 0.6, 0.55, 0.51], 0.5) is None
-    assert ablate.steps_to_reach(steps, [float("nan"), 0.4, 0.3, 0.2], 0.5) == 10
-    assert ablate.steps_to_reach(steps, [0.9, 0.4, 0.6, 0.7], 0.5) == 10  # first crossing, not the last
+    assert ablate_report.steps_to_reach(steps, [1.0, 0.6, 0.5, 0.4], 0.5) == 20  # equality counts
+    assert ablate_report.steps_to_reach(steps, [1.0, 0.6, 0.55, 0.51], 0.5) is None
+    assert ablate_report.steps_to_reach(steps, [float("nan"), 0.4, 0.3, 0.2], 0.5) == 10
+    assert ablate_report.steps_to_reach(steps, [0.9, 0.4, 0.6, 0.7], 0.5) == 10  # first crossing, not the last
 
 
 def test_speedup_stats():
@@ -62,7 +69,7 @@ def test_speedup_stats():
         0: dict(steps=[0, 50, 100], heldout=[1.0, 0.5, 0.4]),
         1: dict(steps=[0, 50, 100], heldout=[1.0, 0.8, 0.6]),
     }
-    stats = ablate.speedup_stats(arm, base)
+    stats = ablate_report.speedup_stats(arm, base)
     assert stats["per_seed"][0] == dict(steps=50, baseline_steps=100, speedup=2.0, equiv=None, equiv_ratio=None)
     assert stats["per_seed"][1] == dict(steps=None, baseline_steps=50, speedup=None, equiv=50, equiv_ratio=0.5)
     assert stats["reached"] == 1 and stats["seeds"] == 2
@@ -73,25 +80,25 @@ def test_speedup_stats():
         0: dict(steps=[0, 50, 100], heldout=[1.0, 0.9, 0.7]),
         1: dict(steps=[0, 50, 100], heldout=[1, 1, 1]),
     }
-    stats = ablate.speedup_stats(slow, base)
+    stats = ablate_report.speedup_stats(slow, base)
     assert stats["reached"] == 0 and stats["speedup_mean"] is None
     assert (stats["equiv_ratio_mean"], stats["equiv_ratio_min"]) == (0.25, 0.0)
     # The baseline against itself is a speed-up of exactly 1.
-    assert ablate.speedup_stats(base, base)["speedup_mean"] == 1.0
+    assert ablate_report.speedup_stats(base, base)["speedup_mean"] == 1.0
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
 def test_build_arms_covers_the_supplement_grids_and_form_study():
-    arms = ablate.build_arms()
+    arms = ablate_arms.build_arms()
     names = [a.name for a in arms]
     assert len(names) == len(set(names)) and names[0] == "baseline" and not arms[0].anm
     for scaling in ("raw", "matched"):
-        for alpha in ablate.ALPHA_GRID:
-            assert ablate.arm_name(scaling, alpha, 10.0) in names
-        for lam in ablate.LAMBDA_GRID:
-            assert ablate.arm_name(scaling, 70.0, lam) in names
+        for alpha in ablate_arms.ALPHA_GRID:
+            assert ablate_arms.arm_name(scaling, alpha, 10.0) in names
+        for lam in ablate_arms.LAMBDA_GRID:
+            assert ablate_arms.arm_name(scaling, 70.0, lam) in names
     default = next(a for a in arms if a.name == "matched_a70_l10")
     fields = ("site", "scaling", "objective", "granularity", "warmup_frac")
     form = [a for a in arms if a.name.startswith("matched_a70_l10_") or a.scaling == "rms"]
@@ -101,18 +108,59 @@ def test_build_arms_covers_the_supplement_grids_and_form_study():
         assert sum(getattr(a, f) != getattr(default, f) for f in fields) == 1, a.name
 
 
+def test_select_arms_keeps_grid_order_and_names_unknown_arms():
+    assert [a.name for a in ablate_arms.select_arms(["matched_a70_l10", "baseline"])] == ["baseline",
+                                                                                           "matched_a70_l10"]
+    assert len(ablate_arms.select_arms(None)) == len(ablate_arms.build_arms())
+    with pytest.raises(ValueError, match="nope"):
+        ablate_arms.select_arms(["baseline", "nope"])
+
+
+# ----------------------------------------------------------------------------- budgets and records
+
+
+def test_cache_key_leaves_out_arms_and_workers_only():
+    cpu = ablate_arms.BUDGETS["cpu"]
+    key = cpu.cache_key()
+    assert key["budget"] == "cpu" and key["seeds"] == [0, 1, 2] and key["steps"] == 400
+    assert "arms" not in key and "workers" not in key and "name" not in key
+    assert replace(cpu, workers=7, arms=("baseline",)).cache_key() == key
+    assert replace(cpu, steps=401).cache_key() != key
+
+
+def test_read_record_only_returns_records_of_the_same_config(tmp_path):
+    smoke = ablate_arms.BUDGETS["smoke"]
+    record = dict(dataset="sinusoid", seed=0, name="baseline", config=smoke.cache_key(), heldout=[1.0])
+    path = ablate_records.write_record(str(tmp_path), record)
+    assert path == ablate_records.run_path(str(tmp_path), "sinusoid", 0, "baseline")
+    assert ablate_records.read_record(str(tmp_path), "sinusoid", 0, "baseline", smoke)["heldout"] == [1.0]
+    assert ablate_records.read_record(str(tmp_path), "sinusoid", 0, "baseline", replace(smoke, steps=13)) is None
+    assert ablate_records.read_record(str(tmp_path), "sinusoid", 1, "baseline", smoke) is None
+    runs = ablate_records.load_runs(str(tmp_path), smoke, ablate_arms.select_arms(["baseline", "matched_a70_l10"]))
+    assert list(runs["sinusoid"]) == ["baseline"] and list(runs["sinusoid"]["baseline"]) == [0]
+
+
+@pytest.mark.parametrize("argv, message", [(["--arms", "nope"], "unknown arms"),
+                                           (["--steps", "0"], "--steps must be > 0")])
+def test_bad_arguments_are_usage_errors_that_create_nothing(tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=message):
+        ablate.main(ablate.parse_args(["--budget", "smoke", "--out", str(out), *argv]))
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- smoke run
 
 
 def _run(out, **overrides):
-    args = ablate.build_parser().parse_args(["--budget", "smoke", "--out", str(out)])
+    args = ablate.parse_args(["--budget", "smoke", "--out", str(out)])
     for key, value in overrides.items():
         setattr(args, key, value)
     return ablate.main(args)
 
 
 def _record(out, arm):
-    with open(ablate.run_path(str(out), "sinusoid", 0, arm)) as f:
+    with open(ablate_records.run_path(str(out), "sinusoid", 0, arm)) as f:
         return json.load(f)
 
 
@@ -133,9 +181,9 @@ def test_smoke_run_writes_outputs_and_arms_share_init_and_data(tmp_path):
     assert "Tab. 3" in (out / "tables.md").read_text()
 
     # Cached: a second call trains nothing.
-    mtime = os.path.getmtime(ablate.run_path(str(out), "sinusoid", 0, "baseline"))
+    mtime = os.path.getmtime(ablate_records.run_path(str(out), "sinusoid", 0, "baseline"))
     _run(out, no_plots=True)
-    assert os.path.getmtime(ablate.run_path(str(out), "sinusoid", 0, "baseline")) == mtime
+    assert os.path.getmtime(ablate_records.run_path(str(out), "sinusoid", 0, "baseline")) == mtime
 
     # Trained alone, an arm sees the same initial weights and data as in the lockstep group.
     _run(tmp_path / "b", arms=["matched_a70_l10"], no_plots=True)

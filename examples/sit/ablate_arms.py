@@ -1,0 +1,154 @@
+"""What the ablation runs: run budgets (model and run size) and arms (the baseline and each ANM setting).
+
+The arms are the supplement's Tab. 3 alpha grid and Tab. 4 lambda grid, each at the raw alpha and at the
+width-matched alpha (see alpha_scaling.py), plus a form study that changes one factor at a time from
+the default (matched alpha = 70, lambda = 10, per-token hinge on the residual update, 10% warm-up).
+
+    >>> [arm.name for arm in build_arms()][:3]
+    ['baseline', 'raw_a10_l10', 'raw_a50_l10']
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matched_alpha
+
+__all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "Budget", "BUDGETS", "Arm", "build_arms",
+           "arm_name", "select_arms"]
+
+ALPHA_GRID = (10.0, 50.0, 70.0, 100.0, 300.0)  # supplement Tab. 3 (lambda = 10)
+LAMBDA_GRID = (2.0, 5.0, 10.0, 15.0, 20.0)  # supplement Tab. 4 (alpha = 70)
+DATASETS = ("sinusoid", "fashion-mnist")
+DEFAULT_WARMUP_FRAC = 0.1  # the paper's 2k steps of a 200k run is 1%; on runs this short 10% is used
+
+
+#################################################################################
+#                                 Budgets                                       #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Model and run size of one ablation: everything but the arms is part of a run's cache key."""
+
+    name: str
+    image_size: int
+    patch_size: int
+    hidden: int
+    depth: int
+    heads: int
+    batch: int
+    steps: int
+    eval_every: int  # held-out evaluation every this many steps (and at the end)
+    eval_n: int  # held-out images
+    sample_n: int  # samples for the sinusoid metric at the end
+    sample_steps: int  # Euler ODE steps of those samples
+    seeds: tuple[int, ...]
+    datasets: tuple[str, ...]
+    lr: float
+    workers: int = 1  # (dataset, seed) groups trained at once on CPU
+    arms: tuple[str, ...] | None = None  # None: every arm of build_arms()
+
+    def cache_key(self) -> dict:
+        """The settings a cached run must match to be reused (not the arms, not the number of workers)."""
+        key = {k: v for k, v in asdict(self).items() if k not in ("name", "arms", "workers")}
+        key.update(seeds=list(self.seeds), datasets=list(self.datasets), budget=self.name)
+        return key
+
+
+# The CPU budget was sized from a measured ~67 ms per training step of one arm on a 2-core machine shared
+# with other jobs (D=64, depth 3, 16 tokens, batch 32): 26 arms x 6 (dataset, seed) groups on 2 workers
+# leave only 400 steps per arm (see docs/results.md). The lr is raised to 4e-4 so the baseline gets further
+# in so few steps (same lr for every arm). The GPU budget is an estimate (never timed on a device).
+BUDGETS: dict[str, Budget] = {
+    "smoke": Budget("smoke", image_size=8, patch_size=4, hidden=32, depth=2, heads=2, batch=8, steps=12,
+                    eval_every=4, eval_n=16, sample_n=16, sample_steps=4, seeds=(0,), datasets=("sinusoid",),
+                    lr=2e-4, arms=("baseline", "matched_a70_l10")),
+    "cpu": Budget("cpu", image_size=16, patch_size=4, hidden=64, depth=3, heads=4, batch=32, steps=400,
+                  eval_every=40, eval_n=128, sample_n=128, sample_steps=16, seeds=(0, 1, 2), datasets=DATASETS,
+                  lr=4e-4, workers=2),
+    "gpu": Budget("gpu", image_size=32, patch_size=4, hidden=128, depth=4, heads=4, batch=128, steps=1500,
+                  eval_every=100, eval_n=512, sample_n=512, sample_steps=32, seeds=(0, 1, 2), datasets=DATASETS,
+                  lr=2e-4),
+}
+
+
+#################################################################################
+#                                   Arms                                        #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration: the baseline (anm=False) or an ANM setting."""
+
+    name: str
+    anm: bool = True
+    alpha: float = PAPER_ALPHA  # the paper's alpha (before width scaling)
+    # "raw": alpha as is; "matched": alpha * sqrt(D / 1152); "rms": alpha / sqrt(1152) with reduce="rms"
+    scaling: str = "matched"
+    lam: float = PAPER_LAMBDA
+    warmup_frac: float = DEFAULT_WARMUP_FRAC
+    site: str = "update"
+    objective: str = "hinge"
+    granularity: str = "token"
+
+    @property
+    def reduce(self) -> str:
+        """The norm ANM takes: "rms" for the rms scaling, else "l2"."""
+        return "rms" if self.scaling == "rms" else "l2"
+
+    def alpha_used(self, hidden: int) -> float:
+        """The alpha handed to anm.ANM for a model of width ``hidden``."""
+        if self.scaling == "raw":
+            return self.alpha
+        if self.scaling == "matched":
+            return matched_alpha(self.alpha, hidden)
+        return self.alpha / math.sqrt(PAPER_HIDDEN)  # rms: the per-feature RMS that alpha means at D=1152
+
+    def warmup_steps(self, steps: int) -> int:
+        """ANM warm-up of a run of ``steps`` steps."""
+        return int(round(self.warmup_frac * steps))
+
+
+def arm_name(scaling: str, alpha: float, lam: float) -> str:
+    """'matched_a70_l10' and the like: the name of a grid arm."""
+    return f"{scaling}_a{alpha:g}_l{lam:g}"
+
+
+DEFAULT_ARM = arm_name("matched", PAPER_ALPHA, PAPER_LAMBDA)
+
+
+def build_arms() -> list[Arm]:
+    """Baseline, the Tab. 3 alpha grid and Tab. 4 lambda grid (raw and matched), and the form study.
+
+    The form study varies one factor at a time from the default; arms that coincide are listed once.
+    """
+    arms = [Arm("baseline", anm=False)]
+    for scaling in ("raw", "matched"):
+        arms += [Arm(arm_name(scaling, a, PAPER_LAMBDA), alpha=a, scaling=scaling) for a in ALPHA_GRID]
+        arms += [Arm(arm_name(scaling, PAPER_ALPHA, lam), lam=lam, scaling=scaling)
+                 for lam in LAMBDA_GRID if lam != PAPER_LAMBDA]
+    default = Arm(DEFAULT_ARM)
+    arms += [
+        replace(default, name=DEFAULT_ARM + "_site-output", site="output"),
+        replace(default, name="rms_a70_l10", scaling="rms"),
+        replace(default, name=DEFAULT_ARM + "_gran-sample", granularity="sample"),
+        replace(default, name=DEFAULT_ARM + "_gran-batch", granularity="batch"),
+        replace(default, name=DEFAULT_ARM + "_obj-exp", objective="exp"),
+        replace(default, name=DEFAULT_ARM + "_wu0", warmup_frac=0.0),
+        replace(default, name=DEFAULT_ARM + "_wu50", warmup_frac=0.5),
+    ]
+    return arms
+
+
+def select_arms(names: tuple[str, ...] | list[str] | None) -> list[Arm]:
+    """The arms called ``names`` in build_arms() order (all of them for None); ValueError names unknown ones."""
+    arms = build_arms()
+    if not names:
+        return arms
+    unknown = sorted(set(names) - {a.name for a in arms})
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; known: {[a.name for a in arms]}")
+    return [a for a in arms if a.name in names]
