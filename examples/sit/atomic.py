@@ -79,10 +79,15 @@ def check_writable(folder: str) -> None:
     try:
         with open(probe, "wb") as f:
             f.write(b"0")
-        os.remove(probe)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as error:
+        fix = "free space" if _is_disk_full(error) else "fix its permissions"
         raise UsageError(f"cannot write to {folder} ({os.strerror(error.errno or 0).lower()}): "
-                         "choose another --results-dir / --out, or fix its permissions.") from error
+                         f"{fix}, or choose another --results-dir / --out.") from error
+    finally:
+        with contextlib.suppress(OSError):  # a probe created on a full disk must not stay behind
+            os.remove(probe)
 
 
 def _is_disk_full(error: BaseException) -> bool:

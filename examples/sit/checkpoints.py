@@ -7,6 +7,7 @@ Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, sam
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import json
 import logging
@@ -30,8 +31,8 @@ from torch import nn
 
 import anm
 
-__all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "open_experiment", "restore",
-           "check_finite", "save_checkpoint"]
+__all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "open_experiment",
+           "lock_run_folder", "restore", "check_finite", "save_checkpoint"]
 
 
 def experiment_name(args: argparse.Namespace) -> str:
@@ -41,6 +42,7 @@ def experiment_name(args: argparse.Namespace) -> str:
 
 def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, list[str]]:
     """Check the run folder and pick the checkpoint to resume from: (path or None, warnings to log)."""
+    check_writable_path(experiment_dir)  # args.json, the logs and the lock go here
     check_writable_path(os.path.join(experiment_dir, "checkpoints"))
     check_run_folder(experiment_dir, args.resume)
     if args.resume == "auto":
@@ -84,16 +86,50 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, nu
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None:
         check_resume_compatible(checkpoint, resume_path, args, config, num_items, steps_per_epoch)
+    failure = ""
     if ctx.is_main:
         checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
-        stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
-        warnings += [f"removed {path} (left by a killed process)" for path in stale]
-        with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
-            f.write(json.dumps(vars(args), indent=1).encode())
+        os.makedirs(experiment_dir, exist_ok=True)
+        try:
+            lock_run_folder(experiment_dir)
+        except UsageError as error:  # every rank stops, instead of the others waiting at the barrier
+            failure = str(error)
+        if not failure:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
+            stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
+            warnings += [f"removed {path} (left by a killed process)" for path in stale]
+            with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
+                f.write(json.dumps(vars(args), indent=1).encode())
+    if broadcast_object(failure):
+        raise UsageError(failure)
     barrier()
     return experiment_dir, checkpoint, warnings
+
+
+_held_locks: dict[str, int] = {}  # run folder -> open lock file, held until this process exits
+
+
+def lock_run_folder(experiment_dir: str) -> None:
+    """Hold <experiment_dir>/.lock exclusively for the rest of this process, or raise UsageError if another
+    process holds it: two trainings in one folder would overwrite each other's checkpoints and logs.
+
+    The kernel drops the lock when the process ends, even on kill -9. A file system without locks (some
+    network mounts) leaves the run unprotected rather than refusing it."""
+    key = os.path.realpath(experiment_dir)
+    if key in _held_locks:  # main() run again in this process (tests, demo.py): the lock is already ours
+        return
+    fd = os.open(os.path.join(experiment_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{experiment_dir} is in use by another train.py process (it holds {experiment_dir}/.lock): "
+                         "wait for it to end, or start this run under another --exp-name") from None
+    except OSError:
+        os.close(fd)
+        return
+    _held_locks[key] = fd
 
 
 def restore(checkpoint: dict | None, raw: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,

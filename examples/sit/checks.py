@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.util
+import math
 import os
 import re
 from typing import Any
@@ -41,6 +42,8 @@ CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "epoch", "epoch_step", "rng", 
 STREAM_SETTINGS = ("data", "data_size", "global_batch_size", "global_seed")
 # Files that mark a folder as holding a run.
 RUN_FILES = ("log.csv", "log.txt", "args.json")
+MAX_DATA_SIZE = 10**8  # --data sinusoid: an epoch's shuffled index list of this length takes ~4 GB
+MAX_NAME_BYTES = 255  # one path component on common file systems (ext4, xfs, btrfs, tmpfs)
 
 
 def check_args(args: argparse.Namespace, world_size: int) -> None:
@@ -55,18 +58,36 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             hint = " (nothing to train)" if name in ("max_steps", "epochs") else ""
             raise UsageError(f"{flag} must be > 0, got {value}{hint}")
     for name in ("eval_every", "sample_every", "num_workers", "weight_decay"):
-        if getattr(args, name) < 0:
+        if not 0 <= getattr(args, name) < math.inf:  # written so that NaN fails too
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (0 = never/none), got {getattr(args, name)}")
     for name in ("hidden_size", "depth", "num_heads", "image_size", "data_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.data_size is not None and args.data_size > MAX_DATA_SIZE:
+        raise UsageError(f"--data-size must be <= {MAX_DATA_SIZE:,} (every epoch shuffles a list of that many "
+                         f"indices in memory), got {args.data_size:,}")
+    if not 0 <= args.global_seed < 2**32:
+        raise UsageError(f"--global-seed must be in [0, 2**32), got {args.global_seed}")
+    if not 0 < args.lr < math.inf:
+        raise UsageError(f"--lr must be > 0 and finite, got {args.lr}")
     if not 0 <= args.ema_decay <= 1:
         raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        raise UsageError(f"--max-grad-norm must be > 0, got {args.max_grad_norm} (leave it out to not clip)")
+    if not 0 <= args.class_dropout_prob <= 1:
+        raise UsageError(f"--class-dropout-prob must be in [0, 1], got {args.class_dropout_prob}")
+    if not 0 <= args.sample_cfg_scale < math.inf:
+        raise UsageError(f"--sample-cfg-scale must be a finite number >= 0 (1 = no guidance), got "
+                         f"{args.sample_cfg_scale}")
+    if args.sample_every > 0 and args.sample_cfg_scale > 1 and args.class_dropout_prob == 0:
+        raise UsageError(f"--sample-cfg-scale {args.sample_cfg_scale} guides the grids with the null class, which "
+                         "--class-dropout-prob 0 does not train: use --sample-cfg-scale 1 or a dropout > 0")
+    if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
+        raise UsageError(f"--max-grad-norm must be > 0 and finite, got {args.max_grad_norm} (leave it out to "
+                         "not clip)")
+    if args.resume == "":
+        raise UsageError("--resume '' names no checkpoint: pass a checkpoint path or 'auto', or drop the flag")
+    if not args.results_dir:  # an unset shell variable: the run would land in the current folder
+        raise UsageError("--results-dir '' names no folder: pass one (default: results), or '.' for this one")
     per_step = world_size * args.grad_accum_steps
     if args.global_batch_size % per_step:
         raise UsageError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} "
@@ -82,6 +103,9 @@ def check_exp_name(name: str | None) -> None:
     if name in ("", ".", "..") or "/" in name or os.sep in name or (os.altsep and os.altsep in name):
         raise UsageError(f"--exp-name {name!r} must be a plain folder name (no '/', '..' or absolute path): "
                          "the run folder is <--results-dir>/<--exp-name>")
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise UsageError(f"--exp-name is {len(os.fsencode(name))} bytes long; file systems allow "
+                         f"{MAX_NAME_BYTES} per folder name: choose a shorter one")
 
 
 def check_ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -32,12 +33,16 @@ class UsageError(Exception):
 def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
     """Parse the command line, call ``main(args)``; expected errors become one line and a non-zero exit."""
     prog = os.path.basename(sys.argv[0])
+    for stream in (sys.stdout, sys.stderr):
+        # A path that is not UTF-8 (a byte-named folder) must not crash a print after hours of work.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main(parse_args())
     except (UsageError, anm.ANMError) as error:
         _fail(prog, str(error))
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         where = f" ({error.filename})" if error.filename else ""
         _fail(prog, f"{os.strerror(error.errno).lower()}{where}: free space or choose another folder.")

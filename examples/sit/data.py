@@ -25,6 +25,9 @@ from torch.utils.data import Dataset
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT; the one copy every script imports
+MAX_ASPECT = 8  # center_crop_arr cuts a longer side to this many times the short one before resizing
+# What PIL raises for a file it cannot decode: unidentified, truncated, malformed, or over its pixel limit.
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -50,12 +53,32 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     """
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    width, height = pil_image.size
+    keep = MAX_ASPECT * min(width, height)
+    if max(width, height) > keep:
+        # A strip (say 1 x 100000 pixels) would be resized to image_size x 100000 * image_size before the crop
+        # and exhaust memory; cut its long side first. Photos (ImageNet's are under 1:8) are not touched.
+        left, top = (width - keep) // 2 if width > keep else 0, (height - keep) // 2 if height > keep else 0
+        pil_image = pil_image.crop((left, top, left + min(width, keep), top + min(height, keep)))
     scale = image_size / min(*pil_image.size)
     pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
     return Image.fromarray(arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """
+    8-bit RGB of any PIL image. 16-bit grayscale keeps its top 8 bits: PIL's own convert("RGB") clips it,
+    turning almost every pixel white.
+
+    >>> to_rgb(Image.fromarray(np.full((2, 2), 32768, np.uint16))).getpixel((0, 0))
+    (128, 128, 128)
+    """
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        image = Image.fromarray((np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -72,12 +95,15 @@ def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     >>> paths, labels, classes = find_image_files("/data/imagenet/train")  # doctest: +SKIP
     """
     if not os.path.isdir(root):
-        raise MissingDataError(f"image folder {root!r} does not exist (pass --data-path /path/to/train)")
+        state = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise MissingDataError(f"image folder {root!r} {state} (pass --data-path /path/to/train)")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     paths, labels = [], []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
             dirnames.sort()  # os.walk order is filesystem-dependent; sort for reproducible indices
+            if os.path.islink(dirpath):
+                check_no_link_loop(dirpath, os.path.join(root, name))
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
                     paths.append(os.path.join(dirpath, filename))
@@ -85,6 +111,17 @@ def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     if not paths:
         raise MissingDataError(f"no images found under {root!r}; expected root/<class>/<image>")
     return paths, labels, classes
+
+
+def check_no_link_loop(dirpath: str, top: str) -> None:
+    """DataError if the linked folder dirpath is one of the folders above it: os.walk would read the images
+    under it again at every level (some 40 copies, until the OS refuses the path)."""
+    real, above = os.path.realpath(dirpath), os.path.dirname(dirpath)
+    while len(above) >= len(top):
+        if os.path.realpath(above) == real:
+            raise DataError(f"{dirpath} is a symbolic link back to {above}, so its images would be read over and "
+                            "over: remove the link")
+        above = os.path.dirname(above)
 
 
 class ImageFolderDataset(Dataset):
@@ -103,8 +140,8 @@ class ImageFolderDataset(Dataset):
         """The cropped uint8 HxWx3 image, before flip and normalisation."""
         try:
             with open(self.paths[index], "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated/unknown files
+                image = to_rgb(Image.open(f))
+        except IMAGE_ERRORS as error:
             raise DataError(f"cannot read image {self.paths[index]} ({error}): replace or remove it") from error
         return np.array(center_crop_arr(image, self.image_size))
 
@@ -129,11 +166,18 @@ def latent_chunk_path(path: str, chunk: int) -> str:
 LATENT_META_KEYS = ("num_images", "chunk_size", "latent_shape", "num_classes", "image_size")
 
 
+def check_regular_file(path: str, fix: str) -> None:
+    """DataError if path exists but is a pipe, socket or device: reading one would wait forever."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        raise DataError(f"{path} is not a regular file (a pipe or device?): {fix}")
+
+
 def read_latent_meta(path: str) -> dict:
     """meta.json of an extract_latents.py folder, checked for the keys LatentDataset needs."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         raise MissingDataError(f"{meta_path} missing: run extract_latents.py --out {path} first")
+    check_regular_file(meta_path, f"rerun extract_latents.py --out {path}")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -142,12 +186,24 @@ def read_latent_meta(path: str) -> dict:
     missing = [key for key in LATENT_META_KEYS if key not in meta] if isinstance(meta, dict) else LATENT_META_KEYS
     if missing:
         raise DataError(f"{meta_path} lacks {', '.join(missing)}: rerun extract_latents.py --out {path}")
+    shape = meta["latent_shape"]
+    bad = [key for key in LATENT_META_KEYS if key != "latent_shape" and not _positive_int(meta[key])]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(map(_positive_int, shape))):
+        bad.append("latent_shape")
+    if bad:
+        raise DataError(f"{meta_path} has invalid {', '.join(f'{key}={meta[key]!r}' for key in bad)} (positive "
+                        f"integers expected, latent_shape as [C, h, w]): rerun extract_latents.py --out {path}")
     return meta
 
 
-def read_latent_labels(path: str, num_images: int) -> np.ndarray:
-    """labels.npy of an extract_latents.py folder: one integer label per image."""
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def read_latent_labels(path: str, num_images: int, num_classes: int) -> np.ndarray:
+    """labels.npy of an extract_latents.py folder: one integer label in [0, num_classes) per image."""
     labels_path = os.path.join(path, "labels.npy")
+    check_regular_file(labels_path, f"rerun extract_latents.py --out {path}")
     try:
         labels = np.load(labels_path)
     except FileNotFoundError as error:
@@ -157,12 +213,18 @@ def read_latent_labels(path: str, num_images: int) -> np.ndarray:
     if labels.shape != (num_images,):
         raise DataError(f"{labels_path} holds {labels.shape} labels, meta.json says {num_images} images: "
                         f"rerun extract_latents.py --out {path}")
+    # A label outside the class table would only fail at its first training step, deep in the model.
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and not 0 <= labels.min() <= labels.max()
+                                                        < num_classes):
+        raise DataError(f"{labels_path} holds {labels.dtype} labels outside 0..{num_classes - 1} (meta.json's "
+                        f"num_classes={num_classes}): rerun extract_latents.py --out {path}")
     return labels
 
 
 def check_latent_chunk(chunk_path: str, shape: tuple[int, ...]) -> None:
     """Raise DataError naming the shard if it is truncated, not a .npy file, or of the wrong shape/dtype."""
     fix = f"delete {chunk_path} and rerun extract_latents.py to rewrite it"
+    check_regular_file(chunk_path, fix)
     try:
         array = np.load(chunk_path, mmap_mode="r")  # reads the header; a short file fails to map
     except (OSError, ValueError, EOFError) as error:
@@ -195,7 +257,7 @@ class LatentDataset(Dataset):
                 f"{len(missing)} of {self.num_chunks} latent chunks missing in {path} "
                 f"(first: {missing[0]}); rerun extract_latents.py to finish them"
             )
-        self.labels = read_latent_labels(path, self.meta["num_images"])
+        self.labels = read_latent_labels(path, self.meta["num_images"], self.meta["num_classes"])
         self.scale = self.meta.get("scaling_factor", LATENT_SCALE) if scale is None else scale
         self.latent_shape = tuple(self.meta["latent_shape"])
         self.num_classes = self.meta["num_classes"]

@@ -168,6 +168,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out is not None:
         if not args.out.lower().endswith(".json"):
             raise UsageError(f"--out {args.out}: results are JSON; give a name ending in .json")
+        if os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a folder: give a file name such as {args.out}/results.json")
         if os.path.exists(args.out) and not args.overwrite:
             raise UsageError(f"--out {args.out} exists: choose another --out or pass --overwrite")
         parent = os.path.dirname(os.path.abspath(args.out))
@@ -178,6 +180,8 @@ def check_args(args: argparse.Namespace) -> None:
             device = torch.device(args.device)
         except RuntimeError as error:
             raise UsageError(f"--device {args.device!r} is not a device: use cpu or cuda") from error
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device}: the Inception network runs on cpu or cuda only")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
 
@@ -218,7 +222,11 @@ def main(args: argparse.Namespace) -> dict:
         # The true distribution is known: fresh reference draws, and a second set for the noise floor.
         options = {name: default if getattr(args, name) is None else getattr(args, name)
                    for name, default in SINUSOID_DEFAULTS.items()}
-        metric = SinusoidMetric(image_size=gen_images.shape[1], **options)
+        height, width = gen_images.shape[1:3]
+        if height != width or height < 4 or len(gen_images) < 2:
+            raise UsageError(f"--ref sinusoid fits square images of at least 4x4 pixels, two or more: {args.samples} "
+                             f"holds {len(gen_images)} of {height}x{width}; pass the sinusoid run's samples")
+        metric = SinusoidMetric(image_size=height, **options)
         result = metric(gen_images)
     else:
         result = inception_metrics(gen_images, args)

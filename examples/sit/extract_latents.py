@@ -19,6 +19,7 @@ with a different number of processes).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -30,11 +31,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from atomic import atomic_write, remove_stale_temps  # noqa: E402
 from cli import UsageError, run  # noqa: E402
-from data import LATENT_SCALE, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from data import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
 from distributed import barrier, cleanup, setup_distributed  # noqa: E402
 from sample import load_vae  # noqa: E402
 
-RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes")
+RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256")
 
 #################################################################################
 #                                  Helpers                                      #
@@ -76,7 +77,7 @@ class CheckedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         try:
             image, label = self.dataset[index]
-        except (OSError, ValueError, SyntaxError):  # PIL: unidentified / truncated / malformed files
+        except IMAGE_ERRORS:
             size = self.dataset.image_size
             return torch.zeros(3, size, size), self.dataset.labels[index], False
         return image, label, True
@@ -87,7 +88,7 @@ def decode_error(dataset: ImageFolderDataset, index: int, done: int, total: int)
     try:
         dataset.load_array(index)
         reason = "unreadable"
-    except (OSError, ValueError, SyntaxError) as error:
+    except IMAGE_ERRORS as error:
         reason = str(error).replace(f" {dataset.paths[index]!r}", "") or type(error).__name__
     return UsageError(f"cannot decode image {dataset.paths[index]} ({reason}): replace it with a readable image "
                       f"and rerun to resume ({done} of {total} chunks are done and kept); removing it changes "
@@ -98,7 +99,7 @@ def load_dataset(args: argparse.Namespace) -> ImageFolderDataset:
     """The ImageFolder at --data-path; a missing or empty one raises cli.UsageError."""
     try:
         return ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
-    except FileNotFoundError as error:
+    except DataError as error:
         raise UsageError(str(error)) from error
 
 
@@ -111,6 +112,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.max_chunks is not None and args.max_chunks < 1:
         raise UsageError(f"--max-chunks must be >= 1 (or left out for all chunks), got {args.max_chunks}")
+    if not args.out:
+        raise UsageError("--out '' names no folder: pass the folder the latents go to")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: choose a folder")
     if os.path.isdir(args.out) and not os.path.exists(os.path.join(args.out, "meta.json")):
@@ -119,6 +122,17 @@ def check_args(args: argparse.Namespace) -> None:
         if foreign:
             raise UsageError(f"--out {args.out} is not empty and holds no extraction (no meta.json): choose "
                              "another --out")
+
+
+def encoder_sha256(vae) -> str:
+    """SHA-256 of the weights that make the latents (encoder and quant_conv): the same VAE moved to another
+    path still resumes, another VAE under the same path does not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dict:
@@ -136,6 +150,7 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         num_classes=len(dataset.classes),
         classes=dataset.classes,
         vae=args.vae,
+        vae_sha256=encoder_sha256(vae),
         scaling_factor=float(getattr(vae.config, "scaling_factor", LATENT_SCALE)),
         dtype=args.dtype,
         layout="(n, [no flip, flip], [mean, std], C, h, w)",
@@ -152,7 +167,15 @@ def check_resume(out: str, meta: dict) -> dict | None:
             old = json.load(f)
     except (ValueError, OSError) as error:
         raise UsageError(f"{meta_path} is unreadable ({error}): use another --out") from error
+    if not isinstance(old, dict):
+        raise UsageError(f"{meta_path} holds a {type(old).__name__}, not extract_latents.py's metadata: use another "
+                         "--out")
     for key in RESUME_KEYS:
+        if key == "vae_sha256" and key not in old:
+            continue  # written before the fingerprint existed
+        if key == "vae_sha256" and old[key] != meta[key]:
+            raise UsageError(f"{out} holds latents of another VAE ({old.get('vae')!r}; its encoder weights differ from "
+                             f"--vae {meta['vae']!r}): resume with that VAE, or use another --out")
         if old.get(key) != meta[key]:
             raise UsageError(f"{out} holds an extraction with {key}={old.get(key)!r}, this run has {meta[key]!r}: "
                              "use another --out or the same settings to resume")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from atomic import atomic_write
 from cli import UsageError
-from data import IMG_EXTENSIONS
+from data import IMAGE_ERRORS, IMG_EXTENSIONS, to_rgb
 from PIL import Image
 
 # Temp files of an interrupted write: atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
@@ -44,6 +44,8 @@ def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
         images = images.transpose(0, 2, 3, 1)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
+    if images.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 colour channels, got shape {images.shape}")
     return np.ascontiguousarray(images)
 
 
@@ -75,15 +77,21 @@ def load_npz(path: str) -> np.ndarray:
             raise UsageError(f"{path} is a plain .npy array, not an ADM .npz: save it with key arr_0")
         with data:
             if "arr_0" not in data:
-                raise UsageError(f"{path} has keys {list(data.keys())}; the ADM format stores images in arr_0")
+                keys = list(data.keys())
+                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                raise UsageError(f"{path} has keys {shown}, no arr_0: not an ADM .npz of images (a torch checkpoint "
+                                 "is a zip too); pass the samples' .npz")
             images = data["arr_0"]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise UsageError(f"cannot read {path}: truncated, corrupt or not an .npz ({type(error).__name__}); "
                          "write it again") from error
     try:
-        return to_uint8_nhwc(images)
+        images = to_uint8_nhwc(images)
     except (TypeError, ValueError) as error:
         raise UsageError(f"{path}: arr_0 is not uint8 N x H x W x 3 images ({error})") from error
+    if not images.size:
+        raise UsageError(f"{path}: arr_0 holds no pixels (shape {images.shape}); write the samples again")
+    return images
 
 
 def is_image_file(name: str) -> bool:
@@ -111,8 +119,8 @@ def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
     for path in paths[:limit]:
         try:
             with Image.open(path) as image:
-                images.append(np.array(image.convert("RGB")))
-        except (OSError, ValueError) as error:
+                images.append(np.array(to_rgb(image)))
+        except IMAGE_ERRORS as error:
             reason = str(error).replace(f" {path!r}", "") or type(error).__name__
             raise UsageError(f"cannot decode image {path} ({reason}): replace or delete it") from error
     if len({im.shape for im in images}) > 1:

@@ -10,14 +10,29 @@ import csv
 import io
 import logging
 import os
+import sys
 
 from atomic import atomic_write
 from tqdm.auto import tqdm
 
-__all__ = ["LOG_FIELDS", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
+__all__ = ["LOG_FIELDS", "LogFile", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
 
 LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "grad_norm", "steps_per_sec", "img_per_sec",
               "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
+
+
+class LogFile(logging.FileHandler):
+    """log.txt in UTF-8 whatever the locale (a byte-named path is escaped, not lost). A line that cannot be
+    written (full disk, folder gone) stops the run with one error line instead of a traceback per line."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, encoding="utf-8", errors="backslashreplace")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = self.baseFilename  # a failed flush does not say which file
+        raise  # the write's own error: cli.run turns a full disk into one line
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -37,7 +52,7 @@ def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> l
     if rank == 0 and logging_dir is not None:
         logger.setLevel(logging.INFO)
         fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-        handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(logging_dir, "log.txt"))]
+        handlers: list[logging.Handler] = [LogFile(os.path.join(logging_dir, "log.txt"))]
         if console:
             handlers.append(TqdmHandler())
         for handler in handlers:
@@ -60,7 +75,9 @@ class CSVLog:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fields = reader.fieldnames
-                rows = [row for row in reader if int(row["step"]) <= resume_step]
+                # A row cut short by a full disk or a kill is dropped, not kept as a bogus early step.
+                rows = [row for row in reader if None not in row and None not in row.values()
+                        and row["step"].isdigit() and int(row["step"]) <= resume_step]
         if self.fields is not None:
             self._rewrite(rows)
         elif os.path.exists(path):
@@ -83,8 +100,12 @@ class CSVLog:
                     rows = list(csv.DictReader(f))
             self.fields = list(self.fields or []) + [key for key in row if key not in (self.fields or [])]
             self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+        except OSError as error:
+            error.filename = error.filename or self.path  # a failed flush does not say which file
+            raise
 
 
 class MetricLog:

@@ -161,7 +161,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int =
     """uint8 (N, H, W, 3) images -> one image grid with `nrow` images per row (default: ~square), written
     atomically (a crash or full disk leaves no partial file)."""
     n, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = min(nrow or math.ceil(math.sqrt(n)), n)  # a wider --nrow would only add blank columns
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, image in enumerate(images):
@@ -221,8 +221,12 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         least = 1 if args.mode == "ode" else 2
         if args.num_steps < least:
             raise UsageError(f"--num-steps must be >= {least} for --mode {args.mode}, got {args.num_steps}")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise UsageError(f"--cfg-scale must be >= 0 (1 = no guidance), got {args.cfg_scale}")
+    if args.cfg_scale is not None and not 0 <= args.cfg_scale < math.inf:  # NaN fails too
+        raise UsageError(f"--cfg-scale must be >= 0 and finite (1 = no guidance), got {args.cfg_scale}")
+    seed_flag = "--seed" if hasattr(args, "seed") else "--global-seed"
+    seed = getattr(args, seed_flag[2:].replace("-", "_"))
+    if not 0 <= seed < 2**63:  # the range that torch and numpy seeding both accept
+        raise UsageError(f"{seed_flag} must be in [0, 2**63), got {seed}")
     if args.cfg_channels is not None and args.cfg_channels < 1:
         raise UsageError(f"--cfg-channels must be >= 1, got {args.cfg_channels}")
     if args.guidance_interval is not None:

@@ -157,6 +157,8 @@ def prepare_folder(folder: str, npz_path: str, settings: dict[str, Any], ckpt: s
         try:
             with open(manifest_path) as f:
                 old = json.load(f)["settings"]
+            if not isinstance(old, dict):
+                raise TypeError(f"settings is a {type(old).__name__}")
         except (ValueError, KeyError, TypeError):
             return f"{manifest_path} is unreadable, so its samples cannot be trusted: {fix}"
         differences = settings_differences(old, settings)
@@ -186,6 +188,10 @@ def read_samples(folder: str, num: int) -> np.ndarray:
         except (OSError, ValueError) as error:
             raise UsageError(f"sample {path} is unreadable ({error}): delete it and rerun the same command to "
                              "regenerate it") from error
+        if images[-1].shape != images[0].shape:  # a PNG replaced by hand
+            raise UsageError(f"sample {path} is {images[-1].shape[1]}x{images[-1].shape[0]} pixels, sample 0 is "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}: delete the odd one and rerun the same "
+                             "command to regenerate it")
     return np.stack(images)
 
 
@@ -194,6 +200,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_sampling_args(args)
     if args.folder_name is not None:
         check_folder_name(args.folder_name)
+    if not args.sample_dir:
+        raise UsageError("--sample-dir '' names no folder: pass one (default: samples), or '.' for this one")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
         raise UsageError(f"--sample-dir {args.sample_dir} is a file: choose a folder")
 
@@ -250,7 +258,8 @@ def main(args: argparse.Namespace) -> str:
             try:
                 verdict = (folder, prepare_folder(folder, f"{folder}.npz", settings, args.ckpt))
             except (UsageError, OSError) as error:  # e.g. a full disk: stop the other ranks too
-                verdict = (folder, f"cannot prepare {folder}: {error}")
+                verdict = (folder, f"cannot prepare {folder} ({error}): free space or fix the permissions, or "
+                                   "choose another --sample-dir")
         folder, error = broadcast_object(verdict)
         if error is not None:
             raise UsageError(error)

@@ -102,6 +102,9 @@ def model_config(args: argparse.Namespace, in_channels: int, input_size: int, nu
     if config["hidden_size"] % config["num_heads"]:
         raise UsageError(f"hidden size {config['hidden_size']} is not divisible by {config['num_heads']} heads: "
                          "change --hidden-size or --num-heads")
+    if config["hidden_size"] % 4:
+        raise UsageError(f"hidden size {config['hidden_size']} is not a multiple of 4, which the 2-D sin-cos "
+                         "position embedding needs: change --hidden-size")
     return config
 
 
