@@ -31,6 +31,7 @@ from ablate_records import load_runs, read_record
 from ablate_report import summarize, write_csv, write_tables
 from ablate_train import Job, train_group
 from atomic import atomic_write
+from checks import check_device, check_writable_path
 from cli import UsageError, run
 
 
@@ -80,13 +81,17 @@ def main(args: argparse.Namespace) -> dict:
     for key in ("steps", "eval_every", "workers"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if args.seeds is not None and any(not 0 <= seed < 2**32 for seed in args.seeds):
+        raise UsageError(f"--seeds must be in [0, 2**32), got {args.seeds}")
     budget = budget_from_args(args)
     try:
         arms = select_arms(args.arms or budget.arms)
     except ValueError as error:
         raise UsageError(str(error)) from error
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     out_dir = args.out or os.path.join("results", "ablate", budget.name)
+    check_writable_path(out_dir, flag="--out")
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
 

@@ -31,7 +31,7 @@ import torch
 from cli import UsageError
 
 __all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
-           "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
+           "check_device", "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
            "check_resume_compatible", "CHECKPOINT_KEYS"]
 
 # What a train.py checkpoint must hold to resume from it.
@@ -137,7 +137,7 @@ def check_loggers(report_to: list[str]) -> None:
                              f"pip install {packages[name]} (or drop --report-to {name}; log.csv is always written)")
 
 
-def check_writable_path(path: str) -> None:
+def check_writable_path(path: str, flag: str = "--results-dir") -> None:
     """Raise now if ``path`` (a folder, maybe not yet created) could not be created and written."""
     from atomic import check_writable
 
@@ -145,8 +145,21 @@ def check_writable_path(path: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UsageError(f"cannot create {path}: {existing} is a file, not a folder; choose another --results-dir")
+        raise UsageError(f"cannot create {path}: {existing} is a file, not a folder; choose another {flag}")
     check_writable(existing)
+
+
+def check_device(name: str, flag: str = "--device", allowed: tuple[str, ...] = ("cpu", "cuda")) -> torch.device:
+    """``torch.device(name)``, or UsageError when it is no device, not one of ``allowed``, or not here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"{flag} {name!r} is not a device: use {' or '.join(allowed)}") from error
+    if device.type not in allowed:
+        raise UsageError(f"{flag} {name}: this script runs on {' or '.join(allowed)} only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: CUDA is not available here; use {flag} cpu")
+    return device
 
 
 def checkpoint_paths(checkpoint_dir: str) -> list[str]:

@@ -12,6 +12,7 @@ Example:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import os
@@ -21,9 +22,18 @@ from typing import Any
 
 import anm
 
-__all__ = ["UsageError", "run", "EXIT_USAGE"]
+__all__ = ["UsageError", "run", "EXIT_USAGE", "HelpFormatter"]
 
 EXIT_USAGE = 2  # what argparse uses for a bad command line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every default, and the description's usage examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:  # the help text says what happens without the flag
+            return action.help
+        return super()._get_help_string(action)
 
 
 class UsageError(Exception):

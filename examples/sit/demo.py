@@ -43,7 +43,8 @@ import torch
 import train
 from alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA, matched_alpha
 from atomic import atomic_write
-from cli import UsageError, run
+from checks import check_writable_path
+from cli import HelpFormatter, UsageError, run
 from data import SinusoidDataset, make_sinusoids
 from demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
 from heldout import HeldoutSet, make_heldout, measure
@@ -223,6 +224,9 @@ def check_args(args: argparse.Namespace) -> Scale:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    check_writable_path(args.out, flag="--out")
     overrides = {k: getattr(args, k) for k in ("steps", "num_samples", "eval_samples") if getattr(args, k)}
     scale = replace(SCALES[args.scale], **overrides)
     return replace(scale, eval_points=min(scale.eval_points, scale.steps))
@@ -297,11 +301,11 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: tiny (minutes); gpu: bigger")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: per scale)")
-    parser.add_argument("--out", type=str, default="demo_out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default="demo_out", help="folder for the figures, table and runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initial weights and sampling")
     parser.add_argument("--parallel", action=argparse.BooleanOptionalAction, default=True,
                         help="CPU: train baseline and ANM at the same time in two processes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (CPU default: 1)")

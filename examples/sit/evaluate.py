@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from atomic import atomic_write  # noqa: E402
+from checks import check_device  # noqa: E402
 from cli import UsageError, run  # noqa: E402
 from metrics import frechet_distance_from_features, kernel_inception_distance, precision_recall  # noqa: E402
 from npz import load_images  # noqa: E402
@@ -176,14 +177,7 @@ def check_args(args: argparse.Namespace) -> None:
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
             raise UsageError(f"--out {args.out}: folder {parent} does not exist or is not writable")
     if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as error:
-            raise UsageError(f"--device {args.device!r} is not a device: use cpu or cuda") from error
-        if device.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {args.device}: the Inception network runs on cpu or cuda only")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        check_device(args.device)
 
 
 def load_checked(path: str, limit: int | None, flag: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
 from checks import check_args, check_ignored_flags, checkpoint_paths
-from cli import UsageError, run
+from cli import HelpFormatter, UsageError, run
 from data import LATENT_SCALE, DataError
 from distributed import DistContext, all_mean, cleanup, setup_distributed
 from heldout import HeldoutSet, fm_loss
@@ -338,15 +338,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 #################################################################################
 #                                  Command line                                 #
 #################################################################################
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every default, and the description's usage examples as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:  # the help text says what happens without the flag
-            return action.help
-        return super()._get_help_string(action)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """train.py's flags, in groups, each with its help text and default."""

@@ -141,7 +141,9 @@ def test_read_record_only_returns_records_of_the_same_config(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--arms", "nope"], "unknown arms"),
-                                           (["--steps", "0"], "--steps must be > 0")])
+                                           (["--steps", "0"], "--steps must be > 0"),
+                                           (["--seeds", "-1"], "--seeds must be in"),
+                                           (["--device", "mps"], "cpu or cuda only")])
 def test_bad_arguments_are_usage_errors_that_create_nothing(tmp_path, argv, message):
     out = tmp_path / "out"
     with pytest.raises(UsageError, match=message):
@@ -190,3 +192,11 @@ def test_smoke_run_writes_outputs_and_arms_share_init_and_data(tmp_path):
     alone = _record(tmp_path / "b", "matched_a70_l10")
     assert alone["init_checksum"] == arm["init_checksum"] and alone["data_checksum"] == arm["data_checksum"]
     assert alone["heldout"] == pytest.approx(arm["heldout"], rel=1e-5)
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path):
+    out = tmp_path / "results.txt"
+    out.write_text("kept")
+    with pytest.raises(UsageError, match="is a file, not a folder; choose another --out"):
+        ablate.main(ablate.parse_args(["--budget", "smoke", "--out", str(out)]))
+    assert out.read_text() == "kept"

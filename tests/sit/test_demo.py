@@ -72,6 +72,17 @@ def test_non_positive_counts_are_usage_errors_that_write_nothing(tmp_path: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_seed_or_out_are_usage_errors_that_write_nothing(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--seed must be in"):
+        demo.main(demo.parse_args(["--seed", "-1", "--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+    taken = tmp_path / "taken"
+    taken.write_text("kept")
+    with pytest.raises(UsageError, match="choose another --out"):
+        demo.main(demo.parse_args(["--out", str(taken)]))
+    assert taken.read_text() == "kept"
+
+
 def test_comparison_table_lists_both_runs_and_the_noise_floor(tmp_path: Path) -> None:
     def run(validity: float, norm: float) -> dict:
         return dict(final_fm_loss=0.5, train_images_fm_loss_ema=0.4, fresh_fm_loss_ema=0.3,

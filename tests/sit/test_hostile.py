@@ -364,7 +364,7 @@ def test_evaluate_refuses_arrays_the_metric_cannot_read(tmp_path: Path, images: 
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--device", "mps"], "--device mps: the Inception network runs on cpu or cuda only"),
+    (["--device", "mps"], "--device mps: this script runs on cpu or cuda only"),
     (["--out", "{tmp}/results.json", "--overwrite"], "is a folder: give a file name"),
 ])
 def test_evaluate_refuses_bad_flags_before_loading(tmp_path: Path, flags: list, message: str, monkeypatch,
