@@ -11,7 +11,7 @@ from .compiled import classes_with_compiled_forward
 from .errors import ANMError
 from .layers import LayerSpec, select_layers
 from .layout import block_widths, check_feature_layout
-from .norms import REDUCTIONS, activation_norms, validate_feature_dim
+from .norms import REDUCTIONS, activation_norms, norms_unchecked, validate_feature_dim
 from .outputs import Select, default_select, hidden_input, positional_names, return_positions
 from .warn import warn
 
@@ -215,11 +215,14 @@ class ActivationCollector:
                     "a select= that returns the hidden state."
                 )
             minus = hidden_in
-        # Shapes only: under torch.compile this runs once, while tracing, and costs nothing per step.
-        check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
-        if not torch.compiler.is_compiling():  # a dict written from a compiled graph would recompile it
+        if torch.compiler.is_compiling():  # shapes are constants here: checked once, while tracing
+            check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
+        elif index not in self.widths:  # eager: once per layer (a dict written from a graph would recompile it)
+            check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
             self.widths[index] = activation.shape[self.feature_dim]
-        norms = activation_norms(activation, self.reduce, minus=minus, feature_dim=self.feature_dim)
+        if not activation.is_floating_point() or activation.shape[self.feature_dim] == 0:
+            activation_norms(activation, self.reduce, minus=minus, feature_dim=self.feature_dim)  # raises, naming why
+        norms = norms_unchecked(activation, self.reduce, minus, self.feature_dim)
         if self._sequence_first[index] and norms.dim() == 2:
             norms = norms.transpose(0, 1)
         if self.training_only and _replaying_for_backward():

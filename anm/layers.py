@@ -153,10 +153,10 @@ def _expand_containers(selected: list[tuple[str, nn.Module]]) -> list[tuple[str,
     # term would silently stay 0: what the user means is the blocks it holds.
     expanded, seen = [], set()
     for name, module in selected:
-        children = (
-            [(_join(name, child_name), child) for child_name, child in module.named_children()]
-            if isinstance(module, (nn.ModuleList, nn.ModuleDict)) else [(name, module)]
-        )
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # lists of lists too
+            children = _expand_containers([(_join(name, n), child) for n, child in module.named_children()])
+        else:
+            children = [(name, module)]
         for child_name, child in children:
             if id(child) not in seen:
                 seen.add(id(child))

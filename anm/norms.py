@@ -23,8 +23,8 @@ class _UpdateNorm(torch.autograd.Function):
     """
 
     # forward(ctx, ...) rather than a separate setup_context: with setup_context, Function.apply binds
-    # the arguments through inspect.signature on every call, which cost more than the norm itself
-    # (≈190 µs per call instead of ≈104 µs in a tiny SiT step on CPU; the vector_norm itself: ≈45 µs).
+    # the arguments through inspect.signature on every call, which costs more than the norm itself at
+    # small sizes (docs/benchmarks.md).
     @staticmethod
     def forward(ctx, x: Tensor, minus: Tensor, scale: float, dim: int) -> Tensor:
         diff = x - minus
@@ -112,6 +112,12 @@ def activation_norms(x: Tensor, reduce: str = "l2", *, minus: Tensor | None = No
             f"cannot take the residual update: output shape {tuple(x.shape)} != input shape "
             f"{tuple(minus.shape)}. Use site='output' for blocks that change the shape."
         )
+    return norms_unchecked(x, reduce, minus, feature_dim)
+
+
+def norms_unchecked(x: Tensor, reduce: str, minus: Tensor | None, feature_dim: int) -> Tensor:
+    """:func:`activation_norms` without its argument checks, for the forward hook, whose arguments were
+    checked once when the hooks were made (and whose shapes it checks itself)."""
     scale = 1.0 if reduce == "l2" else 1.0 / math.sqrt(x.shape[feature_dim])
     if minus is None:
         # The built-in norm keeps only references to x and the result for backward, and its C++

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -87,6 +88,7 @@ class Regularizer:
         self._calls_without_step = 0
         self._count_at_last_call = 0
         self._empty_training_calls = 0
+        self._ever_recorded = False
         self._width_checked = False
         self._last: dict[str, Any] | None = None
         self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
@@ -144,7 +146,7 @@ class Regularizer:
             self._refuse_stale_compiled_graph()
             self._warn_once_if_hooks_never_run()
         else:
-            self._empty_training_calls = 0
+            self._empty_training_calls, self._ever_recorded = 0, True
         step = self._resolve_step(step, recorded=bool(records))
         weight = warmup_weight(step, self.warmup, self.warmup_kind)
         self._last_step = step
@@ -275,7 +277,7 @@ class Regularizer:
         self._width_checked = True
         if self.collector.reduce != "l2" or self.alpha != PAPER_ALPHA:
             return
-        width = max(set(self.collector.widths.values()), key=list(self.collector.widths.values()).count)
+        width = Counter(self.collector.widths.values()).most_common(1)[0][0]
         low, high = _PAPER_WIDTH_RANGE
         if low <= width <= high:
             return
@@ -301,9 +303,10 @@ class Regularizer:
             )
 
     def _refuse_stale_compiled_graph(self) -> None:
-        # Nothing recorded is normal after eval or no_grad forwards. In training mode it is what a graph
-        # compiled before the hooks existed looks like: the loss would silently stay 0 for the whole run.
-        if not (self.model.training and torch.is_grad_enabled()):
+        # Nothing recorded is normal after eval or no_grad forwards, or on a second loss() call in a step.
+        # In training mode, before anything was ever recorded, it is what a graph compiled before the
+        # hooks existed looks like: the loss would silently stay 0 for the whole run.
+        if self._ever_recorded or not (self.model.training and torch.is_grad_enabled()):
             return
         stale = self.collector.compiled_without_hooks()
         if stale:

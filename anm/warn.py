@@ -20,8 +20,6 @@ def warn(message: str) -> None:
 
     Example:
         >>> import warnings
-
-import torch
         >>> from anm.warn import warn
         >>> with warnings.catch_warnings(record=True) as caught:
         ...     warnings.simplefilter("always")

@@ -233,3 +233,14 @@ def test_hooks_that_never_run_in_training_warn_once():
             model(*make_batch())
             reg.loss()
     assert len([w for w in caught if "did not run" in str(w.message)]) == 1
+
+
+def test_a_second_loss_call_under_compile_is_not_taken_for_a_stale_graph():
+    model = ToyDiT()
+    reg = anm.attach(model, reduce="rms", alpha=2.0, warmup=0)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(*make_batch())
+    assert reg.loss().item() > 0
+    assert reg.loss().item() == 0.0  # nothing new recorded: 0, as in eager mode, not "call torch.compiler.reset()"
+    reg.detach()
+    torch.compiler.reset()

@@ -105,3 +105,9 @@ def test_auto_descends_into_stages_of_a_hierarchical_model():
     model = nn.Module()
     model.stages = nn.ModuleList(Stage(8) for _ in range(3))
     assert names(find_blocks(model)) == [f"stages.{s}.blocks.{b}" for s in range(3) for b in range(2)]
+
+
+def test_lists_of_lists_given_as_layers_mean_the_blocks_inside():
+    model = nn.Module()
+    model.stages = nn.ModuleList(nn.ModuleList(ToyBlock(8) for _ in range(2)) for _ in range(2))
+    assert names(select_layers(model, model.stages)) == ["stages.0.0", "stages.0.1", "stages.1.0", "stages.1.1"]
