@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from cli import UsageError
 
-__all__ = ["atomic_write", "remove_stale_temps", "check_writable", "temp_path"]
+__all__ = ["atomic_write", "remove_stale_temps", "check_writable", "temp_path", "pid_alive"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
@@ -66,7 +66,7 @@ def remove_stale_temps(folder: str) -> list[str]:
     removed = []
     for tmp in glob.glob(os.path.join(glob.escape(folder), ".*.tmp-*")):
         match = _TEMP.match(os.path.basename(tmp))
-        if match and not _pid_alive(int(match["pid"])):
+        if match and not pid_alive(int(match["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
             removed.append(tmp)
@@ -110,7 +110,8 @@ def _fsync_folder(folder: str) -> None:
             os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (a temp file of a live process is still being written)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

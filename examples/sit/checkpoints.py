@@ -15,7 +15,7 @@ import os
 import re
 
 import torch
-from atomic import atomic_write, remove_stale_temps
+from atomic import atomic_write, pid_alive, remove_stale_temps
 from checks import (
     check_resume_compatible,
     check_run_folder,
@@ -40,14 +40,15 @@ def experiment_name(args: argparse.Namespace) -> str:
     return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
 
 
-def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, list[str]]:
-    """Check the run folder and pick the checkpoint to resume from: (path or None, warnings to log)."""
+def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, dict | None, list[str]]:
+    """Check the run folder and pick the checkpoint to resume from: (path or None, its contents when
+    they had to be read to pick it, warnings to log)."""
     check_writable_path(experiment_dir)  # args.json, the logs and the lock go here
     check_writable_path(os.path.join(experiment_dir, "checkpoints"))
     check_run_folder(experiment_dir, args.resume)
     if args.resume == "auto":
         return newest_loadable_checkpoint(os.path.join(experiment_dir, "checkpoints"))
-    return args.resume, []
+    return args.resume, None, []
 
 
 def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
@@ -57,14 +58,9 @@ def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
         match = re.fullmatch(r"\d+\.pt\.tmp-(\d+)", os.path.basename(path))
         if match is None:
             continue
-        try:
-            os.kill(int(match[1]), 0)
-            continue  # its process still runs
-        except ProcessLookupError:
+        if not pid_alive(int(match[1])):
             os.remove(path)
             removed.append(path)
-        except PermissionError:  # another user's live process
-            continue
     return removed
 
 
@@ -74,16 +70,18 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, nu
     the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
     experiment_dir = os.path.join(args.results_dir, experiment_name(args))
     decision: tuple | str = ""
+    loaded = None  # rank 0 read the checkpoint to pick it: not read twice
     if ctx.is_main:
         try:
-            decision = plan_resume(args, experiment_dir)
+            resume_path, loaded, warnings = plan_resume(args, experiment_dir)
+            decision = (resume_path, warnings)
         except UsageError as error:
             decision = str(error)
     decision = broadcast_object(decision)
     if isinstance(decision, str):
         raise UsageError(decision)
     resume_path, warnings = decision
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    checkpoint = loaded if loaded is not None else (load_checkpoint(resume_path) if resume_path else None)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, resume_path, args, config, num_items, steps_per_epoch)
     failure = ""
@@ -158,6 +156,8 @@ def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked
                  checkpoint_dir: str) -> int:
     """Stop the run if a loss since the last check (at checked_step), or a weight, is NaN or infinite (one
     device sync, at log and checkpoint steps only); returns step, the new last checked step."""
+    if checked_step == step:  # a log step that is also a checkpoint step: checked a moment ago
+        return step
     weights_finite = torch.stack([torch.isfinite(p).all() for p in raw.parameters()]).all()
     finite = torch.isfinite(running).all() & weights_finite
     if all_mean(finite.float(), world_size).item() == 1.0:

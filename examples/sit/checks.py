@@ -218,24 +218,22 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def newest_loadable_checkpoint(checkpoint_dir: str) -> tuple[str | None, list[str]]:
-    """(path of the newest checkpoint that loads, warnings naming the newer ones that do not).
+def newest_loadable_checkpoint(checkpoint_dir: str) -> tuple[str | None, dict | None, list[str]]:
+    """(path of the newest checkpoint that loads, its contents, warnings naming the newer ones that do not).
 
-    None when the folder holds no checkpoint; UsageError when it holds some but none loads.
+    (None, None, []) when the folder holds no checkpoint; UsageError when it holds some but none loads.
     """
     warnings: list[str] = []
     paths = checkpoint_paths(checkpoint_dir)
     for path in paths:
         try:
-            load_checkpoint(path)
+            return path, load_checkpoint(path), warnings
         except UsageError as error:
             warnings.append(f"skipping {error}")
-            continue
-        return path, warnings
     if paths:
         raise UsageError(f"none of the {len(paths)} checkpoint(s) in {checkpoint_dir} loads ({warnings[0]}): "
                          "resume from a good copy with --resume PATH, or start a new --exp-name")
-    return None, warnings
+    return None, None, warnings
 
 
 def check_resume_compatible(checkpoint: dict, path: str, args: argparse.Namespace, model_config: dict,

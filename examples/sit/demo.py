@@ -218,6 +218,9 @@ def cpu_seconds() -> float:
 #################################################################################
 
 
+DEMO_MARKER = ".demo-output"  # only a folder carrying it has runs/ that a rerun may replace
+
+
 def check_args(args: argparse.Namespace) -> Scale:
     """The scale with the command line's overrides; UsageError before anything is written."""
     for flag in ("steps", "num_samples", "eval_samples", "threads"):
@@ -234,7 +237,12 @@ def check_args(args: argparse.Namespace) -> Scale:
 
 def main(args: argparse.Namespace) -> dict:
     scale = check_args(args)
+    marker = os.path.join(args.out, DEMO_MARKER)
+    if os.path.exists(os.path.join(args.out, "runs")) and not os.path.exists(marker):
+        raise UsageError(f"--out {args.out} holds a runs/ folder that demo.py did not make: choose another --out")
     os.makedirs(args.out, exist_ok=True)
+    with atomic_write(marker) as f:
+        f.write(b"written by examples/sit/demo.py; a rerun replaces runs/baseline and runs/anm\n")
     for name in ("baseline", "anm"):  # a rerun replaces the runs an earlier one left (stale checkpoints)
         shutil.rmtree(os.path.join(args.out, "runs", name), ignore_errors=True)
     start, cpu_start = time.time(), cpu_seconds()

@@ -83,6 +83,15 @@ def test_bad_seed_or_out_are_usage_errors_that_write_nothing(tmp_path: Path) -> 
     assert taken.read_text() == "kept"
 
 
+def test_a_runs_folder_demo_did_not_make_is_never_deleted(tmp_path: Path) -> None:
+    precious = tmp_path / "out" / "runs" / "anm" / "weeks-of-training.pt"
+    precious.parent.mkdir(parents=True)
+    precious.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="did not make"):
+        demo.main(demo.parse_args(["--out", str(tmp_path / "out")]))
+    assert precious.read_bytes() == b"keep me"
+
+
 def test_comparison_table_lists_both_runs_and_the_noise_floor(tmp_path: Path) -> None:
     def run(validity: float, norm: float) -> dict:
         return dict(final_fm_loss=0.5, train_images_fm_loss_ema=0.4, fresh_fm_loss_ema=0.3,
