@@ -30,7 +30,7 @@ except ImportError:  # Windows: no page-fault counter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from device import pick_device, sync  # noqa: E402
-from models import SiT  # noqa: E402
+from modeling.models import SiT  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
 
 import anm  # noqa: E402

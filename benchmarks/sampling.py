@@ -35,12 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from device import fp32_exact, pick_device, sync  # noqa: E402
-from models import SiT  # noqa: E402
+from modeling.models import SiT  # noqa: E402
+from modeling.transport import create_transport  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
 from sample import decode_to_uint8, generate, make_sample_fn  # noqa: E402
 from sample_ddp import sample_inputs, sample_seed  # noqa: E402
 from train_step import build_vae  # noqa: E402
-from transport import create_transport  # noqa: E402
 
 # name: (SiT kwargs, fast per-process batch, VAE config). Latent side = image side / 8.
 CONFIGS = {

@@ -38,13 +38,13 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
-from data import LATENT_SCALE  # noqa: E402
+from data.datasets import LATENT_SCALE  # noqa: E402
 from device import fp32_exact, pick_device, sync  # noqa: E402
 from extract_latents import encode_moments  # noqa: E402
-from models import SiT  # noqa: E402
+from modeling.models import SiT  # noqa: E402
+from modeling.transport import create_transport  # noqa: E402
 from report import run_metadata, write_json  # noqa: E402
 from train import update_ema  # noqa: E402
-from transport import create_transport  # noqa: E402
 
 # diffusers AutoencoderKL configs: "sd" is the architecture of stabilityai/sd-vae-ft-ema (84M parameters,
 # 8x downsampling); "tiny" keeps the layout (4 blocks, 8x) with few channels, for CPU runs.

@@ -89,7 +89,7 @@ def test_timm_vit():
 
 def test_sit_example_model():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("modeling.models")
     model = models.SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
                        num_classes=10)
     for block in model.blocks:  # leave adaLN-Zero's identity start so the updates are non-zero

@@ -1,7 +1,7 @@
 """Does ANM speed up flow-matching training? The seed supplement's ablation (Tab. 3 / Tab. 4) at small scale.
 
 One command trains, for every (dataset, seed), a baseline SiT and one ANM arm per grid point, all in
-lockstep in one process (ablate_train.py): every arm starts from the same initial weights and sees the
+lockstep in one process (ablation/lockstep.py): every arm starts from the same initial weights and sees the
 same batches, times and noise. It writes per-arm curves (held-out flow-matching loss on fixed noise and a
 fixed t grid, per-layer norms, fraction of tokens below alpha), the steps each arm needs to reach the
 baseline's final held-out loss, tables shaped like the supplement's Tab. 3 / Tab. 4, and plots.
@@ -13,7 +13,7 @@ baseline's final held-out loss, tables shaped like the supplement's Tab. 3 / Tab
 Results go to results/ablate/<budget>/: runs/<dataset>/seed<k>/<arm>.json (cached: a rerun only trains
 what is missing), runs.csv, summary.json, tables.md, curves.png, grids.png, norms.png.
 
-The arms and budgets are in ablate_arms.py; alpha is run both raw and width-matched (alpha_scaling.py).
+The arms and budgets are in ablation/arms.py; alpha is run both raw and width-matched (modeling/alpha_scaling.py).
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ import time
 from dataclasses import asdict, replace
 
 import torch
-from ablate_arms import BUDGETS, DATASETS, Arm, Budget, select_arms
-from ablate_plots import write_plots
-from ablate_records import load_runs, read_record
-from ablate_report import summarize, write_csv, write_tables
-from ablate_train import Job, train_group
-from atomic import atomic_write
-from checks import check_device, check_writable_path
-from cli import UsageError, run
+from ablation.arms import BUDGETS, DATASETS, Arm, Budget, select_arms
+from ablation.lockstep import Job, train_group
+from ablation.plots import write_plots
+from ablation.records import load_runs, read_record
+from ablation.report import summarize, write_csv, write_tables
+from runtime.atomic import atomic_write
+from runtime.checks import check_device, check_writable_path
+from runtime.cli import UsageError, run
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:

@@ -13,15 +13,15 @@ Writes to --out:
   comparison.md   the comparison table; metrics.json: every number, the settings and the time taken
   runs/{baseline,anm}/   each run's checkpoints and log.csv (train.py's layout; a rerun replaces them)
 
-Both runs are measured the same way (heldout.py) at every saved checkpoint: FM loss and each block's
+Both runs are measured the same way (evaluation/heldout.py) at every saved checkpoint: FM loss and each block's
 residual-update norm on a fixed evaluation set (the training images with fixed noise and a uniform t
 grid); at the end also the FM loss on fresh sinusoids neither run saw. On CPU the training set is small
 enough for the tiny model to learn it by heart within the run, which is what makes its samples clean.
-Samples are judged by the sinusoid metric (sinusoid_metric.py), next to its real-vs-real noise floor.
+Samples are judged by the sinusoid metric (evaluation/sinusoid_metric.py), next to its real-vs-real noise floor.
 This demo shows the machinery; one seed of a tiny model is not evidence that ANM helps or hurts.
 
 ANM's alpha is an l2 norm, so it depends on the width D: the demo keeps the paper's per-feature RMS,
-alpha = 70 * sqrt(D / 1152) (alpha_scaling.py).
+alpha = 70 * sqrt(D / 1152) (modeling/alpha_scaling.py).
 """
 from __future__ import annotations
 
@@ -41,16 +41,16 @@ from glob import glob
 import numpy as np
 import torch
 import train
-from alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA, matched_alpha
-from atomic import atomic_write
-from checks import check_writable_path
-from cli import HelpFormatter, UsageError, run
-from data import SinusoidDataset, make_sinusoids
-from demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
-from heldout import HeldoutSet, make_heldout, measure
+from data.datasets import SinusoidDataset, make_sinusoids
+from evaluation.demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
+from evaluation.heldout import HeldoutSet, make_heldout, measure
+from evaluation.sinusoid_metric import SinusoidMetric
+from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA, matched_alpha
+from modeling.transport import create_transport
+from runtime.atomic import atomic_write
+from runtime.checks import check_writable_path
+from runtime.cli import HelpFormatter, UsageError, run
 from sample import decode_to_uint8, generate, load_model, make_sample_fn
-from sinusoid_metric import SinusoidMetric
-from transport import create_transport
 
 EVAL_SEED = 12345  # the fixed noise of the evaluation set
 HELDOUT_SEED = 2_000_003  # fresh sinusoids, drawn apart from the training set's per-item seeds

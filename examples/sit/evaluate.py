@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
-from atomic import atomic_write  # noqa: E402
-from checks import check_device  # noqa: E402
-from cli import UsageError, run  # noqa: E402
-from metrics import frechet_distance_from_features, kernel_inception_distance, precision_recall  # noqa: E402
-from npz import load_images  # noqa: E402
-from sinusoid_metric import SinusoidMetric  # noqa: E402
+from data.npz import load_images  # noqa: E402
+from evaluation.metrics import frechet_distance_from_features, kernel_inception_distance, precision_recall  # noqa: E402
+from evaluation.sinusoid_metric import SinusoidMetric  # noqa: E402
+from runtime.atomic import atomic_write  # noqa: E402
+from runtime.checks import check_device  # noqa: E402
+from runtime.cli import UsageError, run  # noqa: E402
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 N x H x W x 3 -> float N x D
 

@@ -1,7 +1,7 @@
 """
 Encode an ImageFolder dataset with the SD VAE once, storing the posterior moments (mean, std) of each
 image and of its horizontal flip, so training reads latents instead of running the encoder every step
-(fast-DiT reports +95% speed). LatentDataset (data.py) samples mean + std * eps and a random flip at
+(fast-DiT reports +95% speed). LatentDataset (data/datasets.py) samples mean + std * eps and a random flip at
 every access, so training sees the same distribution as with on-the-fly encoding.
 
 Output folder:
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
-from atomic import atomic_write, remove_stale_temps  # noqa: E402
-from cli import UsageError, run  # noqa: E402
-from data import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
-from distributed import barrier, cleanup, setup_distributed  # noqa: E402
+from data.datasets import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
+from runtime.cli import UsageError, run  # noqa: E402
+from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
 from sample import load_vae  # noqa: E402
 
 RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256")

@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from atomic import atomic_write
-from checks import read_checkpoint
-from cli import UsageError, run
-from data import LATENT_SCALE
-from models import SiT, SiT_models, create_model, load_official_checkpoint
+from data.datasets import LATENT_SCALE
+from modeling.models import SiT, SiT_models, create_model, load_official_checkpoint
+from modeling.samplers import Sampler
+from modeling.transport import PATHS, PREDICTIONS, create_transport
 from PIL import Image
-from samplers import Sampler
+from runtime.atomic import atomic_write
+from runtime.checks import read_checkpoint
+from runtime.cli import UsageError, run
 from torch import nn
-from transport import PATHS, PREDICTIONS, create_transport
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF"}
@@ -175,7 +175,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, pad: int =
 
 def make_sample_fn(transport, mode: str, method: str, num_steps: int,
                    last_step: str | None = "Mean") -> Callable:
-    """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see samplers.py)."""
+    """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see modeling/samplers.py)."""
     sampler = Sampler(transport)
     if mode == "ode":
         return sampler.sample_ode(num_steps=num_steps, method=method)

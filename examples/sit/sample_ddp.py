@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from atomic import atomic_write, remove_stale_temps
-from cli import UsageError, run
-from distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
-from npz import save_npz
+from data.npz import save_npz
+from modeling.transport import create_transport
 from PIL import Image
+from runtime.atomic import atomic_write, remove_stale_temps
+from runtime.cli import UsageError, run
+from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
 from sample import (
     OFFICIAL_DEFAULTS,
     add_checkpoint_args,
@@ -44,7 +45,6 @@ from sample import (
     positive_int,
 )
 from tqdm.auto import tqdm
-from transport import create_transport
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -27,23 +27,23 @@ from copy import deepcopy
 from typing import Any
 
 import torch
-from checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
-from checks import check_args, check_ignored_flags, checkpoint_paths
-from cli import HelpFormatter, UsageError, run
-from data import LATENT_SCALE, DataError
-from distributed import DistContext, all_mean, cleanup, setup_distributed
-from heldout import HeldoutSet, fm_loss
-from models import SIT_SIZES, SiT
-from run_log import MetricLog, create_logger
+from data.datasets import LATENT_SCALE, DataError
+from data.streams import seed_everything
+from data.train_data import TrainData, load_data
+from evaluation.heldout import HeldoutSet, fm_loss
+from modeling.models import SIT_SIZES, SiT
+from modeling.samplers import Sampler as FlowSampler
+from modeling.transport import Transport, create_transport
+from runtime.checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
+from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
+from runtime.cli import HelpFormatter, UsageError, run
+from runtime.distributed import DistContext, all_mean, cleanup, setup_distributed
+from runtime.run_log import MetricLog, create_logger
 from sample import decode_to_uint8, generate, save_grid
-from samplers import Sampler as FlowSampler
-from streams import seed_everything
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from train_data import TrainData, load_data
-from transport import Transport, create_transport
 
 import anm
 

@@ -6,13 +6,13 @@ import os
 from dataclasses import replace
 
 import ablate
-import ablate_arms
-import ablate_records
-import ablate_report
 import pytest
 import torch
-from alpha_scaling import matched_alpha
-from cli import UsageError
+from ablation import arms as ablate_arms
+from ablation import records as ablate_records
+from ablation import report as ablate_report
+from modeling.alpha_scaling import matched_alpha
+from runtime.cli import UsageError
 
 import anm
 

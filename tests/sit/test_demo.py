@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 
 import demo
-import demo_report
 import numpy as np
 import pytest
-from alpha_scaling import matched_alpha
-from cli import UsageError
+from evaluation import demo_report
+from modeling.alpha_scaling import matched_alpha
 from PIL import Image
+from runtime.cli import UsageError
 
 SMOKE = ["--steps", "4", "--num-samples", "16", "--eval-samples", "16"]
 

@@ -1,4 +1,4 @@
-"""Tests for the evaluation math (metrics.py), the ADM npz format (npz.py) and evaluate.py."""
+"""Tests for the evaluation math (evaluation/metrics.py), the ADM npz format (data/npz.py) and evaluate.py."""
 
 import importlib.util
 import itertools
@@ -9,9 +9,9 @@ import evaluate
 import numpy as np
 import pytest
 import torch
-from cli import UsageError
-from data import make_sinusoids
-from metrics import (
+from data.datasets import make_sinusoids
+from data.npz import load_image_folder, load_images, load_npz, save_npz, to_uint8_nhwc
+from evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     frechet_distance_from_features,
@@ -21,8 +21,8 @@ from metrics import (
     precision_recall,
     wasserstein1,
 )
-from npz import load_image_folder, load_images, load_npz, save_npz, to_uint8_nhwc
 from PIL import Image
+from runtime.cli import UsageError
 
 # ----------------------------------------------------------------------------- Frechet distance
 
@@ -242,7 +242,7 @@ def test_image_folder_ignores_temp_files_and_names_a_corrupt_image(tmp_path):
     images = np.random.default_rng(11).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"{i:06d}.png")
-    # What interrupted writes leave: old-style "<name>.tmp.png" and atomic.py's ".<name>.tmp-<pid>".
+    # What interrupted writes leave: old-style "<name>.tmp.png" and runtime/atomic.py's ".<name>.tmp-<pid>".
     Image.fromarray(images[0]).save(tmp_path / "000002.png.tmp.png")
     Image.fromarray(images[0]).save(tmp_path / ".000003.png.tmp-42", format="PNG")
     assert np.array_equal(load_image_folder(str(tmp_path)), images)

@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("diffusers")
 
 import extract_latents  # noqa: E402
-from cli import UsageError  # noqa: E402
-from data import LatentDataset, build_dataset, latent_chunk_path  # noqa: E402
-from test_data import write_image_folder  # noqa: E402
+from data.datasets import LatentDataset, build_dataset, latent_chunk_path  # noqa: E402
+from image_folders import write_image_folder  # noqa: E402
+from runtime.cli import UsageError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sit" / "extract_latents.py"
 
@@ -120,7 +120,7 @@ def test_output_layout(straight_run, tiny_vae_dir):
 
 
 def test_moments_match_the_vae(straight_run, tiny_vae_dir, image_root):
-    from data import ImageFolderDataset
+    from data.datasets import ImageFolderDataset
 
     vae = extract_latents.load_vae(tiny_vae_dir)
     x = ImageFolderDataset(image_root, 32, random_flip=False)[4][0][None]

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from atomic import check_writable
-from cli import UsageError, run
-from data import DataError, ImageFolderDataset, LatentDataset, center_crop_arr, find_image_files, to_rgb
-from models import SiT
+from data.datasets import DataError, ImageFolderDataset, LatentDataset, center_crop_arr, find_image_files, to_rgb
+from modeling.models import SiT
 from PIL import Image
-from run_log import CSVLog, LogFile
+from runtime.atomic import check_writable
+from runtime.cli import UsageError, run
+from runtime.run_log import CSVLog, LogFile
 from sample import save_grid
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"

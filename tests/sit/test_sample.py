@@ -15,7 +15,7 @@ import sample
 import sample_ddp
 import torch
 import train
-from models import SiT
+from modeling.models import SiT
 from PIL import Image
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -142,8 +142,8 @@ def test_bf16_sampling_runs_under_autocast_and_stays_close_to_fp32(ckpt: str, tm
 
 
 def test_sde_sampler_rejects_a_wrong_number_of_generators() -> None:
-    from samplers import Sampler
-    from transport import create_transport
+    from modeling.samplers import Sampler
+    from modeling.transport import create_transport
 
     fn = Sampler(create_transport()).sample_sde(num_steps=3)
     with pytest.raises(ValueError, match="one per sample"):
@@ -193,7 +193,7 @@ def test_sample_ddp_two_processes_match_one(ckpt: str, tmp_path: Path) -> None:
 def test_resume_refuses_other_settings_and_other_weights_at_the_same_path(ckpt: str, tmp_path: Path) -> None:
     import shutil
 
-    from cli import UsageError
+    from runtime.cli import UsageError
 
     path = tmp_path / "ck.pt"
     shutil.copy(ckpt, path)
@@ -248,13 +248,13 @@ def test_resume_skips_only_real_pngs_and_accepts_a_touched_checkpoint(ckpt: str,
     with np.load(sample_ddp.main(ddp_args(str(path), tmp_path, "--num-fid-samples", "4"))) as npz:
         assert np.array_equal(npz["arr_0"], straight)
     assert not (folder / ".000002.png.tmp-999999999").exists()  # stale temp cleaned up
-    from npz import load_image_folder
+    from data.npz import load_image_folder
 
     assert np.array_equal(load_image_folder(str(folder)), straight)  # evaluate.py ignores the temp too
 
 
 def test_a_folder_without_manifest_is_refused(ckpt: str, tmp_path: Path) -> None:
-    from cli import UsageError
+    from runtime.cli import UsageError
 
     (tmp_path / "s").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "s" / "000000.png")  # an older run's sample
@@ -281,7 +281,7 @@ def test_stale_samples_refused_from_the_command_line(ckpt: str, tmp_path: Path) 
 def test_png_write_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    from cli import UsageError
+    from runtime.cli import UsageError
 
     def full_disk(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG half")
@@ -367,7 +367,7 @@ def test_every_flag_has_help_with_its_default() -> None:
 
 
 def test_sample_refuses_an_existing_out_unless_overwrite(ckpt: str, tmp_path: Path) -> None:
-    from cli import UsageError
+    from runtime.cli import UsageError
 
     out = tmp_path / "grid.png"
     out.write_bytes(b"keep me")
@@ -380,7 +380,7 @@ def test_sample_refuses_an_existing_out_unless_overwrite(ckpt: str, tmp_path: Pa
 
 
 def test_official_checkpoint_needs_a_matching_model_flag(tmp_path: Path) -> None:
-    from cli import UsageError
+    from runtime.cli import UsageError
 
     config = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
     torch.save(SiT(**config).state_dict(), tmp_path / "official.pt")  # a raw state dict, like the releases

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models import SiT
-from npz import save_npz
+from data.npz import save_npz
+from modeling.models import SiT
 from PIL import Image
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -85,7 +85,7 @@ def world(tmp_path_factory) -> World:
     temps = root / "temps_only"
     temps.mkdir()
     (temps / "000000.png.tmp.png").write_bytes(b"\x89PNG partial")  # an old-style partial write
-    (temps / ".000001.png.tmp-12345").write_bytes(b"\x89PNG partial")  # atomic.py's temp name
+    (temps / ".000001.png.tmp-12345").write_bytes(b"\x89PNG partial")  # runtime/atomic.py's temp name
     w.paths["temps_only"] = str(temps)
     npz = save_npz(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), str(root / "gen.npz"))
     w.paths["npz"] = npz

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import checkpoints
 import pytest
-import run_log
 import torch
 import train
+from runtime import checkpoints, run_log
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streams
 import torch
 import train
+from data import streams
 
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "sit" / "train.py"
 TINY = ["--data", "sinusoid", "--image-size", "8", "--data-size", "48", "--model", "SiT-N/2", "--num-workers", "0",
@@ -517,8 +517,8 @@ def test_any_junk_file_is_one_usage_error(tmp_path: Path) -> None:
     # the errors a truncated zip gives: every one must become the same one-line message.
     import random
 
-    from checks import read_checkpoint
-    from cli import UsageError
+    from runtime.checks import read_checkpoint
+    from runtime.cli import UsageError
 
     path = tmp_path / "junk.pt"
     for seed in range(300):

@@ -1,8 +1,8 @@
-"""Tests for examples/sit/models.py: configs, layout, init, CFG, checkpoint slicing, checkpointing."""
+"""Tests for examples/sit/modeling/models.py: configs, layout, init, CFG, checkpoint slicing, checkpointing."""
 
 import pytest
 import torch
-from models import SiT, SiT_models, SiTBlock, create_model, get_2d_sincos_pos_embed, load_official_checkpoint
+from modeling.models import SiT, SiT_models, SiTBlock, create_model, get_2d_sincos_pos_embed, load_official_checkpoint
 
 # Parameter counts with learn_sigma=True (8 output channels), as the reference configs give them.
 EXPECTED_PARAMS = {
@@ -334,7 +334,7 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_grad_checkpointing_goes_through_checkpoint(monkeypatch):
-    import models
+    from modeling import models
 
     calls = []
     real = models.checkpoint
@@ -354,7 +354,7 @@ def test_grad_checkpointing_goes_through_checkpoint(monkeypatch):
 
 
 def test_residual_stream_is_token_major_contiguous():
-    from models import SiT
+    from modeling.models import SiT
 
     model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
     seen = []

@@ -28,7 +28,8 @@ import re
 from typing import Any
 
 import torch
-from cli import UsageError
+
+from runtime.cli import UsageError
 
 __all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
            "check_device", "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
@@ -139,7 +140,7 @@ def check_loggers(report_to: list[str]) -> None:
 
 def check_writable_path(path: str, flag: str = "--results-dir") -> None:
     """Raise now if ``path`` (a folder, maybe not yet created) could not be created and written."""
-    from atomic import check_writable
+    from runtime.atomic import check_writable
 
     existing = os.path.abspath(path)
     while not os.path.exists(existing):

@@ -1,4 +1,4 @@
-"""Tests for examples/sit/samplers.py on the analytic Gaussian case (see test_transport.py for the fields).
+"""Tests for examples/sit/modeling/samplers.py on the analytic Gaussian case (see test_transport.py for the fields).
 
 With the exact field for data N(mu, diag(s^2)), every sampler must carry N(0, I) noise to the data
 distribution: the final sample mean and std are compared with mu and s (10k samples in 4 dimensions).
@@ -6,9 +6,9 @@ distribution: the final sample mean and std are compared with mu and s (10k samp
 
 import pytest
 import torch
-from samplers import Sampler, diffusion_coefficient, nfe_to_steps, steps_to_nfe
+from modeling.samplers import Sampler, diffusion_coefficient, nfe_to_steps, steps_to_nfe
+from modeling.transport import PATHS, PREDICTIONS, create_transport
 from test_transport import MU, STD, gaussian_model
-from transport import PATHS, PREDICTIONS, create_transport
 
 N_SAMPLES = 10_000
 SDE_FORMS = ["constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing"]
@@ -84,7 +84,7 @@ def test_sde_time_grid_and_last_step():
 
 
 def test_model_kwargs_pass_through_and_sit_smoke():
-    from models import SiT
+    from modeling.models import SiT
 
     model = SiT(input_size=8, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3).eval()
     z = torch.randn(2, 4, 8, 8)

@@ -1,7 +1,7 @@
 """What the ablation runs: run budgets (model and run size) and arms (the baseline and each ANM setting).
 
 The arms are the supplement's Tab. 3 alpha grid and Tab. 4 lambda grid, each at the raw alpha and at the
-width-matched alpha (see alpha_scaling.py), plus a form study that changes one factor at a time from
+width-matched alpha (see modeling/alpha_scaling.py), plus a form study that changes one factor at a time from
 the default (matched alpha = 70, lambda = 10, per-token hinge on the residual update, 10% warm-up).
 
     >>> [arm.name for arm in build_arms()][:3]
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matched_alpha
+from modeling.alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matched_alpha
 
 __all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "Budget", "BUDGETS", "Arm", "build_arms",
            "arm_name", "select_arms"]

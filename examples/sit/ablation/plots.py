@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from ablate_arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, arm_name
-from alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
-from atomic import atomic_write
+from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
+from runtime.atomic import atomic_write
+
+from ablation.arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, arm_name
 
 __all__ = ["write_plots"]
 

@@ -1,4 +1,4 @@
-"""examples/sit/distributed.py: one process without torchrun; a 2-process gloo group under torchrun's env vars."""
+"""examples/sit/runtime/distributed.py: one process without torchrun; a 2-process gloo group under torchrun."""
 from __future__ import annotations
 
 import os
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import barrier, broadcast_object, cleanup, setup_distributed
+from runtime.distributed import barrier, broadcast_object, cleanup, setup_distributed
 
-SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
+SIT_DIR = Path(__file__).resolve().parents[3] / "examples" / "sit"
 
 
 def test_single_process_without_torchrun(monkeypatch) -> None:
@@ -28,7 +28,7 @@ def test_single_process_without_torchrun(monkeypatch) -> None:
 SCRIPT = """
 import sys
 sys.path.insert(0, {sit!r})
-from distributed import barrier, broadcast_object, cleanup, setup_distributed
+from runtime.distributed import barrier, broadcast_object, cleanup, setup_distributed
 ctx = setup_distributed()
 value = broadcast_object(("from rank", ctx.rank) if ctx.is_main else None)
 barrier()

@@ -1,11 +1,11 @@
-"""heldout.py: a fixed held-out set, the FM loss on it and the per-block update norms."""
+"""evaluation/heldout.py: a fixed held-out set, the FM loss on it and the per-block update norms."""
 from __future__ import annotations
 
-import heldout
 import pytest
 import torch
-from models import SiT
-from transport import create_transport
+from evaluation import heldout
+from modeling.models import SiT
+from modeling.transport import create_transport
 
 import anm
 

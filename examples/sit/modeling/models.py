@@ -4,7 +4,7 @@ The parameter layout (state_dict keys and shapes) matches the public SiT referen
 (https://github.com/willisma/SiT), so the released `SiT-XL-2-256x256.pt` loads with
 `load_official_checkpoint`. No timm dependency (patch embed, attention and MLP are defined below).
 
-Time convention: t=0 is pure noise, t=1 is data (see transport.py).
+Time convention: t=0 is pure noise, t=1 is data (see modeling/transport.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from atomic import atomic_write
+from runtime.atomic import atomic_write
 
 __all__ = ["plot_samples", "plot_norms", "plot_losses", "comparison_rows", "write_table"]
 

@@ -1,4 +1,4 @@
-"""Tests for examples/sit/data.py: ADM crop, ImageFolder, sinusoids, IDX/Fashion-MNIST, build_dataset."""
+"""Tests for examples/sit/data/datasets.py: ADM crop, ImageFolder, sinusoids, IDX/Fashion-MNIST, build_dataset."""
 
 import gzip
 import json
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from data import (
+from data.datasets import (
     FASHION_MNIST_ROOT,
     DataError,
     FashionMNISTDataset,
@@ -25,19 +25,8 @@ from data import (
     render_sinusoids,
     sample_sinusoid_params,
 )
+from image_folders import write_image_folder
 from PIL import Image
-
-
-def write_image_folder(root, sizes=((48, 40), (20, 30), (64, 64)), classes=("cat", "dog")):
-    """Random RGB PNGs under root/<class>/; returns root."""
-    rng = np.random.default_rng(0)
-    for name in classes:
-        os.makedirs(os.path.join(root, name))
-        for i, (w, h) in enumerate(sizes):
-            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(os.path.join(root, name, f"{i}.png"))
-    return str(root)
-
 
 # ----------------------------------------------------------------------------- ADM crop
 

@@ -12,8 +12,9 @@ import logging
 import os
 import sys
 
-from atomic import atomic_write
 from tqdm.auto import tqdm
+
+from runtime.atomic import atomic_write
 
 __all__ = ["LOG_FIELDS", "LogFile", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
 

@@ -1,4 +1,4 @@
-"""Tests for examples/sit/transport.py: paths, time ranges, training loss, velocity/score/noise conversions.
+"""Tests for examples/sit/modeling/transport.py: paths, time ranges, training loss, velocity/score/noise conversions.
 
 The analytic case used here and in test_samplers.py: data x1 ~ N(mu, diag(s^2)), noise x0 ~ N(0, I),
 x_t = a x1 + b x0 (a = alpha_t, b = sigma_t) is Gaussian with mean a mu and variance V = a^2 s^2 + b^2, and
@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from transport import PATHS, PREDICTIONS, Transport, create_transport, expand_t_like_x
+from modeling.transport import PATHS, PREDICTIONS, Transport, create_transport, expand_t_like_x
 
 MU = torch.tensor([1.0, -0.5, 0.3, 2.0], dtype=torch.float64)
 STD = torch.tensor([0.6, 1.0, 1.5, 0.8], dtype=torch.float64)

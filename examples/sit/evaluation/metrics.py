@@ -3,7 +3,7 @@ Distances between two sets of feature vectors: Frechet distance (FID), unbiased 
 k-NN precision/recall (Kynkaanniemi et al. 2019) and 1-D Wasserstein-1.
 
 Pure numpy/torch (no scipy), so the same math serves Inception features (evaluate.py) and
-sinusoid parameter features (sinusoid_metric.py).
+sinusoid parameter features (evaluation/sinusoid_metric.py).
 """
 
 import numpy as np

@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import torch
-from cli import UsageError
+from runtime.cli import UsageError
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 

@@ -1,4 +1,4 @@
-"""ODE and SDE samplers for SiT transports: noise z at t=0 -> sample at t=1 (time convention: transport.py).
+"""ODE and SDE samplers for SiT transports: noise z at t=0 -> sample at t=1 (time convention: modeling/transport.py).
 
 Every sample_* method returns a function  fn(z, model_fn, generator=None, **model_kwargs) -> x  that calls
 model_fn(x, t, **model_kwargs) with t of shape (N,) and returns the final sample only. generator seeds the
@@ -19,7 +19,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from transport import ModelFn, Tensor, Transport, expand_t_like_x
+
+from modeling.transport import ModelFn, Tensor, Transport, expand_t_like_x
 
 # SDE noise: one generator for the batch, one per sample (batch-size independent), or None (global RNG).
 Generators = torch.Generator | list[torch.Generator] | None

@@ -3,7 +3,7 @@
 Every arm of a group starts from the same initial weights (one model per seed, deep-copied per arm) and
 trains on the same batch, the same t and the same noise at every step; each arm's record stores a
 checksum of its initial weights and of the data it consumed, so that this can be checked. At every
-evaluation each arm is measured on one fixed held-out set (heldout.py); at the end, sinusoid arms are
+evaluation each arm is measured on one fixed held-out set (evaluation/heldout.py); at the end, sinusoid arms are
 sampled for the sinusoid metric.
 """
 from __future__ import annotations
@@ -16,17 +16,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from ablate_arms import Arm, Budget
-from ablate_records import write_record
-from data import FashionMNISTDataset, make_sinusoids
-from heldout import HeldoutSet, make_heldout, measure
-from models import SiT
-from samplers import Sampler
-from sinusoid_metric import SinusoidMetric
+from data.datasets import FashionMNISTDataset, make_sinusoids
+from evaluation.heldout import HeldoutSet, make_heldout, measure
+from evaluation.sinusoid_metric import SinusoidMetric
+from modeling.models import SiT
+from modeling.samplers import Sampler
+from modeling.transport import create_transport
 from torch import nn
-from transport import create_transport
 
 import anm
+from ablation.arms import Arm, Budget
+from ablation.records import write_record
 
 __all__ = ["Job", "Stream", "train_group", "checksum"]
 

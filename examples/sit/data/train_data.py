@@ -1,5 +1,5 @@
 """The data a training run reads: the data set of --data, the resumable loader of this process's share of
-every global batch (see streams.py), the VAE where the data needs one, and the fixed held-out set of the
+every global batch (see data/streams.py), the VAE where the data needs one, and the fixed held-out set of the
 FM-loss evaluation.
 """
 from __future__ import annotations
@@ -9,14 +9,15 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from cli import UsageError
-from data import LATENT_SCALE, DataError, build_dataset
-from distributed import DistContext
-from heldout import HeldoutSet, make_heldout
+from evaluation.heldout import HeldoutSet, make_heldout
+from runtime.cli import UsageError
+from runtime.distributed import DistContext
 from sample import load_vae
-from streams import SeededItems, StreamSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from data.datasets import LATENT_SCALE, DataError, build_dataset
+from data.streams import SeededItems, StreamSampler
 
 __all__ = ["data_kwargs", "TrainData", "load_data", "build_heldout"]
 
@@ -81,7 +82,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
 
 def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, device: torch.device,
                   vae: nn.Module | None) -> HeldoutSet:
-    """The fixed held-out set of the FM-loss evaluation (see heldout.py).
+    """The fixed held-out set of the FM-loss evaluation (see evaluation/heldout.py).
 
     sinusoid: fresh images from another seed; fashion-mnist: the test split; imagenet/latents: the
     dataset at --eval-data-path, else the last --eval-samples items of the training set (then it is

@@ -1,4 +1,4 @@
-"""Tests for examples/sit/sinusoid_metric.py: parameter recovery and the set-level metric."""
+"""Tests for examples/sit/evaluation/sinusoid_metric.py: parameter recovery and the set-level metric."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from data import make_sinusoids, render_sinusoids
-from npz import to_uint8_nhwc
-from sinusoid_metric import (
+from data.datasets import make_sinusoids, render_sinusoids
+from data.npz import to_uint8_nhwc
+from evaluation.sinusoid_metric import (
     SinusoidMetric,
     canonicalize_params,
     compare_fits,

@@ -16,9 +16,10 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from ablate_arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, Arm, Budget, arm_name
-from alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
-from atomic import atomic_write
+from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
+from runtime.atomic import atomic_write
+
+from ablation.arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, Arm, Budget, arm_name
 
 __all__ = ["steps_to_reach", "speedup_stats", "summarize", "write_tables", "write_csv"]
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from ablate_arms import Arm, Budget
-from atomic import atomic_write
+from runtime.atomic import atomic_write
+
+from ablation.arms import Arm, Budget
 
 __all__ = ["run_path", "write_record", "read_record", "load_runs"]
 

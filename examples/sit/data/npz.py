@@ -11,12 +11,13 @@ import zlib
 
 import numpy as np
 import torch
-from atomic import atomic_write
-from cli import UsageError
-from data import IMAGE_ERRORS, IMG_EXTENSIONS, to_rgb
 from PIL import Image
+from runtime.atomic import atomic_write
+from runtime.cli import UsageError
 
-# Temp files of an interrupted write: atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
+from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, to_rgb
+
+# Temp files of an interrupted write: runtime/atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
 _TEMP_NAME = re.compile(r"\.tmp([.-]|$)")
 
 

@@ -17,8 +17,9 @@ import math
 
 import numpy as np
 import torch
-from data import make_sinusoids
-from metrics import frechet_distance_from_features, mmd2_unbiased, wasserstein1
+from data.datasets import make_sinusoids
+
+from evaluation.metrics import frechet_distance_from_features, mmd2_unbiased, wasserstein1
 
 VALID_RHO = 0.05  # residual ratio under which an image counts as a valid sinusoid
 MIN_FREQ = 0.5  # cycles per image; the lowest wave vector the fit considers

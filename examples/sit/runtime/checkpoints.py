@@ -15,8 +15,12 @@ import os
 import re
 
 import torch
-from atomic import atomic_write, pid_alive, remove_stale_temps
-from checks import (
+from data.streams import rng_state, set_rng_state
+from torch import nn
+
+import anm
+from runtime.atomic import atomic_write, pid_alive, remove_stale_temps
+from runtime.checks import (
     check_resume_compatible,
     check_run_folder,
     check_writable_path,
@@ -24,12 +28,8 @@ from checks import (
     load_checkpoint,
     newest_loadable_checkpoint,
 )
-from cli import UsageError
-from distributed import DistContext, all_mean, barrier, broadcast_object, gather_objects
-from streams import rng_state, set_rng_state
-from torch import nn
-
-import anm
+from runtime.cli import UsageError
+from runtime.distributed import DistContext, all_mean, barrier, broadcast_object, gather_objects
 
 __all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "open_experiment",
            "lock_run_folder", "restore", "check_finite", "save_checkpoint"]
@@ -52,7 +52,7 @@ def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | No
 
 
 def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
-    """Delete `<step>.pt.tmp-<pid>` files of dead processes: the temp names of train.py before atomic.py."""
+    """Delete `<step>.pt.tmp-<pid>` files of dead processes: the temp names of train.py before runtime/atomic.py."""
     removed = []
     for path in glob.glob(os.path.join(glob.escape(checkpoint_dir), "*.pt.tmp-*")):
         match = re.fullmatch(r"\d+\.pt\.tmp-(\d+)", os.path.basename(path))

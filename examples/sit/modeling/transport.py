@@ -5,7 +5,7 @@ TIME CONVENTION (as in the reference SiT code): t=0 is pure noise, t=1 is data,
     x_t = alpha_t * x1 + sigma_t * x0,    x0 ~ N(0, I),  x1 = data,
 
 and the flow-matching target is the path velocity u_t = alpha'_t * x1 + sigma'_t * x0 (Linear: x1 - x0).
-Samplers (samplers.py) integrate from t=0 to t=1. REPA and the SiT paper's text use the reversed direction.
+Samplers (modeling/samplers.py) integrate from t=0 to t=1. REPA and the SiT paper's text use the reversed direction.
 
 Velocity and score are tied by  v = (alpha'/alpha) x + w_t s,  w_t = (alpha'/alpha) sigma^2 - sigma sigma'
 (w_t is also the "SBDM" diffusion coefficient), so a model trained for one of velocity / score / noise

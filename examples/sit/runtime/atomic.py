@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from cli import UsageError
+from runtime.cli import UsageError
 
 __all__ = ["atomic_write", "remove_stale_temps", "check_writable", "temp_path", "pid_alive"]
 
