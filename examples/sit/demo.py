@@ -46,11 +46,13 @@ from evaluation.demo_report import comparison_rows, plot_losses, plot_norms, plo
 from evaluation.heldout import HeldoutSet, make_heldout, measure
 from evaluation.sinusoid_metric import SinusoidMetric
 from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA, matched_alpha
+from modeling.generation import generate, make_sample_fn
+from modeling.loading import load_model
 from modeling.transport import create_transport
+from modeling.vae import decode_to_uint8
 from runtime.atomic import atomic_write
 from runtime.checks import check_writable_path
 from runtime.cli import HelpFormatter, UsageError, run
-from sample import decode_to_uint8, generate, load_model, make_sample_fn
 
 EVAL_SEED = 12345  # the fixed noise of the evaluation set
 HELDOUT_SEED = 2_000_003  # fresh sinusoids, drawn apart from the training set's per-item seeds

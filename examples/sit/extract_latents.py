@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.datasets import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
 from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
-from sample import load_vae  # noqa: E402
 
 RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256")
 

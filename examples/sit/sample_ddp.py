@@ -26,22 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 from data.npz import save_npz
+from modeling.generation import generate, make_sample_fn
+from modeling.loading import OFFICIAL_DEFAULTS, load_model
 from modeling.transport import create_transport
+from modeling.vae import decode_to_uint8, load_vae
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
 from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
-from sample import (
-    OFFICIAL_DEFAULTS,
+from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
     check_model_args,
     check_sampling_args,
-    decode_to_uint8,
-    generate,
-    load_model,
-    load_vae,
-    make_sample_fn,
     positive_int,
 )
 from tqdm.auto import tqdm

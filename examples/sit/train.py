@@ -31,15 +31,17 @@ from data.datasets import LATENT_SCALE, DataError
 from data.streams import seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
+from modeling.generation import generate
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
+from modeling.vae import decode_to_uint8
 from runtime.checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
 from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
 from runtime.cli import HelpFormatter, UsageError, run
 from runtime.distributed import DistContext, all_mean, cleanup, setup_distributed
+from runtime.images import save_grid
 from runtime.run_log import MetricLog, create_logger
-from sample import decode_to_uint8, generate, save_grid
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader

@@ -16,7 +16,9 @@ import sample_ddp
 import torch
 import train
 from modeling.models import SiT
+from modeling.vae import decode_to_uint8
 from PIL import Image
+from runtime.images import save_grid
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
@@ -48,11 +50,11 @@ def test_sample_grid_from_our_checkpoint(ckpt: str, tmp_path: Path) -> None:
 
 def test_decode_to_uint8_and_grid_layout(tmp_path: Path) -> None:
     x = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 2, 2)
-    images = sample.decode_to_uint8(x)  # grayscale -> RGB, clamped, [-1, 1] -> [0, 255]
+    images = decode_to_uint8(x)  # grayscale -> RGB, clamped, [-1, 1] -> [0, 255]
     assert images.shape == (1, 2, 2, 3) and images.dtype == np.uint8
     assert images[0, :, :, 0].tolist() == [[0, 128], [255, 255]]
     cells = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
-    sample.save_grid(cells, str(tmp_path / "g.png"), nrow=2)
+    save_grid(cells, str(tmp_path / "g.png"), nrow=2)
     grid = np.array(Image.open(tmp_path / "g.png"))
     assert grid.shape == (14, 14, 3) and grid[2, 2, 0] == 10 and grid[2, 8, 0] == 20 and grid[8, 2, 0] == 30
     assert grid[8, 8, 0] == 255  # the missing 4th cell is padding
@@ -291,7 +293,7 @@ def test_png_write_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch) ->
     with pytest.raises(UsageError, match="no space left"):
         sample_ddp.save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "000000.png"))
     with pytest.raises(UsageError, match="no space left"):
-        sample.save_grid(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "grid.png"))
+        save_grid(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "grid.png"))
     assert os.listdir(tmp_path) == []
 
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from evaluation.heldout import HeldoutSet, make_heldout
+from modeling.vae import load_vae
 from runtime.cli import UsageError
 from runtime.distributed import DistContext
-from sample import load_vae
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 

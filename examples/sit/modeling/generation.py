@@ -1,0 +1,52 @@
+"""Generating samples: a sampler from the flags, classifier-free guidance, noise -> sample."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from modeling.models import SiT
+from modeling.samplers import Sampler
+
+
+def make_sample_fn(transport, mode: str, method: str, num_steps: int,
+                   last_step: str | None = "Mean") -> Callable:
+    """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see modeling/samplers.py)."""
+    sampler = Sampler(transport)
+    if mode == "ode":
+        return sampler.sample_ode(num_steps=num_steps, method=method)
+    return sampler.sample_sde(num_steps=num_steps, method=method, last_step=last_step)
+
+
+def guided_call(model: SiT, cfg_scale: float, cfg_channels: int = 3,
+                guidance_interval: tuple[float, float] | None = None) -> tuple[Callable, Callable]:
+    """(prepare, model_fn): prepare(z, y) -> (z', kwargs) doubles the batch for CFG when cfg_scale > 1;
+    model_fn is what the sampler calls. Take the first half of the result when guided. guidance_interval
+    (t_lo, t_hi) guides only there (models.SiT.forward_with_cfg)."""
+    if cfg_scale <= 1.0:
+        return (lambda z, y: (z, dict(y=y))), model.forward
+
+    def prepare(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        null = torch.full_like(y, model.num_classes)
+        kwargs = dict(y=torch.cat([y, null]), cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+        if guidance_interval is not None:
+            kwargs["guidance_interval"] = tuple(guidance_interval)
+        return torch.cat([z, z]), kwargs
+
+    return prepare, model.forward_with_cfg
+
+
+@torch.no_grad()
+def generate(model: SiT, z: torch.Tensor, y: torch.Tensor, sample_fn: Callable, cfg_scale: float = 1.0,
+             cfg_channels: int = 3, generator: torch.Generator | list[torch.Generator] | None = None,
+             guidance_interval: tuple[float, float] | None = None) -> torch.Tensor:
+    """Run the sampler from noise z with labels y (classifier-free guidance when cfg_scale > 1)."""
+    prepare, model_fn = guided_call(model, cfg_scale, cfg_channels, guidance_interval)
+    z_in, kwargs = prepare(z, y)
+    x = sample_fn(z_in, model_fn, generator=generator, **kwargs)
+    return x[: len(z)]
+
+
+def has_null_class(model: SiT) -> bool:
+    """Whether the label table has the null row that classifier-free guidance needs (label dropout > 0)."""
+    return model.y_embedder.embedding_table.num_embeddings > model.num_classes

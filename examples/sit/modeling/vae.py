@@ -1,0 +1,50 @@
+"""The VAE of latent-space models: loading a diffusers AutoencoderKL, decoding latents to uint8 images."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from data.datasets import LATENT_SCALE
+from runtime.cli import UsageError
+from torch import nn
+
+
+def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module:
+    """
+    diffusers AutoencoderKL from a local directory (offline) or a hub id, frozen, in eval mode. A pipeline
+    directory with a vae/ subfolder works too. One that cannot be loaded raises cli.UsageError.
+
+    >>> vae = load_vae("/models/sd-vae-ft-ema")  # doctest: +SKIP
+    """
+    from diffusers.models import AutoencoderKL
+
+    local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if local and not os.path.isdir(name_or_path):
+        raise UsageError(f"VAE folder {name_or_path} does not exist: pass a local diffusers AutoencoderKL "
+                         "directory (or a hub id) with --vae")
+    subfolder = None
+    if (
+        os.path.isdir(name_or_path)
+        and not os.path.exists(os.path.join(name_or_path, "config.json"))
+        and os.path.exists(os.path.join(name_or_path, "vae", "config.json"))
+    ):
+        subfolder = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot load the VAE {name_or_path} ({reason}): pass a local diffusers AutoencoderKL "
+                         "directory with --vae") from error
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_to_uint8(x: torch.Tensor, vae: nn.Module | None = None, chunk: int = 32) -> np.ndarray:
+    """Model samples (latents if vae is given, else pixels in [-1, 1]) -> uint8 (N, H, W, 3)."""
+    if vae is not None:
+        x = torch.cat([vae.decode(part / LATENT_SCALE).sample for part in x.split(chunk)])
+    if x.shape[1] == 1:  # grayscale (Fashion-MNIST): 3 channels, as the ADM npz and PNG grids expect
+        x = x.expand(-1, 3, -1, -1)
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
