@@ -29,18 +29,17 @@ import argparse
 import csv
 import json
 import math
-import multiprocessing
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from glob import glob
 
 import numpy as np
 import torch
-import train
 from data.datasets import SinusoidDataset, make_sinusoids
 from evaluation.demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
 from evaluation.heldout import HeldoutSet, make_heldout, measure
@@ -123,24 +122,42 @@ def train_argv(training: Training, scale: Scale, out: str, seed: int, position: 
     return [str(arg) for arg in argv]
 
 
-def run_training(argv: list[str], threads: int | None) -> dict:
-    """train.py's main() in this process; returns its paths and final metrics (not the models), so that it
-    can run in a worker process."""
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def start_training(argv: list[str], threads: int | None) -> subprocess.Popen:
+    """train.py with ``argv`` in a child process, with ``threads`` torch threads (default: torch's)."""
+    env = dict(os.environ)
     if threads is not None:
-        torch.set_num_threads(threads)
-    out = train.main(train.parse_args(argv))
-    return {key: value for key, value in out.items() if key not in ("model", "ema")}
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([sys.executable, TRAIN_SCRIPT, *argv], env=env)
+
+
+def finished_run(name: str, process: subprocess.Popen, out: str) -> dict:
+    """Wait for one run; its folder, log.csv and last checkpoint. A failed run ends the demo (its own error
+    is on the console above)."""
+    code = process.wait()
+    if code != 0:
+        raise UsageError(f"the {name} run failed (train.py exit code {code}): see its error above")
+    experiment_dir = os.path.join(out, "runs", name)
+    return dict(experiment_dir=experiment_dir, log_csv=os.path.join(experiment_dir, "log.csv"),
+                checkpoint=checkpoints(experiment_dir)[-1])
 
 
 def train_both(trainings: list[Training], scale: Scale, args: argparse.Namespace) -> dict[str, dict]:
-    """Train each of ``trainings``, at the same time in separate processes with --parallel (each with
-    ``args.threads`` threads); returns train.py's results by name."""
+    """Train each of ``trainings`` with train.py, at the same time in separate processes with --parallel
+    (each with ``args.threads`` threads); returns each run's folder, log.csv and last checkpoint by name."""
     jobs = {t.name: train_argv(t, scale, args.out, args.seed, i) for i, t in enumerate(trainings)}
     if not args.parallel:
-        return {name: run_training(argv, args.threads) for name, argv in jobs.items()}
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(run_training, argv, args.threads) for name, argv in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
+        return {name: finished_run(name, start_training(argv, args.threads), args.out) for name, argv in jobs.items()}
+    processes = {name: start_training(argv, args.threads) for name, argv in jobs.items()}
+    try:
+        return {name: finished_run(name, process, args.out) for name, process in processes.items()}
+    finally:
+        for process in processes.values():  # one run failed: do not leave the other training on
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
 
 
 #################################################################################
