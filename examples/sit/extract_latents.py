@@ -206,6 +206,8 @@ def main(args: argparse.Namespace) -> None:
     dataset = load_dataset(args)
     ctx = setup_distributed()
     try:
+        if ctx.is_main and dataset.scan_summary:
+            print(f"warning: {dataset.scan_summary}", file=sys.stderr, flush=True)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         vae = load_vae(args.vae, ctx.device)

@@ -157,7 +157,8 @@ def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, dat
               raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str]) -> None:
     """The first lines of log.txt: where, on what, which model, and anything found wrong on disk."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
-    for warning in warnings:
+    scan_summary = getattr(data.dataset, "scan_summary", None)  # ImageFolderDataset: what its scan left out
+    for warning in [*warnings, *([scan_summary] if scan_summary else [])]:
         logger.warning(f"warning: {warning}")
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
