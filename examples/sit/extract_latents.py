@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.datasets import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from modeling.hub import absolute_if_local  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
@@ -149,7 +150,7 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         latent_shape=[vae.config.latent_channels, latent_size, latent_size],
         num_classes=len(dataset.classes),
         classes=dataset.classes,
-        vae=args.vae,
+        vae=absolute_if_local(args.vae),  # a record that stays true from any working directory
         vae_sha256=encoder_sha256(vae),
         scaling_factor=float(getattr(vae.config, "scaling_factor", LATENT_SCALE)),
         dtype=args.dtype,

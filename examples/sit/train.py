@@ -32,6 +32,7 @@ from data.streams import seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.generation import generate
+from modeling.hub import absolute_if_local
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
@@ -439,6 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.data_size = DEFAULT_SINUSOIDS
     if args.progress is None:
         args.progress = sys.stdout.isatty()
+    args.vae = absolute_if_local(args.vae)  # args.json and checkpoints are read from other folders (sample.py)
     return args
 
 
