@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-tensorboard", dest="report_to", action="store_const", const=["csv"],
                        help="deprecated, the default now: same as --report-to csv")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="tqdm progress bar (default: on when stdout is a terminal)")
+                       help="tqdm progress bar, drawn on stderr (default: on when stderr is a terminal)")
     group.add_argument("--progress-position", type=int, default=0, help="tqdm line (parallel runs)")
     group.add_argument("--console-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log lines on the console too (always in log.txt)")
@@ -439,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data == "sinusoid" and args.data_size is None:
         args.data_size = DEFAULT_SINUSOIDS
     if args.progress is None:
-        args.progress = sys.stdout.isatty()
+        args.progress = sys.stderr.isatty()  # where tqdm draws: a bar in a log file is a line of \r-frames
     args.vae = absolute_if_local(args.vae)  # args.json and checkpoints are read from other folders (sample.py)
     return args
 

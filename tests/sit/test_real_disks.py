@@ -67,5 +67,6 @@ def test_extract_latents_on_a_folder_with_pipes_and_junk(junk_root, vae_dir: str
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert_named_once(result.stderr, junk)
+    assert "\r" not in result.stdout + result.stderr  # no progress bar into a file
     meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
     assert meta["num_images"] == 6 and meta["classes"] == ["cat", "dog"]
