@@ -90,6 +90,8 @@ def decode_error(dataset: ImageFolderDataset, index: int, done: int, total: int)
         dataset.load_array(index)
         reason = "unreadable"
     except IMAGE_ERRORS as error:
+        if isinstance(error, DataError) and error.__cause__ is not None:
+            error = error.__cause__  # PIL's reason, not the dataset's own sentence around it
         reason = str(error).replace(f" {dataset.paths[index]!r}", "") or type(error).__name__
     return UsageError(f"cannot decode image {dataset.paths[index]} ({reason}): replace it with a readable image "
                       f"and rerun to resume ({done} of {total} chunks are done and kept); removing it changes "

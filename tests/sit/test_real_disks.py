@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from data.datasets import ImageFolderDataset
+from data.npz import load_image_folder
 from image_folders import add_disk_junk, write_image_folder
+from PIL import Image
+from runtime.cli import UsageError
 from tiny_vae import save_tiny_vae
 
 pytest.importorskip("diffusers")
@@ -70,3 +75,29 @@ def test_extract_latents_on_a_folder_with_pipes_and_junk(junk_root, vae_dir: str
     assert "\r" not in result.stdout + result.stderr  # no progress bar into a file
     meta = json.loads((tmp_path / "latents" / "meta.json").read_text())
     assert meta["num_images"] == 6 and meta["classes"] == ["cat", "dog"]
+
+
+def test_a_sample_folder_with_a_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    """evaluate.py's folder reader opened a pipe named like a sample and waited forever."""
+    for i in range(2):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{i:06d}.png")
+    os.mkfifo(tmp_path / "000002.png")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked reading a pipe"))
+    signal.alarm(30)
+    try:
+        with pytest.raises(UsageError, match=r"000002.png is a named pipe, not an image file: remove it"):
+            load_image_folder(str(tmp_path))
+    finally:
+        signal.alarm(0)
+    assert load_image_folder(str(tmp_path), limit=2).shape == (2, 4, 4, 3)
+
+
+def test_an_undecodable_image_is_named_once(tmp_path: Path) -> None:
+    """extract_latents.py wrapped the dataset's whole sentence in its own: 'cannot decode image X (cannot read
+    image X (...): replace or remove it): replace it ...'."""
+    extract_latents = pytest.importorskip("extract_latents")
+    root = write_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"not a png")
+    message = str(extract_latents.decode_error(ImageFolderDataset(root, 16), 0, 0, 2))
+    assert message.startswith(f"cannot decode image {tmp_path / 'train' / 'cat' / '0.png'} (cannot identify image")
+    assert "cannot read image" not in message and message.count("replace") == 1, message

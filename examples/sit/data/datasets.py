@@ -179,7 +179,7 @@ def _scan_class(top: str, label: int, root: str, scan: ImageFolderScan) -> None:
                     scan.paths.append(entry.path)
                     scan.labels.append(label)
                 else:
-                    scan.not_regular.append(f"{entry.path} ({_file_kind(entry.path)})")
+                    scan.not_regular.append(f"{entry.path} ({file_kind(entry.path)})")
         stack.extend(reversed(subfolders))
 
 
@@ -193,7 +193,7 @@ def _sorted_entries(folder: str, root: str) -> list[os.DirEntry]:
                         f"{root}") from error
 
 
-def _file_kind(path: str) -> str:
+def file_kind(path: str) -> str:
     """What a non-regular, non-folder path is, in words."""
     try:
         mode = os.stat(path).st_mode
