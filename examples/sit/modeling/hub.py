@@ -1,10 +1,11 @@
 """Fetching a diffusers model from the Hugging Face hub: the local cache first, then one quick question to the hub.
 
-``from_pretrained`` on an unreachable hub retries its first request for some half a minute and then reports a
-missing ``config.json``, which sends the user looking for a broken repository. :func:`fetch_from_hub` loads
-from the cache without any network access when the model is there, asks the hub once (a short timeout, no
-retries) whether it can serve the model when it is not, and raises :class:`cli.UsageError` saying which of
-"offline", "unreachable", "unknown id" or "gated" it is before any download is tried.
+``from_pretrained`` on an unreachable hub retries its first request several times, waiting longer each
+time, and then reports a missing ``config.json``, which sends the user looking for a broken repository.
+:func:`fetch_from_hub` loads from the cache without any network access when the model is there, asks the
+hub once (a short timeout, no retries) whether it can serve the model when it is not, and raises
+:class:`cli.UsageError` saying which of "offline", "unreachable", "unknown id" or "gated" it is before any
+download is tried.
 
 Example:
     >>> from diffusers.models import AutoencoderKL  # doctest: +SKIP

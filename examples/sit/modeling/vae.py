@@ -35,7 +35,7 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module
     try:
         if local:
             vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
-        else:  # a hub id: the cache first, and no half-minute of retries when the hub cannot be reached
+        else:  # a hub id: the cache first, and no retries when the hub cannot be reached
             vae = fetch_from_hub(AutoencoderKL.from_pretrained, name_or_path, "the VAE",
                                  "pass --vae PATH, a local diffusers AutoencoderKL folder (save_pretrained)")
     except (OSError, ValueError, RuntimeError) as error:

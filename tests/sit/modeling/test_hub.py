@@ -1,5 +1,5 @@
 """modeling/hub.py through load_vae and train.py: a hub id that cannot be fetched is one line naming why and
---vae PATH, quickly (no half-minute of retries). No request leaves this machine: the hub is switched off
+--vae PATH, without retrying. No request leaves this machine: the hub is switched off
 (HF_HUB_OFFLINE=1), pointed at a closed port, or at a local server that knows no model."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def train(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess
 
 def one_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "Retrying" not in result.stderr, result.stderr  # huggingface_hub's retries: some 28 s of them
+    assert "Retrying" not in result.stderr, result.stderr  # huggingface_hub retries with growing waits
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("train.py: error: cannot fetch the VAE "), result.stderr
     for fragment in (*fragments, FIX):
@@ -57,7 +57,7 @@ def write_latents(root: Path) -> str:
 
 def test_readme_command_offline_names_the_flag(tmp_path: Path) -> None:
     """--data latents with sample grids loads the default hub VAE: offline it said "does not appear to have a
-    file named config.json" after ~28 s of retries."""
+    file named config.json" after its retries."""
     result = train(tmp_path, "--data", "latents", "--data-path", write_latents(tmp_path / "latents"),
                    "--global-batch-size", "2", "--sample-every", "1", "--eval-every", "0", HF_HUB_OFFLINE="1")
     line = one_line(result, "stabilityai/sd-vae-ft-ema", "not in the local cache", "HF_HUB_OFFLINE is set",
