@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.datasets import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from modeling.hub import absolute_if_local  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
@@ -89,6 +90,8 @@ def decode_error(dataset: ImageFolderDataset, index: int, done: int, total: int)
         dataset.load_array(index)
         reason = "unreadable"
     except IMAGE_ERRORS as error:
+        if isinstance(error, DataError) and error.__cause__ is not None:
+            error = error.__cause__  # PIL's reason, not the dataset's own sentence around it
         reason = str(error).replace(f" {dataset.paths[index]!r}", "") or type(error).__name__
     return UsageError(f"cannot decode image {dataset.paths[index]} ({reason}): replace it with a readable image "
                       f"and rerun to resume ({done} of {total} chunks are done and kept); removing it changes "
@@ -149,7 +152,7 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         latent_shape=[vae.config.latent_channels, latent_size, latent_size],
         num_classes=len(dataset.classes),
         classes=dataset.classes,
-        vae=args.vae,
+        vae=absolute_if_local(args.vae),  # a record that stays true from any working directory
         vae_sha256=encoder_sha256(vae),
         scaling_factor=float(getattr(vae.config, "scaling_factor", LATENT_SCALE)),
         dtype=args.dtype,
@@ -206,6 +209,8 @@ def main(args: argparse.Namespace) -> None:
     dataset = load_dataset(args)
     ctx = setup_distributed()
     try:
+        if ctx.is_main and dataset.scan_summary:
+            print(f"warning: {dataset.scan_summary}", file=sys.stderr, flush=True)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         vae = load_vae(args.vae, ctx.device)

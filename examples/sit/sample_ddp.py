@@ -213,7 +213,8 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
     r, r+W, r+2W, ..."""
     batch = args.per_proc_batch_size
     my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
-    for k in tqdm(my_batches, disable=not ctx.is_main, desc="sampling"):
+    # disable=None: a bar only on a terminal (tqdm checks its stderr), never in a log file.
+    for k in tqdm(my_batches, disable=None if ctx.is_main else True, desc="sampling"):
         indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
         todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
         if not todo:

@@ -32,6 +32,7 @@ from data.streams import seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.generation import generate
+from modeling.hub import absolute_if_local
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
@@ -157,7 +158,8 @@ def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, dat
               raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str]) -> None:
     """The first lines of log.txt: where, on what, which model, and anything found wrong on disk."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
-    for warning in warnings:
+    scan_summary = getattr(data.dataset, "scan_summary", None)  # ImageFolderDataset: what its scan left out
+    for warning in [*warnings, *([scan_summary] if scan_summary else [])]:
         logger.warning(f"warning: {warning}")
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-tensorboard", dest="report_to", action="store_const", const=["csv"],
                        help="deprecated, the default now: same as --report-to csv")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                       help="tqdm progress bar (default: on when stdout is a terminal)")
+                       help="tqdm progress bar, drawn on stderr (default: on when stderr is a terminal)")
     group.add_argument("--progress-position", type=int, default=0, help="tqdm line (parallel runs)")
     group.add_argument("--console-log", action=argparse.BooleanOptionalAction, default=True,
                        help="log lines on the console too (always in log.txt)")
@@ -437,7 +439,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.data == "sinusoid" and args.data_size is None:
         args.data_size = DEFAULT_SINUSOIDS
     if args.progress is None:
-        args.progress = sys.stdout.isatty()
+        args.progress = sys.stderr.isatty()  # where tqdm draws: a bar in a log file is a line of \r-frames
+    args.vae = absolute_if_local(args.vae)  # args.json and checkpoints are read from other folders (sample.py)
     return args
 
 

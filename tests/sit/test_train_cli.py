@@ -38,9 +38,10 @@ def test_every_flag_has_help_and_shows_its_default(capsys) -> None:
 
 
 def test_progress_bar_follows_the_terminal(monkeypatch) -> None:
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    assert train.parse_args([]).progress is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # tqdm draws on stderr
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert train.parse_args([]).progress is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert train.parse_args([]).progress is True
     assert train.parse_args(["--no-progress"]).progress is False
 

@@ -15,7 +15,9 @@ import gzip
 import json
 import math
 import os
+import stat
 import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -90,32 +92,127 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     """
-    Sorted image paths, integer labels and class names of an ImageFolder tree (root/<class>/**/img).
+    Sorted image paths, integer labels and class names of an ImageFolder tree (root/<class>/**/img); what is
+    left out is said by :func:`scan_image_folder`.
 
     >>> paths, labels, classes = find_image_files("/data/imagenet/train")  # doctest: +SKIP
+    """
+    scan = scan_image_folder(root)
+    return scan.paths, scan.labels, scan.classes
+
+
+@dataclass
+class ImageFolderScan:
+    """The images of an ImageFolder tree, and what the scan left out (reported in one line)."""
+
+    root: str
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    hidden: int = 0  # entries named '.*' (macOS ._x.png, .DS_Store, .ipynb_checkpoints/, ...), not entered
+    not_regular: list[str] = field(default_factory=list)  # 'path (kind)' of image-named pipes, sockets, ...
+
+    def summary(self) -> str | None:
+        """One line on what was left out, or None when nothing was."""
+        parts = []
+        if self.hidden:
+            parts.append(f"ignored {_count(self.hidden, 'hidden entry', 'hidden entries')} (names starting "
+                         "with '.')")
+        if self.not_regular:
+            named = ", ".join(self.not_regular[:MAX_NAMED])
+            more = f" and {len(self.not_regular) - MAX_NAMED} more" if len(self.not_regular) > MAX_NAMED else ""
+            parts.append(f"skipped {_count(len(self.not_regular), 'non-regular file', 'non-regular files')} "
+                         f"named like images, never opened: {named}{more}")
+        return f"image folder {self.root}: {', '.join(parts)}" if parts else None
+
+
+MAX_NAMED = 5  # non-regular files named in the summary line; the rest are counted
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def scan_image_folder(root: str) -> ImageFolderScan:
+    """
+    The ImageFolder tree at root: class folders in sorted order, each folder's image files by name and then
+    its sub-folders (os.walk's top-down order, so indices match earlier extractions).
+
+    Only regular files (or symbolic links to one) are images: a pipe, socket or device named like one would
+    block the reader forever, so it is never opened, only listed in :meth:`ImageFolderScan.summary`. Entries
+    whose name starts with '.' are no data (macOS AppleDouble ``._x.png``, ``.ipynb_checkpoints/``) and are
+    only counted. os.scandir's entries carry the file type, so a regular file costs no extra stat call.
     """
     if not os.path.isdir(root):
         state = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         raise MissingDataError(f"image folder {root!r} {state} (pass --data-path /path/to/train)")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-            dirnames.sort()  # os.walk order is filesystem-dependent; sort for reproducible indices
-            if os.path.islink(dirpath):
-                check_no_link_loop(dirpath, os.path.join(root, name))
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, filename))
-                    labels.append(label)
-    if not paths:
+    scan = ImageFolderScan(root)
+    class_dirs = []
+    for entry in _sorted_entries(root, root):
+        if entry.name.startswith("."):
+            scan.hidden += 1
+        elif entry.is_dir():
+            class_dirs.append(entry)
+    scan.classes = [entry.name for entry in class_dirs]
+    for label, entry in enumerate(class_dirs):
+        _scan_class(entry.path, label, root, scan)
+    if not scan.paths:
         raise MissingDataError(f"no images found under {root!r}; expected root/<class>/<image>")
-    return paths, labels, classes
+    return scan
+
+
+def _scan_class(top: str, label: int, root: str, scan: ImageFolderScan) -> None:
+    """Add the images under the class folder top (at any depth) to scan."""
+    stack = [top]  # an explicit stack: no recursion limit on deep trees
+    while stack:
+        folder = stack.pop()
+        subfolders = []
+        for entry in _sorted_entries(folder, root):
+            if entry.name.startswith("."):
+                scan.hidden += 1
+            elif entry.is_dir():  # follows symbolic links, as os.walk(followlinks=True) did
+                if entry.is_symlink():
+                    check_no_link_loop(entry.path, top)
+                subfolders.append(entry.path)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                if entry.is_file():  # S_ISREG, after following a link
+                    scan.paths.append(entry.path)
+                    scan.labels.append(label)
+                else:
+                    scan.not_regular.append(f"{entry.path} ({file_kind(entry.path)})")
+        stack.extend(reversed(subfolders))
+
+
+def _sorted_entries(folder: str, root: str) -> list[os.DirEntry]:
+    """The entries of folder sorted by name; an unreadable folder raises DataError (os.walk skipped it)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise DataError(f"cannot list {folder} ({error.strerror or error}): fix its permissions or move it out of "
+                        f"{root}") from error
+
+
+def file_kind(path: str) -> str:
+    """What a non-regular, non-folder path is, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "broken symbolic link"
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "not a regular file"
 
 
 def check_no_link_loop(dirpath: str, top: str) -> None:
-    """DataError if the linked folder dirpath is one of the folders above it: os.walk would read the images
-    under it again at every level (some 40 copies, until the OS refuses the path)."""
+    """DataError if the linked folder dirpath is one of the folders above it: following it would read the
+    images under it again at every level (some 40 copies, until the OS refuses the path)."""
     real, above = os.path.realpath(dirpath), os.path.dirname(dirpath)
     while len(above) >= len(top):
         if os.path.realpath(above) == real:
@@ -131,7 +228,13 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.image_size = image_size
         self.random_flip = random_flip
-        self.paths, self.labels, self.classes = find_image_files(root)
+        self.scan = scan_image_folder(root)
+        self.paths, self.labels, self.classes = self.scan.paths, self.scan.labels, self.scan.classes
+
+    @property
+    def scan_summary(self) -> str | None:
+        """One line on the hidden entries and non-regular files the scan left out (None if none)."""
+        return self.scan.summary()
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -15,7 +15,7 @@ from PIL import Image
 from runtime.atomic import atomic_write
 from runtime.cli import UsageError
 
-from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, to_rgb
+from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, file_kind, to_rgb
 
 # Temp files of an interrupted write: runtime/atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
 _TEMP_NAME = re.compile(r"\.tmp([.-]|$)")
@@ -118,6 +118,8 @@ def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
         raise UsageError(f"no images found under {folder}: pass a folder of images or an ADM .npz")
     images = []
     for path in paths[:limit]:
+        if not os.path.isfile(path):  # a pipe would block the read forever; a socket or dangling link fails
+            raise UsageError(f"{path} is a {file_kind(path)}, not an image file: remove it from {folder}")
         try:
             with Image.open(path) as image:
                 images.append(np.array(to_rgb(image)))

@@ -9,6 +9,8 @@ from data.datasets import LATENT_SCALE
 from runtime.cli import UsageError
 from torch import nn
 
+from modeling.hub import fetch_from_hub
+
 
 def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module:
     """
@@ -31,7 +33,11 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module
     ):
         subfolder = "vae"
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
+        if local:
+            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
+        else:  # a hub id: the cache first, and no retries when the hub cannot be reached
+            vae = fetch_from_hub(AutoencoderKL.from_pretrained, name_or_path, "the VAE",
+                                 "pass --vae PATH, a local diffusers AutoencoderKL folder (save_pretrained)")
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise UsageError(f"cannot load the VAE {name_or_path} ({reason}): pass a local diffusers AutoencoderKL "

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from runtime.checkpoint_weights import check_checkpoint_weights
 from runtime.cli import UsageError
 
 __all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
@@ -258,3 +259,4 @@ def check_resume_compatible(checkpoint: dict, path: str, args: argparse.Namespac
         raise UsageError(f"checkpoint {path} was trained with {', '.join(differing)}: its data position only "
                          "means something with the same data and global batch; resume with those settings "
                          "(--grad-accum-steps and the number of processes may change), or start a new --exp-name")
+    check_checkpoint_weights(checkpoint, path, model_config)

@@ -5,6 +5,12 @@ Each script's last lines are ``if __name__ == "__main__": run(main, parse_args)`
 missing or corrupt file, a full disk — and :func:`run` prints ``<script>: error: <message>`` without a
 traceback. Any other exception is a bug and keeps its traceback.
 
+Under ``torchrun`` every rank usually meets the same error. Only global rank 0 prints the line; every rank
+writes its message to the error file torchrun gives it (``TORCHELASTIC_ERROR_FILE``), so torchrun's closing
+report shows the message as the failure's "traceback" instead of a link to its documentation, and an error
+met by another rank alone is not lost. That report itself (a ``ChildFailedError`` traceback of torchrun's
+own frames) is printed by torchrun whenever a worker exits non-zero; no worker can prevent it.
+
 Example:
     >>> from cli import UsageError
     >>> str(UsageError("--max-steps must be > 0, got 0"))
@@ -15,8 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +69,23 @@ def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
         sys.exit(130)
 
 
+RANK_GRACE_S = 1.0  # a quiet rank's head start for rank 0's line: torchrun kills the others at the first exit
+
+
 def _fail(prog: str, message: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each worker
+    if error_file:
+        record_for_torchrun(error_file, message)
+    if not error_file or os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: error: {message}", file=sys.stderr)
+    else:
+        time.sleep(RANK_GRACE_S)
     sys.exit(EXIT_USAGE)
+
+
+def record_for_torchrun(path: str, message: str) -> None:
+    """Write message where torchrun's failure report reads it: the JSON of torch.distributed.elastic's
+    ErrorHandler.record_exception without its "py_callstack", so that the report shows the message itself."""
+    with contextlib.suppress(OSError):  # the report falls back to its own text; the exit code stands
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)

@@ -20,12 +20,14 @@ from data.datasets import (
     SinusoidDataset,
     build_dataset,
     center_crop_arr,
+    find_image_files,
     make_sinusoids,
     read_idx,
     render_sinusoids,
     sample_sinusoid_params,
+    scan_image_folder,
 )
-from image_folders import write_image_folder
+from image_folders import add_disk_junk, write_image_folder
 from PIL import Image
 
 # ----------------------------------------------------------------------------- ADM crop
@@ -99,6 +101,70 @@ def test_corrupt_image_names_the_file(tmp_path):
     assert ds[0][0].shape == (3, 16, 16)  # the others still load
     with pytest.raises(MissingDataError):  # still a FileNotFoundError for callers that catch that
         ImageFolderDataset(str(tmp_path / "missing"))
+
+
+def test_scan_reads_regular_files_only_and_ignores_hidden_entries(tmp_path):
+    """A pipe named like an image blocked the reader forever; ._0.png stopped a run; .ipynb_checkpoints was a
+    class."""
+    root = write_image_folder(tmp_path / "imgs")
+    clean = find_image_files(root)
+    junk = add_disk_junk(root)
+    os.symlink("fifo.png", os.path.join(root, "cat", "to_fifo.png"))  # a link is followed to what it names
+    os.symlink("1.png", os.path.join(root, "cat", "to_1.png"))
+    os.symlink("gone.png", os.path.join(root, "dog", "broken.png"))
+    scan = scan_image_folder(root)
+    assert scan.classes == ["cat", "dog"] and scan.hidden == 4
+    assert scan.paths == [*clean[0][:2], os.path.join(root, "cat", "2.png"), os.path.join(root, "cat", "to_1.png"),
+                          *clean[0][3:]]
+    assert scan.labels == [0, 0, 0, 0, 1, 1, 1]
+    assert scan.not_regular == [f"{junk['not_regular'][0]} (named pipe)",
+                                f"{os.path.join(root, 'cat', 'to_fifo.png')} (named pipe)",
+                                f"{os.path.join(root, 'dog', 'broken.png')} (broken symbolic link)",
+                                f"{junk['not_regular'][1]} (socket)"]
+    summary = scan.summary()
+    assert "\n" not in summary and summary.startswith(f"image folder {root}: ignored 4 hidden entries (names starting")
+    assert "skipped 4 non-regular files named like images, never opened: " in summary
+    assert all(entry in summary for entry in scan.not_regular)
+    ds = ImageFolderDataset(root, image_size=8, random_flip=False)
+    assert ds.scan_summary == summary and len(ds) == 7
+    assert all(ds[i][0].shape == (3, 8, 8) for i in range(len(ds)))  # nothing left that cannot be read
+
+
+def test_scan_summary_counts_and_names_a_few(tmp_path):
+    root = write_image_folder(tmp_path / "imgs")
+    assert ImageFolderDataset(root, 8).scan_summary is None  # a clean folder: nothing to say
+    for i in range(7):
+        os.mkfifo(os.path.join(root, "dog", f"p{i}.png"))
+    (tmp_path / "imgs" / ".DS_Store").write_bytes(b"")
+    summary = scan_image_folder(root).summary()
+    assert "ignored 1 hidden entry (" in summary and "skipped 7 non-regular files" in summary
+    assert "p4.png (named pipe) and 2 more" in summary and "p5.png" not in summary
+
+
+def test_scan_names_an_unreadable_folder(tmp_path):
+    """os.walk skipped a folder it could not list, silently dropping its images."""
+    if os.geteuid() == 0:
+        pytest.skip("root reads any folder")
+    root = write_image_folder(tmp_path / "imgs")
+    locked = tmp_path / "imgs" / "dog" / "more"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        with pytest.raises(DataError, match=f"cannot list {re.escape(str(locked))} .*fix its permissions"):
+            scan_image_folder(root)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_scan_keeps_os_walk_order(tmp_path):
+    """Files of a folder (by name), then its sub-folders: the order earlier extractions were indexed in."""
+    for path in ("c/b/1.png", "c/a/2.png", "c/3.png", "c/A.png", "c/b/x/4.png", "B/5.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"")
+    paths, labels, classes = find_image_files(str(tmp_path))
+    assert classes == ["B", "c"] and labels == [0, 1, 1, 1, 1, 1]
+    assert [os.path.relpath(p, tmp_path) for p in paths] == ["B/5.png", "c/3.png", "c/A.png", "c/a/2.png",
+                                                             "c/b/1.png", "c/b/x/4.png"]
 
 
 # ----------------------------------------------------------------------------- latents (checks on open)
