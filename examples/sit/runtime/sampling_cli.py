@@ -148,10 +148,8 @@ def resolve_sampler(args: argparse.Namespace, default_steps: dict[str, int]) -> 
 
 def sampler_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     """resolve_sampler's settings as keyword arguments of modeling.generation.make_sample_fn."""
-    kwargs = {key: value for key, value in settings.items() if value is not None or key == "last_step"}
-    if settings["mode"] == "sde" and settings["last_step"] is None:
-        kwargs.pop("last_step_size", None)
-    return kwargs
+    always = ("mode", "method", "num_steps", "last_step")  # None means something for these, or is checked there
+    return {key: value for key, value in settings.items() if value is not None or key in always}
 
 
 def describe_sampler(settings: dict[str, Any]) -> str:
