@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
     group.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and the last step)")
     group.add_argument("--eval-every", type=int, default=5_000, help="steps between held-out FM losses; 0 = never")
-    group.add_argument("--eval-samples", type=int, default=1024, help="held-out set size")
+    group.add_argument("--eval-samples", type=int, default=1024,
+                       help="held-out set size (imagenet/latents without --eval-data-path: items spread over the "
+                            "classes, removed from training)")
     group.add_argument("--eval-batch-size", type=int, default=128, help="batch of the held-out evaluation")
     group.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids; 0 = never")
     group.add_argument("--sample-grid", type=int, default=16, help="images per grid")
