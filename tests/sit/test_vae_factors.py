@@ -175,3 +175,26 @@ def test_official_checkpoints_want_an_sd_vae(world, tmp_path) -> None:
     with pytest.raises(UsageError, match=r"trained on SD-VAE latents\) and --vae .*odd disagree"):
         sample.main(sample.parse_args([*common, "--vae", str(world["odd"]), "--out", str(tmp_path / "x.png")]))
     assert SD_SCALING.scaling_factor == 0.18215
+
+
+def test_imagenet_heldout_is_encoded_with_the_factors_and_left_out_of_training(world, tmp_path) -> None:
+    from data.datasets import ImageFolderDataset, to_tensor
+    from data.heldout_split import spread_indices
+    from data.train_data import load_data
+    from runtime.distributed import DistContext
+
+    args = train.parse_args(["--data", "imagenet", "--data-path", str(world["images"]), "--image-size", "8", "--vae",
+                             str(world["odd"]), *QUIET, "--eval-every", "1", "--eval-samples", "2",
+                             "--results-dir", str(tmp_path)])
+    data = load_data(args, DistContext(0, 0, 1, torch.device("cpu"), False), seed=0)
+    assert len(data.dataset) == 6 and sorted(set(data.heldout.y.tolist())) == [0, 1]
+    images = ImageFolderDataset(str(world["images"]), image_size=8)
+    picked = spread_indices(images.labels, 2)
+    assert data.dataset.excluded == sorted(picked)
+    vae = load_vae(str(world["odd"]))
+    x = torch.stack([to_tensor(images.load_array(i)) for i in picked])  # unflipped, in the order of selection
+    with torch.no_grad():
+        torch.testing.assert_close(data.heldout.x, (vae.encode(x).latent_dist.mean - 0.1) * 0.887)
+    out = train.main(args)
+    log = (Path(out["experiment_dir"]) / "log.txt").read_text()
+    assert "Held-out set: 2 items of --data-path over 2 classes, excluded from training; latents: scaling 0.887" in log
