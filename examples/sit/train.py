@@ -362,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"number of sinusoid images (default: {DEFAULT_SINUSOIDS:,})")
     group.add_argument("--image-size", type=int, default=None,
                        help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from the data)")
-    group.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema",
+    group.add_argument("--vae", type=str, default=None,
                        help="diffusers AutoencoderKL hub id or local folder, any VAE: its config's scaling / "
                             "shift factors are used and recorded (imagenet: encodes every step; latents: decodes "
                             "the sample grids, loaded only with --sample-every > 0, checked against meta.json, "
-                            "and recorded for sample.py)")
+                            "and recorded for sample.py) (default: latents: the VAE meta.json names; "
+                            "imagenet: stabilityai/sd-vae-ft-ema)")
     group.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=str, default="SiT-XL/2", help=f"SiT-<{'|'.join(SIT_SIZES)}>/<patch size>")

@@ -198,3 +198,11 @@ def test_imagenet_heldout_is_encoded_with_the_factors_and_left_out_of_training(w
     out = train.main(args)
     log = (Path(out["experiment_dir"]) / "log.txt").read_text()
     assert "Held-out set: 2 items of --data-path over 2 classes, excluded from training; latents: scaling 0.887" in log
+
+
+def test_latent_training_defaults_to_the_vae_of_meta_json(world, tmp_path) -> None:
+    out = train_latents(world, tmp_path / "r", "--sample-every", "1", "--sample-grid", "1", "--sample-num-steps", "1")
+    assert torch.load(out["checkpoint"], weights_only=True)["vae"] == str(world["odd"])  # not SD's hub id
+    sample.main(sample.parse_args(["--ckpt", out["checkpoint"], "--num-samples", "1", "--num-steps", "1",
+                                   "--cfg-scale", "1", "--out", str(tmp_path / "grid.png")]))
+    assert (tmp_path / "grid.png").exists()

@@ -83,6 +83,16 @@ def latent_scaling(args: argparse.Namespace, dataset: Dataset, vae: nn.Module | 
     return scaling, notes
 
 
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of DiT and SiT
+
+
+def resolve_vae(args: argparse.Namespace, dataset: Dataset) -> None:
+    """Fill in --vae when it was not given: --data latents takes the VAE its meta.json names (so the grids,
+    the checkpoint's record and sample.py use the VAE that made the latents), the rest SD's."""
+    if args.vae is None and args.data in ("imagenet", "latents"):
+        args.vae = (dataset.meta.get("vae") if args.data == "latents" else None) or DEFAULT_VAE
+
+
 def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainData:
     """The data set, the held-out set (removed from the data set when drawn from it) and the resumable loader
     of this rank's share of each global batch."""
@@ -90,6 +100,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
         dataset, channels, size, num_classes = build_dataset(args.data, **data_kwargs(args, args.data_path))
     except DataError as error:
         raise UsageError(str(error)) from error
+    resolve_vae(args, dataset)
     vae = None
     if args.data == "imagenet":
         vae = load_vae(args.vae, ctx.device)
