@@ -153,7 +153,7 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         latent_shape=[vae.config.latent_channels, latent_size, latent_size],
         num_classes=len(dataset.classes),
         classes=dataset.classes,
-        vae=args.vae,
+        vae=os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae,  # train.py --data latents loads it
         vae_sha256=encoder_sha256(vae),
         # The factors training applies to the stored (unscaled) moments: (latent - shift_factor) * scaling_factor.
         scaling_factor=of_vae(vae).scaling_factor,
