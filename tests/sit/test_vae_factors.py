@@ -152,17 +152,33 @@ def test_sixteen_channel_vae_trains_and_samples(world, tmp_path) -> None:
                                        "--num-steps", "1", "--cfg-scale", "1", "--out", str(tmp_path / "x.png")]))
 
 
-def test_checkpoint_from_before_the_record_assumes_sd(world, tmp_path, capsys) -> None:
-    out = train_images(world, tmp_path / "r", "sd")
-    state = torch.load(out["checkpoint"], weights_only=True)
-    del state["latent_scaling"]
-    torch.save(state, tmp_path / "old.pt")
-    common = ["--ckpt", str(tmp_path / "old.pt"), "--num-samples", "1", "--num-steps", "1", "--cfg-scale", "1"]
-    sample.main(sample.parse_args([*common, "--out", str(tmp_path / "ok.png")]))
+def test_checkpoints_from_before_the_record_decode_as_they_were_trained(world, tmp_path, capsys,
+                                                                       monkeypatch) -> None:
+    seen = []
+    original = sample.decode_to_uint8
+
+    def spy(x, vae, **kwargs):
+        seen.append(kwargs["scaling"])
+        return original(x, vae, **kwargs)
+
+    monkeypatch.setattr(sample, "decode_to_uint8", spy)
+    old = {}
+    for data, out in (("imagenet", train_images(world, tmp_path / "r1", "sd")),
+                      ("latents", train_latents(world, tmp_path / "r2"))):
+        state = torch.load(out["checkpoint"], weights_only=True)
+        del state["latent_scaling"]
+        torch.save(state, tmp_path / f"{data}.pt")
+        old[data] = ["--ckpt", str(tmp_path / f"{data}.pt"), "--num-samples", "1", "--num-steps", "1", "--cfg-scale",
+                     "1", "--out", str(tmp_path / f"{data}.png"), "--overwrite"]
+    sample.main(sample.parse_args(old["imagenet"]))
     note = "predates the record of its VAE's factors: decoding with scaling 0.18215, no shift"
     assert note in capsys.readouterr().err
-    with pytest.raises(UsageError, match=r"assumed SD-VAE latents\) and --vae .*odd disagree"):
-        sample.main(sample.parse_args([*common, "--vae", str(world["odd"]), "--out", str(tmp_path / "x.png")]))
+    sample.main(sample.parse_args([*old["imagenet"], "--vae", str(world["odd"])]))  # encoded by x 0.18215 then
+    sample.main(sample.parse_args(old["latents"]))  # meta.json's scaling_factor, never shifted then
+    assert seen == [SD_SCALING, SD_SCALING, LatentScaling(0.887, None, 4)]
+    with pytest.raises(UsageError, match=r"saved before checkpoints recorded the VAE's factors\) and --vae .*wide "
+                                         r"disagree \(4 vs 16 latent channels\)"):
+        sample.main(sample.parse_args([*old["imagenet"], "--vae", str(world["wide"])]))
 
 
 def test_official_checkpoints_want_an_sd_vae(world, tmp_path) -> None:

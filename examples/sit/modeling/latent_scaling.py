@@ -6,8 +6,9 @@ SD 1.x/2.x VAEs use 0.18215 and no shift, SDXL 0.13025, SD3 (16 channels) 1.5305
 
 A :class:`LatentScaling` is recorded in train.py's checkpoints and extract_latents.py's meta.json, so that the
 latents a model was trained on are decoded with the same factors, and a VAE that disagrees is refused. Files
-written before the record existed are assumed to hold SD-VAE latents (0.18215, no shift), the only factor the
-scripts used then; :func:`from_record` says when it assumed that.
+written before the record existed are read as the scripts wrote them then (:func:`from_record` says when it
+assumed): no shift, SD's 0.18215 for --data imagenet and official checkpoints, meta.json's scaling_factor
+for --data latents (:func:`before_the_record`).
 
     >>> scaling = LatentScaling(0.887, 0.1, 4)
     >>> latent = torch.ones(1, 4, 2, 2)
@@ -26,7 +27,7 @@ from data.datasets import LATENT_SCALE
 from runtime.cli import UsageError
 
 __all__ = ["LatentScaling", "SD_SCALING", "of_vae", "from_record", "differences", "check_same", "of_checkpoint",
-           "check_resume"]
+           "before_the_record", "trained_on", "check_resume"]
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,29 @@ def of_checkpoint(state: Mapping, channels: int) -> tuple[LatentScaling | None, 
     return from_record(state.get("latent_scaling"), channels)
 
 
+def before_the_record(trained_on: str | None, reference: LatentScaling, channels: int) -> LatentScaling:
+    """The factors train.py applied before checkpoints recorded them: --data latents scaled by meta.json's
+    scaling_factor (the extracting VAE's config value: reference's, for the same VAE or latents) and never
+    shifted; --data imagenet and the official checkpoints by SD's 0.18215, whatever the VAE."""
+    if trained_on == "latents":
+        return LatentScaling(reference.scaling_factor, None, channels)
+    return LatentScaling(LATENT_SCALE, None, channels)
+
+
+def trained_on(state: Mapping) -> str | None:
+    """The --data of a train.py checkpoint (None if it does not say)."""
+    run_args = state.get("args") or {}
+    return (run_args if isinstance(run_args, Mapping) else vars(run_args)).get("data")
+
+
 def check_resume(checkpoint: Mapping, path: str, scaling: LatentScaling | None) -> None:
     """A resumed run must see latents with the factors it was trained on (another VAE, or latents of one)."""
     saved, assumed = of_checkpoint(checkpoint, scaling.latent_channels if scaling else 0)
     if saved is None or scaling is None:
         return
-    what = f"checkpoint {path}" + (" (from before the record: assumed SD-VAE latents)" if assumed else "")
+    what = f"checkpoint {path}"
+    if assumed:
+        saved = before_the_record(trained_on(checkpoint), scaling, saved.latent_channels)
+        what += f" (from before the record: {saved.describe()}, as train.py applied then)"
     check_same(saved, scaling, what, "this run's data", "resume with the --vae (or latents) it was trained on, "
                "or start a new --exp-name")

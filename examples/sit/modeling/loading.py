@@ -9,7 +9,7 @@ import torch
 from runtime.checks import read_checkpoint
 from runtime.cli import UsageError
 
-from modeling.latent_scaling import SD_SCALING, of_checkpoint
+from modeling.latent_scaling import SD_SCALING, of_checkpoint, trained_on
 from modeling.models import SiT, create_model, load_official_checkpoint
 from modeling.transport import PATHS, PREDICTIONS
 
@@ -48,7 +48,8 @@ def _build_ours(state: Mapping, path: str, use_ema: bool) -> tuple[SiT, dict[str
         raise UsageError(f"checkpoint {path} was trained with an unknown transport {transport}")
     scaling, assumed = of_checkpoint(state, config.get("in_channels", 4))
     info = dict(official=False, latent=bool(state["latent"]), vae=state.get("vae"), config=config,
-                step=state.get("step"), transport=transport, latent_scaling=scaling, latent_scaling_assumed=assumed)
+                step=state.get("step"), transport=transport, latent_scaling=scaling, latent_scaling_assumed=assumed,
+                trained_on=trained_on(state))
     return model, info
 
 
@@ -67,7 +68,7 @@ def _build_official(state: Any, path: str, model_name: str | None, image_size: i
         raise UsageError(f"{_load_error(path, error)} or check --model, --image-size and --num-classes") from error
     info = dict(official=True, latent=True, vae=None, config=dict(config, in_channels=4), step=None,
                 transport=dict(path_type="Linear", prediction="velocity"), latent_scaling=SD_SCALING,
-                latent_scaling_assumed=False)  # the official models were trained on SD-VAE latents
+                latent_scaling_assumed=False, trained_on=None)  # the official models: SD-VAE latents
     return model, info
 
 

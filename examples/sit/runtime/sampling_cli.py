@@ -14,7 +14,7 @@ from modeling.generation import (
     LAST_STEPS,
     has_null_class,
 )
-from modeling.latent_scaling import LatentScaling, check_same, of_vae
+from modeling.latent_scaling import LatentScaling, before_the_record, check_same, of_vae
 from modeling.loading import OFFICIAL_DEFAULTS
 from modeling.models import SiT, SiT_models
 from modeling.vae import load_vae
@@ -173,15 +173,19 @@ def load_checked_vae(args: argparse.Namespace, info: dict[str, Any], device: tor
     name = args.vae or info["vae"]
     vae = load_vae(name, device)
     expected: LatentScaling = info["latent_scaling"]
+    actual = of_vae(vae)
     what = f"checkpoint {args.ckpt}"
     if info["official"]:
         what = f"official checkpoint {args.ckpt} (trained on SD-VAE latents)"
     elif info["latent_scaling_assumed"]:
-        what += " (saved before checkpoints recorded the VAE's factors: assumed SD-VAE latents)"
-    check_same(expected, of_vae(vae), what, f"--vae {name}", "pass the VAE the model was trained with")
+        # Decode as the model was trained then; only the channels can be checked against the VAE.
+        expected = before_the_record(info["trained_on"], actual, expected.latent_channels)
+        actual = LatentScaling(expected.scaling_factor, expected.shift_factor, actual.latent_channels)
+        what += " (saved before checkpoints recorded the VAE's factors)"
+    check_same(expected, actual, what, f"--vae {name}", "pass the VAE the model was trained with")
     if info["latent_scaling_assumed"] and announce:
-        print(f"note: {args.ckpt} predates the record of its VAE's factors: decoding with {expected.describe()}",
-              file=sys.stderr)
+        print(f"note: {args.ckpt} predates the record of its VAE's factors: decoding with {expected.describe()} "
+              f"(what train.py --data {info['trained_on'] or 'imagenet'} applied then)", file=sys.stderr)
     return vae, expected
 
 

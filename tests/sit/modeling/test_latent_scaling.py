@@ -97,3 +97,17 @@ def test_per_channel_normalisation_is_refused(tmp_path: Path) -> None:
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)
     with pytest.raises(UsageError, match="latents_mean"):
         of_vae(vae)
+
+
+def test_resuming_a_checkpoint_from_before_the_record() -> None:
+    from modeling.latent_scaling import check_resume
+
+    latents = {"latent": True, "args": {"data": "latents"}, "model_config": {"in_channels": 4}}
+    check_resume(latents, "old.pt", LatentScaling(0.887, None, 4))  # meta.json's factor, no shift: as then
+    with pytest.raises(UsageError, match="shift None vs 0.1"):
+        check_resume(latents, "old.pt", LatentScaling(0.887, 0.1, 4))
+    images = {"latent": True, "args": {"data": "imagenet"}}
+    check_resume(images, "old.pt", SD_SCALING)
+    with pytest.raises(UsageError, match=r"old.pt \(from before the record: scaling 0.18215.*scaling 0.18215 vs "
+                                         r"0.13025"):
+        check_resume(images, "old.pt", LatentScaling(0.13025, None, 4))
