@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> str:
     y = pick_labels(args, num_classes, gen)
     try:
         sample_fn = make_sample_fn(create_transport(**info["transport"]), **sampler_kwargs(settings))
-    except ValueError as error:  # a combination the transport cannot integrate (e.g. an infinite score)
+    except (ValueError, ImportError) as error:  # an SDE with an infinite score; dopri5 without torchdiffeq
         raise UsageError(f"{describe_sampler(settings)}: {error}") from error
     vae, scaling = load_checked_vae(args, info, device)
 

@@ -286,7 +286,7 @@ def main(args: argparse.Namespace) -> str:
         cfg_channels = args.cfg_channels or min(3, model.in_channels)
         try:
             sample_fn = make_sample_fn(create_transport(**info["transport"]), **sampler_kwargs(sampler))
-        except ValueError as error:  # a combination the transport cannot integrate (e.g. an infinite score)
+        except (ValueError, ImportError) as error:  # an SDE with an infinite score; dopri5 without torchdiffeq
             raise UsageError(f"{describe_sampler(sampler)}: {error}") from error
         vae, scaling = load_checked_vae(args, info, ctx.device, announce=ctx.is_main)
 

@@ -180,3 +180,19 @@ def test_default_folder_names_are_those_of_before(ckpt: str, tmp_path: Path) -> 
     assert sample_ddp.default_folder_name(args, None, settings).endswith(digest)
     changed = dict(settings, diffusion_norm=0.5)
     assert not sample_ddp.default_folder_name(args, None, changed).endswith(digest)
+
+
+def test_dopri5_without_torchdiffeq_is_one_line(ckpt: str, tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torchdiffeq(name, *args, **kwargs):
+        if name.startswith("torchdiffeq"):
+            raise ImportError("No module named 'torchdiffeq'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchdiffeq)
+    with pytest.raises(UsageError, match="pip install torchdiffeq"):
+        run_sample(ckpt, tmp_path / "a.png", "--sampling-method", "dopri5")
+    assert not (tmp_path / "a.png").exists()
