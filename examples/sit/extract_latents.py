@@ -1,13 +1,14 @@
 """
-Encode an ImageFolder dataset with the SD VAE once, storing the posterior moments (mean, std) of each
-image and of its horizontal flip, so training reads latents instead of running the encoder every step
-(fast-DiT reports +95% speed). LatentDataset (data/datasets.py) samples mean + std * eps and a random flip at
-every access, so training sees the same distribution as with on-the-fly encoding.
+Encode an ImageFolder dataset with a diffusers VAE (SD's by default; any AutoencoderKL) once, storing the
+posterior moments (mean, std) of each image and of its horizontal flip, so training reads latents instead of
+running the encoder every step (fast-DiT reports +95% speed). LatentDataset (data/datasets.py) samples
+mean + std * eps and a random flip at every access and applies the VAE's factors from meta.json, so training
+sees the same distribution as with on-the-fly encoding.
 
 Output folder:
-    meta.json              sizes, VAE name, chunking (checked when resuming)
+    meta.json              sizes, VAE name, its scaling_factor / shift_factor, chunking (checked when resuming)
     labels.npy             int64 label of every image, in dataset order
-    chunk_000000.npy ...   float16 moments (n, 2, 2, 4, h, w): [no flip, flip] x [mean, std]
+    chunk_000000.npy ...   float16 moments (n, 2, 2, C, h, w): [no flip, flip] x [mean, std], unscaled
 
 Work is split in chunks of consecutive images; chunk c belongs to rank c % world_size. Every chunk is
 written to a temp file and renamed, so a killed run resumes by skipping the chunks that exist (even
@@ -29,14 +30,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
-from data.datasets import IMAGE_ERRORS, LATENT_SCALE, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from data.datasets import IMAGE_ERRORS, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
 from modeling.hub import absolute_if_local  # noqa: E402
+from modeling.latent_scaling import of_vae  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
 from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
 
-RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256")
+RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256",
+               "scaling_factor", "shift_factor")
+OPTIONAL_RESUME_KEYS = ("vae_sha256", "shift_factor")  # absent from folders written before they were recorded
 
 #################################################################################
 #                                  Helpers                                      #
@@ -154,7 +158,9 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         classes=dataset.classes,
         vae=absolute_if_local(args.vae),  # a record that stays true from any working directory
         vae_sha256=encoder_sha256(vae),
-        scaling_factor=float(getattr(vae.config, "scaling_factor", LATENT_SCALE)),
+        # The factors training applies to the stored (unscaled) moments: (latent - shift_factor) * scaling_factor.
+        scaling_factor=of_vae(vae).scaling_factor,
+        shift_factor=of_vae(vae).shift_factor,
         dtype=args.dtype,
         layout="(n, [no flip, flip], [mean, std], C, h, w)",
     )
@@ -174,8 +180,8 @@ def check_resume(out: str, meta: dict) -> dict | None:
         raise UsageError(f"{meta_path} holds a {type(old).__name__}, not extract_latents.py's metadata: use another "
                          "--out")
     for key in RESUME_KEYS:
-        if key == "vae_sha256" and key not in old:
-            continue  # written before the fingerprint existed
+        if key in OPTIONAL_RESUME_KEYS and key not in old:
+            continue  # written before the fingerprint / the shift existed
         if key == "vae_sha256" and old[key] != meta[key]:
             raise UsageError(f"{out} holds latents of another VAE ({old.get('vae')!r}; its encoder weights differ from "
                              f"--vae {meta['vae']!r}): resume with that VAE, or use another --out")

@@ -5,8 +5,13 @@ Sample an image grid from a SiT checkpoint: one of ours (train.py) or an officia
     python examples/sit/sample.py --ckpt SiT-XL-2-256x256.pt --model SiT-XL/2 --vae /path/to/sd-vae-ft-ema \\
         --cfg-scale 4.0 --mode sde --num-steps 250
 
+    python examples/sit/sample.py --ckpt ... --mode ode --sampling-method dopri5 --atol 1e-6 --rtol 1e-3
+    python examples/sit/sample.py --ckpt ... --mode sde --sampling-method Euler --diffusion-form sigma \
+        --diffusion-norm 1.0 --last-step Mean --last-step-size 0.04
+
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data. ODE "--num-steps" counts integration
-steps: Heun costs 2 network evaluations per step (the paper's 250 NFE = 125 Heun steps).
+steps: Heun costs 2 network evaluations per step (the paper's 250 NFE = 125 Heun steps). Latents are decoded
+with the VAE factors the checkpoint recorded (modeling/latent_scaling.py).
 """
 from __future__ import annotations
 
@@ -17,16 +22,23 @@ import torch
 from modeling.generation import generate, has_null_class, make_sample_fn
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
 from modeling.transport import create_transport
-from modeling.vae import decode_to_uint8, load_vae
+from modeling.vae import decode_to_uint8
 from runtime.cli import UsageError, run
 from runtime.images import IMAGE_FORMATS, image_format, save_grid
 from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
+    add_sampler_args,
     check_model_args,
     check_sampling_args,
+    describe_sampler,
+    load_checked_vae,
     positive_int,
+    resolve_sampler,
+    sampler_kwargs,
 )
+
+DEFAULT_STEPS = dict(ode=125, sde=250)  # ODE Heun: 125 steps = the paper's 250 NFE
 
 #################################################################################
 #                                 Validation                                    #
@@ -65,6 +77,7 @@ def pick_labels(args: argparse.Namespace, num_classes: int, gen: torch.Generator
 def main(args: argparse.Namespace) -> str:
     """Write a grid of samples to args.out; returns the path."""
     check_sampling_args(args)
+    settings = resolve_sampler(args, DEFAULT_STEPS)
     check_out(args)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,18 +89,19 @@ def main(args: argparse.Namespace) -> str:
     check_model_args(args, model, info, cfg_scale)
     gen = torch.Generator().manual_seed(args.seed)
     y = pick_labels(args, num_classes, gen)
-    vae = load_vae(args.vae or info["vae"], device) if info["latent"] else None
+    try:
+        sample_fn = make_sample_fn(create_transport(**info["transport"]), **sampler_kwargs(settings))
+    except (ValueError, ImportError) as error:  # an SDE with an infinite score; dopri5 without torchdiffeq
+        raise UsageError(f"{describe_sampler(settings)}: {error}") from error
+    vae, scaling = load_checked_vae(args, info, device)
 
     cfg = info["config"]
-    num_steps = args.num_steps or (125 if args.mode == "ode" else 250)
     cfg_channels = args.cfg_channels or min(3, model.in_channels)
     z = torch.randn(len(y), cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=gen)
-    sample_fn = make_sample_fn(create_transport(**info["transport"]), args.mode, args.method, num_steps)
     x = generate(model, z.to(device), y.to(device), sample_fn, cfg_scale, cfg_channels,
                  generator=torch.Generator(device).manual_seed(args.seed), guidance_interval=args.guidance_interval)
-    save_grid(decode_to_uint8(x, vae), args.out, nrow=args.nrow)
-    print(f"Saved {len(y)} samples ({args.mode} {args.method}, {num_steps} steps, cfg {cfg_scale}) "
-          f"to {args.out}")
+    save_grid(decode_to_uint8(x, vae, scaling=scaling), args.out, nrow=args.nrow)
+    print(f"Saved {len(y)} samples ({describe_sampler(settings)}, cfg {cfg_scale}) to {args.out}")
     return args.out
 
 
@@ -95,11 +109,9 @@ def get_parser() -> argparse.ArgumentParser:
     """The command line of sample.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.add_argument("--mode", choices=["ode", "sde"], default="ode", help="sampler (default: %(default)s)")
-    parser.add_argument("--method", choices=["euler", "heun"], default="heun",
-                        help="integrator (default: %(default)s)")
-    parser.add_argument("--num-steps", type=int, default=None,
-                        help="integration steps (default: 125 for ODE = 250 Heun NFE, 250 for SDE)")
+    add_sampler_args(parser, mode="ode", method="heun",
+                     steps_help="fixed-step integration steps (default: 125 for ODE = 250 Heun NFE, 250 for SDE; "
+                                "adaptive solvers choose their own)")
     add_guidance_args(parser, "guidance scale, 1 = none (default: 4.0; 1.0 for a one-class model or one "
                               "trained without label dropout)")
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,

@@ -11,8 +11,11 @@ Sample i draws its label, starting noise and SDE Brownian noise from generators 
 alone, so the images do not depend on the number of processes or the per-process batch size.
 Writes <sample-dir>/<folder>/{000000..}.png, <sample-dir>/<folder>/manifest.json and <sample-dir>/<folder>.npz
 (arr_0: uint8 N x H x W x 3). The manifest records the checkpoint's SHA-256 and every setting that changes
-the images: rerunning the same command resumes (finished PNGs are kept, only gaps are filled); a run whose
-checkpoint content or settings differ is refused instead of mixing its samples with the old ones.
+the images (the sampler's options and the VAE factors included): rerunning the same command resumes
+(finished PNGs are kept, only gaps are filled); a run whose checkpoint content or settings differ is refused
+instead of mixing its samples with the old ones. An adaptive ODE solver (--sampling-method dopri5) picks its
+steps from the error of a whole batch, so there the images depend on --per-proc-batch-size, which the
+manifest then records too.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ import numpy as np
 import torch
 from data.npz import save_npz
 from modeling.generation import generate, make_sample_fn
+from modeling.latent_scaling import SD_SCALING, LatentScaling
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
 from modeling.transport import create_transport
-from modeling.vae import decode_to_uint8, load_vae
+from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
@@ -37,14 +41,20 @@ from runtime.distributed import DistContext, barrier, broadcast_object, cleanup,
 from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
+    add_sampler_args,
     check_model_args,
     check_sampling_args,
+    describe_sampler,
+    load_checked_vae,
     positive_int,
+    resolve_sampler,
+    sampler_kwargs,
 )
 from tqdm.auto import tqdm
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+DEFAULT_STEPS = dict(ode=250, sde=250)
 
 #################################################################################
 #                                 Helpers                                       #
@@ -87,11 +97,28 @@ def file_sha256(path: str, block: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def later_setting_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings added to the manifest after its first release, with the value the scripts used before they
+    existed: a manifest without them is read as holding these, and they enter a folder name's digest only
+    when they differ (so the same command still names, and resumes, the same folder)."""
+    sde = settings.get("mode") == "sde"
+    return dict(
+        sampling_atol=None, sampling_rtol=None, adaptive_batch_size=None,
+        diffusion_form="sigma" if sde else None, diffusion_norm=1.0 if sde else None,
+        last_step="Mean" if sde else None, last_step_size=0.04 if sde else None,
+        latent_scaling=SD_SCALING.record() if settings.get("vae") is not None else None,
+    )
+
+
 def run_settings(args: argparse.Namespace, info: dict[str, Any], cfg_scale: float, cfg_channels: int,
-                 device: torch.device, ckpt_sha256: str) -> dict[str, Any]:
+                 device: torch.device, ckpt_sha256: str, sampler: dict[str, Any] | None = None,
+                 scaling: LatentScaling | None = None) -> dict[str, Any]:
     """Everything that changes the images: a resumed run must match all of it (the number of processes and
-    the batch size do not change them and are left out)."""
+    the batch size do not change them and are left out, except for an adaptive ODE solver, whose steps
+    follow the error of the whole batch)."""
     official = info["official"]
+    sampler = sampler or dict(mode=args.mode, method=args.method, num_steps=args.num_steps)
+    adaptive = sampler["mode"] == "ode" and sampler["num_steps"] is None
     return dict(
         version=MANIFEST_VERSION,
         checkpoint_sha256=ckpt_sha256,
@@ -102,9 +129,17 @@ def run_settings(args: argparse.Namespace, info: dict[str, Any], cfg_scale: floa
         vae=(args.vae or info["vae"]) if info["latent"] else None,
         path_type=info["transport"]["path_type"],
         prediction=info["transport"]["prediction"],
-        mode=args.mode,
-        method=args.method,
-        num_steps=args.num_steps,
+        mode=sampler["mode"],
+        method=sampler["method"],
+        num_steps=sampler["num_steps"],
+        sampling_atol=sampler.get("atol"),
+        sampling_rtol=sampler.get("rtol"),
+        adaptive_batch_size=args.per_proc_batch_size if adaptive else None,
+        diffusion_form=sampler.get("diffusion_form"),
+        diffusion_norm=sampler.get("diffusion_norm"),
+        last_step=sampler.get("last_step"),
+        last_step_size=sampler.get("last_step_size"),
+        latent_scaling=scaling.record() if scaling is not None else None,
         cfg_scale=cfg_scale,
         cfg_channels=cfg_channels if cfg_scale > 1 else None,
         guidance_interval=list(args.guidance_interval) if args.guidance_interval else None,
@@ -122,7 +157,9 @@ def default_folder_name(args: argparse.Namespace, step: int | None, settings: di
     name = os.path.splitext(os.path.basename(args.ckpt))[0]
     if step is not None:
         name = f"{os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))}-{name}"
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    defaults = later_setting_defaults(settings)
+    digested = {key: value for key, value in settings.items() if key not in defaults or value != defaults[key]}
+    digest = hashlib.sha256(json.dumps(digested, sort_keys=True).encode()).hexdigest()[:8]
     return (f"{name}-{settings['weights']}-{args.mode}-{args.method}-{args.num_steps}"
             f"-cfg{settings['cfg_scale']}-seed{args.global_seed}-{digest}")
 
@@ -156,6 +193,7 @@ def prepare_folder(folder: str, npz_path: str, settings: dict[str, Any], ckpt: s
                 old = json.load(f)["settings"]
             if not isinstance(old, dict):
                 raise TypeError(f"settings is a {type(old).__name__}")
+            old = {**later_setting_defaults(old), **old}
         except (ValueError, KeyError, TypeError):
             return f"{manifest_path} is unreadable, so its samples cannot be trusted: {fix}"
         differences = settings_differences(old, settings)
@@ -192,15 +230,17 @@ def read_samples(folder: str, num: int) -> np.ndarray:
     return np.stack(images)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Flags that are wrong before anything is loaded."""
+def check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags that are wrong before anything is loaded; returns the sampler settings (sampling_cli.resolve_sampler)."""
     check_sampling_args(args)
+    sampler = resolve_sampler(args, DEFAULT_STEPS)
     if args.folder_name is not None:
         check_folder_name(args.folder_name)
     if not args.sample_dir:
         raise UsageError("--sample-dir '' names no folder: pass one (default: samples), or '.' for this one")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
         raise UsageError(f"--sample-dir {args.sample_dir} is a file: choose a folder")
+    return sampler
 
 
 #################################################################################
@@ -208,7 +248,7 @@ def check_args(args: argparse.Namespace) -> None:
 #################################################################################
 
 def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn, shape: tuple[int, ...],
-               folder: str, cfg_scale: float, cfg_channels: int) -> None:
+               folder: str, cfg_scale: float, cfg_channels: int, scaling: LatentScaling | None = None) -> None:
     """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
     r, r+W, r+2W, ..."""
     batch = args.per_proc_batch_size
@@ -227,7 +267,7 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             x = generate(model, z.to(ctx.device), y.to(ctx.device), sample_fn, cfg_scale, cfg_channels, sde_gens,
                          guidance_interval=args.guidance_interval)
-        images = decode_to_uint8(x, vae)
+        images = decode_to_uint8(x, vae, scaling=scaling)
         for i, image in zip(indices, images, strict=True):
             if i in todo:
                 save_png(image, png_path(folder, i))
@@ -235,7 +275,7 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
 
 def main(args: argparse.Namespace) -> str:
     """Sample args.num_fid_samples images; returns the .npz path."""
-    check_args(args)
+    sampler = check_args(args)
     ctx = setup_distributed()
     try:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32  # faster, slightly less exact
@@ -245,12 +285,18 @@ def main(args: argparse.Namespace) -> str:
         cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
         check_model_args(args, model, info, cfg_scale)
         cfg_channels = args.cfg_channels or min(3, model.in_channels)
+        try:
+            sample_fn = make_sample_fn(create_transport(**info["transport"]), **sampler_kwargs(sampler))
+        except (ValueError, ImportError) as error:  # an SDE with an infinite score; dopri5 without torchdiffeq
+            raise UsageError(f"{describe_sampler(sampler)}: {error}") from error
+        vae, scaling = load_checked_vae(args, info, ctx.device, announce=ctx.is_main)
 
         # Rank 0 hashes the checkpoint and owns the folder; the others follow its verdict, so that a
         # refused run stops every rank instead of leaving them waiting at a barrier.
         verdict = None
         if ctx.is_main:
-            settings = run_settings(args, info, cfg_scale, cfg_channels, ctx.device, file_sha256(args.ckpt))
+            settings = run_settings(args, info, cfg_scale, cfg_channels, ctx.device, file_sha256(args.ckpt), sampler,
+                                    scaling)
             name = args.folder_name or default_folder_name(args, info["step"], settings)
             folder = os.path.join(args.sample_dir, name)
             try:
@@ -263,15 +309,14 @@ def main(args: argparse.Namespace) -> str:
             raise UsageError(error)
         npz_path = f"{folder}.npz"
 
-        vae = load_vae(args.vae or info["vae"], ctx.device) if info["latent"] else None
         cfg = info["config"]
         shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-        sample_fn = make_sample_fn(create_transport(**info["transport"]), args.mode, args.method, args.num_steps)
         if args.compile:
             model.forward = torch.compile(model.forward)  # forward_with_cfg calls it: both halves compiled
         if ctx.is_main:
-            print(f"Sampling {args.num_fid_samples:,} images into {folder} on {ctx.world_size} process(es)")
-        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels)
+            print(f"Sampling {args.num_fid_samples:,} images ({describe_sampler(sampler)}) into {folder} on "
+                  f"{ctx.world_size} process(es)")
+        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, scaling)
 
         barrier()
         if ctx.is_main:
@@ -287,11 +332,9 @@ def get_parser() -> argparse.ArgumentParser:
     """The command line of sample_ddp.py."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_args(parser)
-    parser.add_argument("--mode", choices=["ode", "sde"], default="sde", help="sampler (default: %(default)s)")
-    parser.add_argument("--method", choices=["euler", "heun"], default="euler",
-                        help="integrator (default: %(default)s)")
-    parser.add_argument("--num-steps", type=int, default=250,
-                        help="SDE: 250 = 250 NFE; ODE heun: 2 NFE per step (default: %(default)s)")
+    add_sampler_args(parser, mode="sde", method="euler",
+                     steps_help="fixed-step integration steps; SDE: 250 = 250 NFE; ODE heun: 2 NFE per step; "
+                                "adaptive solvers choose their own (default: 250)")
     add_guidance_args(parser, "guidance scale, 1 = none; 1.5 for the paper's FID (default: 1.0)")
     parser.add_argument("--num-fid-samples", type=positive_int, default=50_000,
                         help="images to sample (default: %(default)s)")

@@ -27,7 +27,7 @@ from copy import deepcopy
 from typing import Any
 
 import torch
-from data.datasets import LATENT_SCALE, DataError
+from data.datasets import DataError
 from data.streams import seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
@@ -36,7 +36,7 @@ from modeling.hub import absolute_if_local
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
-from modeling.vae import decode_to_uint8
+from modeling.vae import decode_to_uint8, encode_images
 from runtime.checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
 from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
 from runtime.cli import HelpFormatter, UsageError, run
@@ -164,6 +164,8 @@ def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, dat
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
                 + (f"ANM {anm_model.extra_repr()}" if anm_model is not None else "no ANM"))
+    logger.info(f"Held-out set: {data.heldout_source}"
+                + (f"; latents: {data.scaling.describe()}" if data.scaling is not None else ""))
 
 
 def sample_grid_inputs(args: argparse.Namespace, data: TrainData,
@@ -196,7 +198,7 @@ def save_sample_grid(experiment_dir: str, step: int, ema: nn.Module, transport: 
     fn = FlowSampler(transport).sample_ode(num_steps=args.sample_num_steps, method="heun")
     with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         images = generate(ema, noise, labels, fn, cfg_scale=args.sample_cfg_scale)
-    save_grid(decode_to_uint8(images.float(), data.vae), path)
+    save_grid(decode_to_uint8(images.float(), data.vae, scaling=data.scaling), path)
     return path
 
 
@@ -251,10 +253,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
     experiment_dir, checkpoint, warnings = open_experiment(args, ctx, config, len(data.dataset),
-                                                         steps_per_epoch)
+                                                         steps_per_epoch, data.scaling)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
-    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, warnings)
+    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, [*warnings, *data.notes])
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
@@ -284,7 +286,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             t = t0 + u * (t1 - t0)  # each item's time, drawn with its noise (see SeededItems)
             if data.encode:
                 with torch.no_grad():  # posterior *sample*, as the reference
-                    x = data.vae.encode(x).latent_dist.sample(generator=generator) * LATENT_SCALE
+                    x = encode_images(data.vae, x, data.scaling, generator=generator)
             opt.zero_grad(set_to_none=True)
             for i, (xs, ys, ns, ts) in enumerate(micro_batches((x, y, noise, t), k)):
                 with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
@@ -324,7 +326,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if train_steps % args.ckpt_every == 0 or train_steps == max_steps:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
                 last["checkpoint"] = save_checkpoint(checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt,
-                                                     anm_model, generator, args, config, len(data.dataset), ctx)
+                                                     anm_model, generator, args, config, len(data.dataset), ctx,
+                                                     data.scaling)
                 logger.info(f"Saved checkpoint to {last['checkpoint']}")
             if train_steps >= max_steps:
                 break
@@ -354,14 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ImageNet train folder (imagenet), extract_latents.py output (latents), or the "
                             "Fashion-MNIST folder (default: the Debian package's)")
     group.add_argument("--eval-data-path", type=str, default=None,
-                       help="held-out set for imagenet/latents (default: the last --eval-samples training items)")
+                       help="held-out set for imagenet/latents, e.g. the ImageNet val folder (or its latents) "
+                            "(default: --eval-samples training items spread over the classes, excluded from "
+                            "training)")
     group.add_argument("--data-size", type=int, default=None,
                        help=f"number of sinusoid images (default: {DEFAULT_SINUSOIDS:,})")
     group.add_argument("--image-size", type=int, default=None,
                        help="pixels (default: 32 sinusoid/fashion-mnist, 256 imagenet; latents: from the data)")
-    group.add_argument("--vae", type=str, default="stabilityai/sd-vae-ft-ema",
-                       help="SD VAE hub id or local folder (imagenet: encodes every step; latents: decodes the "
-                            "sample grids, loaded only with --sample-every > 0, and recorded for sample.py)")
+    group.add_argument("--vae", type=str, default=None,
+                       help="diffusers AutoencoderKL hub id or local folder, any VAE: its config's scaling / "
+                            "shift factors are used and recorded (imagenet: encodes every step; latents: decodes "
+                            "the sample grids, loaded only with --sample-every > 0, checked against meta.json, "
+                            "and recorded for sample.py) (default: latents: the VAE meta.json names; "
+                            "imagenet: stabilityai/sd-vae-ft-ema)")
     group.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=str, default="SiT-XL/2", help=f"SiT-<{'|'.join(SIT_SIZES)}>/<patch size>")
@@ -413,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
     group.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and the last step)")
     group.add_argument("--eval-every", type=int, default=5_000, help="steps between held-out FM losses; 0 = never")
-    group.add_argument("--eval-samples", type=int, default=1024, help="held-out set size")
+    group.add_argument("--eval-samples", type=int, default=1024,
+                       help="held-out set size (imagenet/latents without --eval-data-path: items spread over the "
+                            "classes, removed from training)")
     group.add_argument("--eval-batch-size", type=int, default=128, help="batch of the held-out evaluation")
     group.add_argument("--sample-every", type=int, default=10_000, help="steps between EMA sample grids; 0 = never")
     group.add_argument("--sample-grid", type=int, default=16, help="images per grid")

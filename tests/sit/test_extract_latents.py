@@ -225,7 +225,7 @@ def test_torchrun_two_ranks_gloo(straight_run, tiny_vae_dir, image_root, tmp_pat
 def test_load_vae_takes_a_pipeline_directory_with_a_vae_subfolder(tiny_vae_dir, tmp_path):
     import shutil
 
-    from sample import load_vae
+    from modeling.vae import load_vae
 
     shutil.copytree(tiny_vae_dir, tmp_path / "pipeline" / "vae")
     direct, nested = load_vae(tiny_vae_dir), load_vae(str(tmp_path / "pipeline"))

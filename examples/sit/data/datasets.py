@@ -2,7 +2,8 @@
 Datasets for the SiT example, all returning (image_or_latent tensor, int label):
 
 - ImageFolderDataset: ImageNet-style class folders, ADM center crop + random flip, pixels in [-1, 1].
-- LatentDataset: VAE posteriors written by extract_latents.py, sampled (x 0.18215) at every access.
+- LatentDataset: VAE posteriors written by extract_latents.py, sampled and scaled (meta.json's factors) at every
+  access.
 - SinusoidDataset: procedural sinusoid images with a known distribution (no download, no network).
 - FashionMNISTDataset: the IDX files of the Debian package `dataset-fashion-mnist`.
 
@@ -339,7 +340,8 @@ def check_latent_chunk(chunk_path: str, shape: tuple[int, ...]) -> None:
 
 class LatentDataset(Dataset):
     """
-    Latents written by extract_latents.py -> (4xhxw posterior sample * scale, class index).
+    Latents written by extract_latents.py -> ((posterior sample - shift) * scale, class index), with the
+    scaling_factor / shift_factor of meta.json (the VAE's config; see modeling/latent_scaling.py).
 
     Each chunk file holds float16/32 moments of shape (n, 2, 2, C, h, w): [no flip, flip] x [mean, std].
     Every access picks a flip at random and draws z = mean + std * eps, as the reference does with
@@ -349,7 +351,7 @@ class LatentDataset(Dataset):
     >>> z, y = ds.__getitem__(0, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
     """
 
-    def __init__(self, path: str, scale: float | None = None):
+    def __init__(self, path: str, scale: float | None = None, shift: float | None = None):
         self.path = path
         self.meta = read_latent_meta(path)
         self.chunk_size = self.meta["chunk_size"]
@@ -361,7 +363,10 @@ class LatentDataset(Dataset):
                 f"(first: {missing[0]}); rerun extract_latents.py to finish them"
             )
         self.labels = read_latent_labels(path, self.meta["num_images"], self.meta["num_classes"])
+        # The diffusers convention, with the factors meta.json recorded: (latent - shift_factor) * scaling_factor.
+        # A meta.json from before the record holds SD-VAE latents (0.18215, no shift).
         self.scale = self.meta.get("scaling_factor", LATENT_SCALE) if scale is None else scale
+        self.shift = self.meta.get("shift_factor") if shift is None else shift
         self.latent_shape = tuple(self.meta["latent_shape"])
         self.num_classes = self.meta["num_classes"]
         for chunk in range(self.num_chunks):  # headers only: cheap, and a bad shard fails now, not mid-run
@@ -384,7 +389,10 @@ class LatentDataset(Dataset):
         flip = int(torch.randint(2, (), generator=generator))
         mean, std = moments[flip]
         noise = torch.randn(mean.shape, generator=generator)
-        return (mean + std * noise) * self.scale, int(self.labels[index])
+        latent = mean + std * noise
+        if self.shift is not None:
+            latent = latent - self.shift
+        return latent * self.scale, int(self.labels[index])
 
 
 #################################################################################

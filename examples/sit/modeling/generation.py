@@ -8,14 +8,29 @@ import torch
 from modeling.models import SiT
 from modeling.samplers import Sampler
 
+FIXED_STEP_METHODS = ("euler", "heun")  # modeling/samplers.py's own integrators (ODE and SDE)
+# torchdiffeq's adaptive solvers (the reference SiT's ODE default is dopri5); they choose their own steps.
+ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+LAST_STEPS = ("Mean", "Tweedie", "Euler", None)
 
-def make_sample_fn(transport, mode: str, method: str, num_steps: int,
-                   last_step: str | None = "Mean") -> Callable:
-    """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see modeling/samplers.py)."""
+
+def make_sample_fn(transport, mode: str, method: str, num_steps: int | None, last_step: str | None = "Mean", *,
+                   atol: float = 1e-6, rtol: float = 1e-3, diffusion_form: str = "sigma",
+                   diffusion_norm: float = 1.0, last_step_size: float = 0.04) -> Callable:
+    """fn(z, model_fn, generator=None, **model_kwargs) -> samples at t=1 (see modeling/samplers.py).
+
+    mode "ode": method euler / heun (num_steps fixed steps) or an adaptive torchdiffeq solver (dopri5, ...:
+    atol / rtol, num_steps unused); mode "sde": method euler / heun with the diffusion form and norm and the
+    last step of the reference sampler. Defaults are the reference's (willisma/SiT train_utils.py)."""
     sampler = Sampler(transport)
+    method = method.lower()
     if mode == "ode":
+        if method in ADAPTIVE_ODE_METHODS:
+            return sampler.sample_ode_adaptive(method=method, atol=atol, rtol=rtol)
         return sampler.sample_ode(num_steps=num_steps, method=method)
-    return sampler.sample_sde(num_steps=num_steps, method=method, last_step=last_step)
+    return sampler.sample_sde(num_steps=num_steps, method=method, diffusion_form=diffusion_form,
+                              diffusion_norm=diffusion_norm, last_step=last_step, last_step_size=last_step_size)
 
 
 def guided_call(model: SiT, cfg_scale: float, cfg_channels: int = 3,

@@ -9,6 +9,7 @@ import torch
 from runtime.checks import read_checkpoint
 from runtime.cli import UsageError
 
+from modeling.latent_scaling import SD_SCALING, of_checkpoint, trained_on
 from modeling.models import SiT, create_model, load_official_checkpoint
 from modeling.transport import PATHS, PREDICTIONS
 
@@ -45,8 +46,10 @@ def _build_ours(state: Mapping, path: str, use_ema: bool) -> tuple[SiT, dict[str
     transport = dict(path_type=run_args.get("path_type", "Linear"), prediction=run_args.get("prediction", "velocity"))
     if transport["path_type"] not in PATHS or transport["prediction"] not in PREDICTIONS:
         raise UsageError(f"checkpoint {path} was trained with an unknown transport {transport}")
+    scaling, assumed = of_checkpoint(state, config.get("in_channels", 4))
     info = dict(official=False, latent=bool(state["latent"]), vae=state.get("vae"), config=config,
-                step=state.get("step"), transport=transport)
+                step=state.get("step"), transport=transport, latent_scaling=scaling, latent_scaling_assumed=assumed,
+                trained_on=trained_on(state))
     return model, info
 
 
@@ -64,7 +67,8 @@ def _build_official(state: Any, path: str, model_name: str | None, image_size: i
     except (RuntimeError, ValueError, TypeError, AttributeError) as error:
         raise UsageError(f"{_load_error(path, error)} or check --model, --image-size and --num-classes") from error
     info = dict(official=True, latent=True, vae=None, config=dict(config, in_channels=4), step=None,
-                transport=dict(path_type="Linear", prediction="velocity"))
+                transport=dict(path_type="Linear", prediction="velocity"), latent_scaling=SD_SCALING,
+                latent_scaling_assumed=False, trained_on=None)  # the official models: SD-VAE latents
     return model, info
 
 
@@ -72,8 +76,10 @@ def load_model(ckpt: str, device: torch.device, model_name: str | None = None, i
                num_classes: int = 1000, use_ema: bool = True) -> tuple[SiT, dict[str, Any]]:
     """A SiT in eval mode from a train.py checkpoint (config stored inside) or an official checkpoint
     (config from model_name / image_size / num_classes, latent space). Returns (model, info) with info
-    holding official (bool), latent (bool), vae (train.py's --vae, if latent), the SiT config, step and
-    transport (the path_type / prediction it was trained with). Unusable files raise cli.UsageError."""
+    holding official (bool), latent (bool), vae (train.py's --vae, if latent), the SiT config, step,
+    transport (the path_type / prediction it was trained with), latent_scaling (the factors of its latents,
+    modeling/latent_scaling.py; None for pixel models) and latent_scaling_assumed (a checkpoint from before
+    the record: SD's factors assumed). Unusable files raise cli.UsageError."""
     state = read_checkpoint(ckpt)
     if isinstance(state, Mapping) and "model_config" in state:
         model, info = _build_ours(state, ckpt, use_ema)

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import torch
-from data.datasets import LATENT_SCALE
 from runtime.cli import UsageError
 from torch import nn
 
 from modeling.hub import fetch_from_hub
+from modeling.latent_scaling import LatentScaling, of_vae
 
 
 def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module:
@@ -46,10 +46,29 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module
 
 
 @torch.no_grad()
-def decode_to_uint8(x: torch.Tensor, vae: nn.Module | None = None, chunk: int = 32) -> np.ndarray:
-    """Model samples (latents if vae is given, else pixels in [-1, 1]) -> uint8 (N, H, W, 3)."""
+def encode_images(vae: nn.Module, images: torch.Tensor, scaling: LatentScaling | None = None,
+                  generator: torch.Generator | None = None, sample: bool = True,
+                  chunk: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1] -> model latents (scaling.from_vae of a posterior sample, or of its mean with
+    sample=False), in encoder calls of at most chunk images (default: one call); scaling defaults to the
+    VAE's own config factors."""
+    scaling = scaling or of_vae(vae)
+    parts = []
+    for part in images.split(chunk or len(images)):
+        posterior = vae.encode(part).latent_dist
+        parts.append(scaling.from_vae(posterior.sample(generator=generator) if sample else posterior.mean))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def decode_to_uint8(x: torch.Tensor, vae: nn.Module | None = None, chunk: int = 32,
+                    scaling: LatentScaling | None = None) -> np.ndarray:
+    """Model samples (latents if vae is given, else pixels in [-1, 1]) -> uint8 (N, H, W, 3). Latents are
+    decoded as vae.decode(z / scaling_factor + shift_factor), with the factors the latents were made with
+    (scaling; default: the VAE's own config)."""
     if vae is not None:
-        x = torch.cat([vae.decode(part / LATENT_SCALE).sample for part in x.split(chunk)])
+        scaling = scaling or of_vae(vae)
+        x = torch.cat([vae.decode(scaling.to_vae(part)).sample for part in x.split(chunk)])
     if x.shape[1] == 1:  # grayscale (Fashion-MNIST): 3 channels, as the ADM npz and PNG grids expect
         x = x.expand(-1, 3, -1, -1)
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

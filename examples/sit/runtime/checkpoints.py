@@ -16,6 +16,8 @@ import re
 
 import torch
 from data.streams import rng_state, set_rng_state
+from modeling.latent_scaling import LatentScaling
+from modeling.latent_scaling import check_resume as check_resume_latents
 from torch import nn
 
 import anm
@@ -65,7 +67,8 @@ def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
 
 
 def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, num_items: int,
-                    steps_per_epoch: int) -> tuple[str, dict | None, list[str]]:
+                    steps_per_epoch: int, latent_scaling: LatentScaling | None = None
+                    ) -> tuple[str, dict | None, list[str]]:
     """Validate the run folder and the resume checkpoint (rank 0 decides, every rank follows), then create
     the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
     experiment_dir = os.path.join(args.results_dir, experiment_name(args))
@@ -84,6 +87,7 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, nu
     checkpoint = loaded if loaded is not None else (load_checkpoint(resume_path) if resume_path else None)
     if checkpoint is not None:
         check_resume_compatible(checkpoint, resume_path, args, config, num_items, steps_per_epoch)
+        check_resume_latents(checkpoint, resume_path, latent_scaling)
     failure = ""
     if ctx.is_main:
         checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
@@ -170,7 +174,8 @@ def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked
 
 def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
                     opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
-                    args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext) -> str:
+                    args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext,
+                    latent_scaling: LatentScaling | None = None) -> str:
     """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
     included), atomically and durably. Returns its path."""
     path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
@@ -185,6 +190,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
             "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
             "latent": args.data in ("imagenet", "latents"),
             "vae": args.vae if args.data in ("imagenet", "latents") else None,
+            "latent_scaling": latent_scaling.record() if latent_scaling is not None else None,  # decode with these
         }
         try:
             with atomic_write(path) as f:

@@ -3,13 +3,29 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from typing import Any
 
-from modeling.generation import has_null_class
+import torch
+from modeling.generation import (
+    ADAPTIVE_ODE_METHODS,
+    DIFFUSION_FORMS,
+    FIXED_STEP_METHODS,
+    LAST_STEPS,
+    has_null_class,
+)
+from modeling.latent_scaling import LatentScaling, before_the_record, check_same, of_vae
 from modeling.loading import OFFICIAL_DEFAULTS
 from modeling.models import SiT, SiT_models
+from modeling.vae import load_vae
+from torch import nn
 
 from runtime.cli import UsageError
+
+# The reference's sampler defaults (willisma/SiT train_utils.py: parse_ode_args / parse_sde_args).
+SAMPLER_DEFAULTS = dict(atol=1e-6, rtol=1e-3, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
+                        last_step_size=0.04)
+SDE_FLAGS = ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")
 
 
 def positive_int(text: str) -> int:
@@ -46,12 +62,135 @@ def add_guidance_args(parser: argparse.ArgumentParser, cfg_default_help: str) ->
                              "here; needs --cfg-scale > 1) (default: every step)")
 
 
+def add_sampler_args(parser: argparse.ArgumentParser, mode: str, method: str, steps_help: str) -> None:
+    """The sampler's flags (shared with sample_ddp.py): --mode / --method, and the reference SiT's names
+    --sampling-method, --atol, --rtol, --diffusion-form, --diffusion-norm, --last-step, --last-step-size."""
+    group = parser.add_argument_group("sampler (the reference SiT's flags and defaults, willisma/SiT)")
+    group.add_argument("--mode", choices=["ode", "sde"], default=mode, help="sampler (default: %(default)s)")
+    group.add_argument("--method", choices=list(FIXED_STEP_METHODS), default=None,
+                       help=f"fixed-step integrator, same as --sampling-method euler|heun (default: {method})")
+    group.add_argument("--sampling-method", type=str, default=None, metavar="NAME",
+                       help=f"ODE: {', '.join(FIXED_STEP_METHODS + ADAPTIVE_ODE_METHODS)} (the last ones adaptive, "
+                            f"torchdiffeq; the reference's ODE default is dopri5); SDE: Euler or Heun "
+                            f"(case-insensitive) (default: {method})")
+    group.add_argument("--num-steps", type=int, default=None, help=steps_help)
+    group.add_argument("--atol", type=float, default=None,
+                       help=f"adaptive ODE solvers: absolute tolerance (default: {SAMPLER_DEFAULTS['atol']})")
+    group.add_argument("--rtol", type=float, default=None,
+                       help=f"adaptive ODE solvers: relative tolerance (default: {SAMPLER_DEFAULTS['rtol']})")
+    group.add_argument("--diffusion-form", choices=list(DIFFUSION_FORMS), default=None,
+                       help=f"SDE: diffusion coefficient w(t) (default: {SAMPLER_DEFAULTS['diffusion_form']})")
+    group.add_argument("--diffusion-norm", type=float, default=None,
+                       help=f"SDE: scale of w(t) (default: {SAMPLER_DEFAULTS['diffusion_norm']})")
+    group.add_argument("--last-step", choices=[str(step) for step in LAST_STEPS], default=None,
+                       help=f"SDE: the final jump to t=1; None = integrate to the end (default: "
+                            f"{SAMPLER_DEFAULTS['last_step']})")
+    group.add_argument("--last-step-size", type=float, default=None,
+                       help=f"SDE: length of the last step (default: {SAMPLER_DEFAULTS['last_step_size']})")
+    parser.set_defaults(default_method=method)
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name, None) is not None]
+
+
+def resolve_sampler(args: argparse.Namespace, default_steps: dict[str, int]) -> dict[str, Any]:
+    """The sampler settings the flags ask for, every one filled in (None where it does not apply), or
+    cli.UsageError for a combination that would be ignored or cannot run. Sets args.method and
+    args.num_steps to the values used."""
+    method = (args.sampling_method or args.method or args.default_method).lower()
+    if args.sampling_method and args.method and args.sampling_method.lower() != args.method:
+        raise UsageError(f"--method {args.method} and --sampling-method {args.sampling_method} name the integrator "
+                         "twice and disagree: give one of them")
+    ode_methods = FIXED_STEP_METHODS + ADAPTIVE_ODE_METHODS
+    if args.mode == "ode" and method not in ode_methods:
+        raise UsageError(f"--sampling-method {method}: --mode ode takes one of {', '.join(ode_methods)}")
+    if args.mode == "sde" and method not in FIXED_STEP_METHODS:
+        kind = "an adaptive ODE solver" if method in ADAPTIVE_ODE_METHODS else "unknown"
+        raise UsageError(f"--sampling-method {method} is {kind}: --mode sde integrates with Euler or Heun "
+                         "(or use --mode ode)")
+    adaptive = method in ADAPTIVE_ODE_METHODS
+    settings: dict[str, Any] = dict(mode=args.mode, method=method, num_steps=None, atol=None, rtol=None,
+                                    **{name: None for name in SDE_FLAGS})
+    if args.mode == "ode" and _given(args, SDE_FLAGS):
+        raise UsageError(f"{_given(args, SDE_FLAGS)[0]} only applies to --mode sde: drop it (or add --mode sde)")
+    if not adaptive and _given(args, ("atol", "rtol")):
+        raise UsageError(f"{_given(args, ('atol', 'rtol'))[0]} only applies to the adaptive ODE solvers "
+                         f"(--mode ode --sampling-method {'|'.join(ADAPTIVE_ODE_METHODS)}), not {args.mode} "
+                         f"{method}: drop it")
+    if adaptive:
+        if args.num_steps is not None:
+            raise UsageError(f"--num-steps: {method} chooses its own steps (set --atol / --rtol instead): drop it")
+        for name in ("atol", "rtol"):
+            value = SAMPLER_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+            if not 0 < value < math.inf:
+                raise UsageError(f"--{name} must be > 0 and finite, got {value}")
+            settings[name] = value
+    else:
+        least = 1 if args.mode == "ode" else 2
+        settings["num_steps"] = default_steps[args.mode] if args.num_steps is None else args.num_steps
+        if settings["num_steps"] < least:
+            raise UsageError(f"--num-steps must be >= {least} for --mode {args.mode}, got {settings['num_steps']}")
+    if args.mode == "sde":
+        settings.update({name: SAMPLER_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+                         for name in SDE_FLAGS})
+        if settings["last_step"] == "None":
+            if args.last_step_size is not None:
+                raise UsageError("--last-step-size is ignored with --last-step None (no last step): drop one of them")
+            settings["last_step"], settings["last_step_size"] = None, None
+        elif not 0 < settings["last_step_size"] < 1:
+            raise UsageError(f"--last-step-size must be in (0, 1), got {settings['last_step_size']}")
+        if not 0 <= settings["diffusion_norm"] < math.inf:
+            raise UsageError(f"--diffusion-norm must be >= 0 and finite, got {settings['diffusion_norm']}")
+    args.method, args.num_steps = method, settings["num_steps"]
+    return settings
+
+
+def sampler_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """resolve_sampler's settings as keyword arguments of modeling.generation.make_sample_fn."""
+    always = ("mode", "method", "num_steps", "last_step")  # None means something for these, or is checked there
+    return {key: value for key, value in settings.items() if value is not None or key in always}
+
+
+def describe_sampler(settings: dict[str, Any]) -> str:
+    """'sde euler, 250 steps, sigma x1.0, last step Mean 0.04' and the like, for the scripts' messages."""
+    if settings["num_steps"] is None:
+        return f"ode {settings['method']}, atol {settings['atol']:g}, rtol {settings['rtol']:g}"
+    text = f"{settings['mode']} {settings['method']}, {settings['num_steps']} steps"
+    if settings["mode"] == "sde":
+        text += f", {settings['diffusion_form']} x{settings['diffusion_norm']:g}, last step {settings['last_step']}"
+        if settings["last_step"] is not None:
+            text += f" {settings['last_step_size']:g}"
+    return text
+
+
+def load_checked_vae(args: argparse.Namespace, info: dict[str, Any], device: torch.device | str,
+                     announce: bool = True) -> tuple[nn.Module | None, LatentScaling | None]:
+    """The VAE of a latent model (--vae or the checkpoint's) and the factors of its latents; cli.UsageError
+    when the VAE's latents are not the ones the checkpoint was trained on (channels, scaling, shift)."""
+    if not info["latent"]:
+        return None, None
+    name = args.vae or info["vae"]
+    vae = load_vae(name, device)
+    expected: LatentScaling = info["latent_scaling"]
+    actual = of_vae(vae)
+    what = f"checkpoint {args.ckpt}"
+    if info["official"]:
+        what = f"official checkpoint {args.ckpt} (trained on SD-VAE latents)"
+    elif info["latent_scaling_assumed"]:
+        # Decode as the model was trained then; only the channels can be checked against the VAE.
+        expected = before_the_record(info["trained_on"], actual, expected.latent_channels)
+        actual = LatentScaling(expected.scaling_factor, expected.shift_factor, actual.latent_channels)
+        what += " (saved before checkpoints recorded the VAE's factors)"
+    check_same(expected, actual, what, f"--vae {name}", "pass the VAE the model was trained with")
+    if info["latent_scaling_assumed"] and announce:
+        print(f"note: {args.ckpt} predates the record of its VAE's factors: decoding with {expected.describe()} "
+              f"(what train.py --data {info['trained_on'] or 'imagenet'} applied then)", file=sys.stderr)
+    return vae, expected
+
+
 def check_sampling_args(args: argparse.Namespace) -> None:
     """Flags that are wrong whatever the model (shared with sample_ddp.py); raises cli.UsageError."""
-    if args.num_steps is not None:
-        least = 1 if args.mode == "ode" else 2
-        if args.num_steps < least:
-            raise UsageError(f"--num-steps must be >= {least} for --mode {args.mode}, got {args.num_steps}")
     if args.cfg_scale is not None and not 0 <= args.cfg_scale < math.inf:  # NaN fails too
         raise UsageError(f"--cfg-scale must be >= 0 and finite (1 = no guidance), got {args.cfg_scale}")
     seed_flag = "--seed" if hasattr(args, "seed") else "--global-seed"
