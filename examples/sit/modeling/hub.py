@@ -70,11 +70,13 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:160] if text else type(error).__name__
 
 
-def absolute_if_local(name_or_path: str) -> str:
+def absolute_if_local(name_or_path: str | None) -> str | None:
     """An existing local path made absolute (a run recorded from one folder is read from another); a hub id,
-    or a path that does not exist, as given.
+    a path that does not exist, or None (no VAE given), as given.
 
     >>> absolute_if_local("stabilityai/sd-vae-ft-ema")
     'stabilityai/sd-vae-ft-ema'
     """
+    if name_or_path is None:
+        return None
     return os.path.abspath(name_or_path) if os.path.exists(name_or_path) else name_or_path
