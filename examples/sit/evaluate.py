@@ -83,11 +83,12 @@ def check_same_size(gen_images: np.ndarray, ref_images: np.ndarray, args: argpar
                          f"need one resolution; build a {gh}x{gw} reference (build_reference.py --image-size {gh})")
 
 
-def stored_stats(path: str, use: bool) -> dict[str, GaussianStats | None] | None:
-    """The statistics an .npz carries (per feature kind), or None when they are not to be used."""
+def stored_stats(path: str, use: bool, dims: dict[str, int]) -> dict[str, GaussianStats | None] | None:
+    """The statistics an .npz carries (per feature kind, checked against the network's dims), or None when
+    they are not to be used."""
     if not use:
         return None
-    return {kind: read_stats(path, kind, FEATURE_DIMS[kind]) for kind in NPZ_KEYS}
+    return {kind: read_stats(path, kind, dims[kind]) for kind in NPZ_KEYS}
 
 
 def describe_stats(resolved: dict, args: argparse.Namespace, notes: dict[str, str]) -> dict:
@@ -135,12 +136,13 @@ def inception_metrics(gen_images: np.ndarray, args: argparse.Namespace, extracto
                          f"{smallest}: lower --k or use more images")
     kid_size, kid_note = choose_kid_subset_size(len(gen_images), len(ref_images), args.kid_subset_size)
     use_file = options["stats"] == "file"
+    dims = getattr(extractor, "dims", FEATURE_DIMS)  # a stand-in network in tests has its own sizes
     notes = {}
     # A samples file's statistics describe all its images: with --num-samples they are not those evaluated.
-    gen_stored = stored_stats(args.samples, use_file and args.num_samples is None)
-    if use_file and args.num_samples is not None and any((stored_stats(args.samples, True) or {}).values()):
+    gen_stored = stored_stats(args.samples, use_file and args.num_samples is None, dims)
+    if use_file and args.num_samples is not None and any((stored_stats(args.samples, True, dims) or {}).values()):
         notes["samples"] = f" (its stored statistics cover all its images, not the --num-samples {args.num_samples})"
-    ref_stored = stored_stats(args.ref, use_file)
+    ref_stored = stored_stats(args.ref, use_file, dims)
     if extractor is None:
         try:
             weights = inception_weights_path()
