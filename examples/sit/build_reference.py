@@ -75,6 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (or left out), got {getattr(args, name)}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not os.path.isdir(args.data_path):
         state = "is a file" if os.path.exists(args.data_path) else "does not exist"
         raise UsageError(f"--data-path {args.data_path} {state}: pass a folder of images (root/<class>/<image> or "

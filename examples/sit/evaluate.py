@@ -63,6 +63,8 @@ def check_args(args: argparse.Namespace) -> None:
         parent = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
             raise UsageError(f"--out {args.out}: folder {parent} does not exist or is not writable")
+    if args.ref_seed is not None and not 0 <= args.ref_seed < 2**63:
+        raise UsageError(f"--ref-seed must be in [0, 2**63), got {args.ref_seed}")
     if args.device is not None:
         check_device(args.device)
 

@@ -113,6 +113,8 @@ def test_refusals_come_before_anything_is_written(straight, images, tmp_path):
         build(images, tmp_path / "ref.png")
     with pytest.raises(UsageError, match="does not exist"):
         build(str(tmp_path / "nothing"), tmp_path / "a.npz")
+    with pytest.raises(UsageError, match="--seed must be in"):
+        build(images, tmp_path / "a.npz", "--seed", "-1")
     out = tmp_path / "b.npz"
     build(images, out, "--max-shards", "1")
     with pytest.raises(UsageError, match=r"interrupted reference build with image_size=16 \(now 32\)"):

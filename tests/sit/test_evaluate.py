@@ -293,6 +293,8 @@ def test_kid_with_few_images_fits_its_subsets_or_refuses(tmp_path):
     ref = save_npz(random_images(30, seed=2), str(tmp_path / "ref.npz"))
     result = run_main([gen, "--ref", ref])
     assert result["kid_subset_size"] == 10 and result["kid_std"] > 1e-6  # old code: subsets of all 20, std ~1e-16
+    with pytest.raises(UsageError, match="--ref-seed must be in"):
+        run_main([gen, "--ref", ref, "--ref-seed", "-3"])
     with pytest.raises(UsageError, match="--kid-subset-size 20: .*fewer than the smaller set's 20"):
         run_main([gen, "--ref", ref, "--kid-subset-size", "20"])
     assert run_main([gen, "--ref", ref, "--kid-subset-size", "15"])["kid_subset_size_note"] == "as requested"

@@ -215,6 +215,8 @@ def test_real_vs_real_floor_takes_disjoint_random_halves(monkeypatch):
     first_class, second_class = real_compute(ref.pool[:100]), real_compute(ref.pool[100:])
     class_split = frechet_distance_adm(first_class.mu, first_class.sigma, second_class.mu, second_class.sigma)
     assert floors["fid_floor"] < class_split / 10
+    a, b = real_compute(pool_a), real_compute(pool_b)
+    assert floors["fid_floor"] == pytest.approx(frechet_distance_adm(a.mu, a.sigma, b.mu, b.sigma), rel=1e-8)
     assert real_vs_real_floor(ref, 101, seed=0) == dict(fid_floor=None, sfid_floor=None)
 
 
