@@ -244,7 +244,8 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
         if args.max_shards is not None:
             todo = todo[: args.max_shards]  # for time-limited jobs and for testing resumption
         print(f"[rank {ctx.rank}] {len(todo)} of {len(mine)} shards to build", flush=True)
-        device = torch.device(args.device) if args.device else ctx.device
+        # --device cuda under torchrun means each rank's own GPU, not all on cuda:0.
+        device = ctx.device if args.device in (None, "cuda") else torch.device(args.device)
         extractor = factory(device, args.batch_size) if todo else None
         for shard in todo:
             indices = chosen[shard * args.shard_size : (shard + 1) * args.shard_size]
