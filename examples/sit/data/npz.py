@@ -1,11 +1,13 @@
 """
 Sample batches in the ADM evaluator format: an .npz whose key arr_0 holds uint8 N x H x W x 3 images
-(what `VIRTUAL_imagenet256_labeled.npz` and guided-diffusion's evaluator.py read), plus reading a
-folder of images into the same array. Unreadable input raises cli.UsageError naming the file.
+(what `VIRTUAL_imagenet256_labeled.npz` and guided-diffusion's evaluator.py read; reference batches add
+the statistics mu, sigma, mu_s, sigma_s), plus reading a folder of images into the same array, whole, its
+first N images or a seeded random subset. Unreadable input raises cli.UsageError naming the file.
 """
 
 import os
 import re
+import sys
 import zipfile
 import zlib
 
@@ -50,10 +52,11 @@ def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-def save_npz(images: np.ndarray | torch.Tensor, path: str) -> str:
+def save_npz(images: np.ndarray | torch.Tensor, path: str, **arrays: np.ndarray) -> str:
     """
-    Write images as an ADM-format npz (key arr_0, uint8 NxHxWx3) through atomic.atomic_write, so an
-    interrupted run or a full disk never leaves a truncated file that looks complete. Returns the path.
+    Write images as an ADM-format npz (key arr_0, uint8 NxHxWx3, plus any further arrays such as a reference
+    batch's mu / sigma / mu_s / sigma_s) through atomic.atomic_write, so an interrupted run or a full disk
+    never leaves a truncated file that looks complete. Returns the path.
 
     >>> save_npz(np.zeros((4, 32, 32, 3), np.uint8), "/tmp/samples.npz")
     '/tmp/samples.npz'
@@ -61,7 +64,7 @@ def save_npz(images: np.ndarray | torch.Tensor, path: str) -> str:
     images = to_uint8_nhwc(images)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:  # a file object stops np.savez from appending its own ".npz"
-        np.savez(f, arr_0=images)
+        np.savez(f, arr_0=images, **arrays)
     return path
 
 
@@ -100,24 +103,60 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".") and not _TEMP_NAME.search(name)
 
 
-def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
+def list_image_paths(folder: str, skip_irregular: bool = False) -> list[str]:
     """
-    The first `limit` images under folder (recursively, sorted by path) as uint8 NxHxWx3; they must share
-    one size. Hidden files and temp files of interrupted writes are not images.
+    The images under folder, recursively, sorted by path (class folders of an ImageFolder tree come in
+    class order). Hidden files and folders (``._x.png``, ``.ipynb_checkpoints/``) and temp files of
+    interrupted writes are not images. A pipe, socket or device named like one would block its reader: it
+    is refused (a folder of samples must hold exactly what was written), or with ``skip_irregular`` (a data
+    set as it comes from a disk) left out with a warning naming it.
+    """
+    paths, irregular = [], []
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
+        for name in filter(is_image_file, names):
+            path = os.path.join(dirpath, name)
+            (paths if os.path.isfile(path) else irregular).append(path)
+    if irregular and not skip_irregular:
+        path = sorted(irregular)[0]
+        raise UsageError(f"{path} is a {file_kind(path)}, not an image file: remove it from {folder}")
+    if irregular:
+        shown = ", ".join(f"{path} ({file_kind(path)})" for path in sorted(irregular)[:3])
+        more = f" and {len(irregular) - 3} more" if len(irregular) > 3 else ""
+        print(f"warning: skipped {len(irregular)} entries named like images that are not files, never opened: "
+              f"{shown}{more}", file=sys.stderr)
+    if not paths:
+        raise UsageError(f"no images found under {folder}: pass a folder of images or an ADM .npz")
+    return sorted(paths)
+
+
+def choose_subset(total: int, limit: int | None, seed: int | None) -> np.ndarray:
+    """
+    Indices of the images to use, in increasing order: all, the first `limit` (seed None), or `limit`
+    drawn uniformly without replacement with np.random.default_rng(seed), i.e. across all classes.
+
+    >>> choose_subset(10, 3, None).tolist(), len(choose_subset(10, 3, 0)), choose_subset(4, None, 0).tolist()
+    ([0, 1, 2], 3, [0, 1, 2, 3])
+    """
+    if limit is None or limit >= total:
+        return np.arange(total)
+    if seed is None:
+        return np.arange(limit)
+    return np.sort(np.random.default_rng(seed).choice(total, limit, replace=False))
+
+
+def load_image_folder(folder: str, limit: int | None = None, seed: int | None = None) -> np.ndarray:
+    """
+    `limit` images under folder (list_image_paths order; the first ones, or a random subset when a seed is
+    given, see choose_subset) as uint8 NxHxWx3; they must share one size. Only those images are decoded.
 
     >>> load_image_folder("samples/SiT-XL-2")[:10].shape  # doctest: +SKIP
     (10, 256, 256, 3)
     """
-    paths = sorted(
-        os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(folder)
-        for name in names
-        if is_image_file(name)
-    )
-    if not paths:
-        raise UsageError(f"no images found under {folder}: pass a folder of images or an ADM .npz")
+    paths = list_image_paths(folder)
     images = []
-    for path in paths[:limit]:
+    for index in choose_subset(len(paths), limit, seed):
+        path = paths[index]
         if not os.path.isfile(path):  # a pipe would block the read forever; a socket or dangling link fails
             raise UsageError(f"{path} is a {file_kind(path)}, not an image file: remove it from {folder}")
         try:
@@ -133,9 +172,12 @@ def load_image_folder(folder: str, limit: int | None = None) -> np.ndarray:
     return np.stack(images)
 
 
-def load_images(path: str, limit: int | None = None) -> np.ndarray:
-    """uint8 NxHxWx3 images from an ADM npz or an image folder."""
+def load_images(path: str, limit: int | None = None, seed: int | None = None) -> np.ndarray:
+    """uint8 NxHxWx3 images from an ADM npz or an image folder: all, the first `limit`, or `limit` chosen at
+    random with `seed` (choose_subset)."""
     if not os.path.exists(path):
         raise UsageError(f"{path} does not exist: pass an ADM .npz or a folder of images")
-    images = load_npz(path) if os.path.isfile(path) else load_image_folder(path, limit)
-    return images[:limit]
+    if not os.path.isfile(path):
+        return load_image_folder(path, limit, seed)
+    images = load_npz(path)
+    return images[choose_subset(len(images), limit, seed)]

@@ -1,9 +1,10 @@
 """
 Distances between two sets of feature vectors: Frechet distance (FID), unbiased MMD^2 / KID,
-k-NN precision/recall (Kynkaanniemi et al. 2019) and 1-D Wasserstein-1.
+k-NN precision/recall (Kynkaanniemi et al. 2019), Inception Score and 1-D Wasserstein-1.
 
-Pure numpy/torch (no scipy), so the same math serves Inception features (evaluate.py) and
-sinusoid parameter features (evaluation/sinusoid_metric.py).
+:func:`frechet_distance` (eigendecomposition, numpy only) serves the sinusoid metric;
+:func:`frechet_distance_adm` is guided-diffusion's ``evaluations/evaluator.py`` computation (scipy's sqrtm
+of the covariance product, 1e-6 added to both diagonals when it is not finite), used for FID and sFID.
 """
 
 import numpy as np
@@ -51,6 +52,37 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_adm(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """
+    The Frechet distance exactly as ADM's evaluator (FIDStatistics.frechet_distance, after TTUR's fid.py):
+    scipy.linalg.sqrtm(sigma1 @ sigma2); if that is not finite, sqrtm((sigma1 + eps I) @ (sigma2 + eps I));
+    a complex result whose diagonal has an imaginary part above 1e-3 is an error, otherwise its real part.
+
+    >>> frechet_distance_adm(np.zeros(2), np.eye(2), np.ones(2), np.eye(2))  # doctest: +ELLIPSIS
+    2.0...
+    """
+    from scipy import linalg  # only the Inception metrics need scipy
+
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps  # the product is (nearly) singular
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm of the covariance product has an imaginary component "
+                             f"{np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
 def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     """
     Frechet distance between Gaussians fitted to two (N, D) feature arrays (FID on Inception features).
@@ -93,20 +125,35 @@ def kernel_inception_distance(
     seed: int = 0,
 ) -> tuple[float, float]:
     """
-    KID (Binkowski et al. 2018): mean and std of the unbiased polynomial-kernel MMD^2 over random
-    subsets of both sets (subset_size is capped at the smaller set).
+    KID (Binkowski et al. 2018): mean and std of the unbiased polynomial-kernel MMD^2 over num_subsets
+    random subsets of subset_size images drawn (without replacement) from each set. A subset as large as a
+    set would be that whole set every time, and the std would measure nothing: a ValueError, as is a subset
+    smaller than 2 (the unbiased estimate needs pairs). :func:`kid_subset_size` picks one that fits.
 
     >>> feats_gen, feats_ref = np.random.randn(300, 16), np.random.randn(300, 16)
     >>> kid_mean, kid_std = kernel_inception_distance(feats_gen, feats_ref, num_subsets=10, subset_size=100)
     """
+    smaller = min(len(features1), len(features2))
+    if not 2 <= subset_size < smaller:
+        raise ValueError(f"KID subset size {subset_size} must be >= 2 and below the smaller set's {smaller} images")
     rng = np.random.default_rng(seed)
-    size = min(subset_size, len(features1), len(features2))
     values = []
     for _ in range(num_subsets):
-        a = features1[rng.choice(len(features1), size, replace=False)]
-        b = features2[rng.choice(len(features2), size, replace=False)]
+        a = features1[rng.choice(len(features1), subset_size, replace=False)]
+        b = features2[rng.choice(len(features2), subset_size, replace=False)]
         values.append(mmd2_unbiased(a, b))
     return float(np.mean(values)), float(np.std(values))
+
+
+def kid_subset_size(num1: int, num2: int, requested: int = 1000) -> int:
+    """
+    The KID subset size used for sets of num1 and num2 images: the requested size (1000, as Binkowski et al.
+    and torch-fidelity), or half the smaller set when that is smaller, so that subsets differ.
+
+    >>> kid_subset_size(50000, 10000), kid_subset_size(500, 10000)
+    (1000, 250)
+    """
+    return max(2, min(requested, min(num1, num2) // 2))
 
 
 #################################################################################
@@ -153,6 +200,37 @@ def precision_recall(
     precision = _inside_manifold(gen, real, _kth_neighbour_radii(real, k, batch_size), batch_size)
     recall = _inside_manifold(real, gen, _kth_neighbour_radii(gen, k, batch_size), batch_size)
     return float(precision.double().mean()), float(recall.double().mean())
+
+
+#################################################################################
+#                                Inception Score                                #
+#################################################################################
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, shifted by the row maximum so large logits do not overflow."""
+    logits = np.asarray(logits, np.float64)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
+    """
+    Inception Score as ADM's evaluator (after improved-gan): consecutive splits of split_size class
+    distributions p(y|x) (the last may be shorter), per split exp(mean_x KL(p(y|x) || p(y))) with p(y) the
+    split's mean, averaged over splits. ADM's p(y|x) is softmax(pool_3 @ W) with W the 2048 x 1008
+    softmax/logits/MatMul weight (no bias).
+
+    >>> inception_score(np.full((10, 4), 0.25))  # every image the same uniform prediction
+    1.0
+    """
+    probs = np.asarray(probs, np.float64)
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start : start + split_size]
+        kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
+        scores.append(np.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores))
 
 
 #################################################################################
