@@ -56,7 +56,14 @@ from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
 from runtime.cli import HelpFormatter, UsageError, run
 from runtime.distributed import DistContext, all_mean, cleanup, setup_distributed
 from runtime.images import save_grid
-from runtime.preemption import EXIT_PREEMPTED, StepAgreement, StopSignals, catches_stop_signals, exit_preempted
+from runtime.preemption import (
+    EXIT_PREEMPTED,
+    SYNC_SECONDS,
+    StepAgreement,
+    StopSignals,
+    catches_stop_signals,
+    exit_preempted,
+)
 from runtime.run_flags import GIVEN_KEY, given_flags
 from runtime.run_log import MetricLog, create_logger
 from torch import nn
@@ -248,11 +255,11 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
     return zip(*(t.chunk(k) for t in tensors), strict=True)
 
 
-def log_pruned(logger: logging.Logger, ctx: DistContext, checkpoint_dir: str, step: int,
-               args: argparse.Namespace) -> None:
+def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, args: argparse.Namespace) -> None:
     """--keep-last: rank 0 removes rolling checkpoints beyond the newest K, after the new one is on disk."""
     if ctx.is_main:
-        for path in prune_checkpoints(checkpoint_dir, step, args.ckpt_every, args.keep_last):
+        rolling = not is_milestone(step, args.ckpt_every)
+        for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
             logger.info(f"Removed {path} (--keep-last {args.keep_last})")
 
 
@@ -320,7 +327,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     # running: FM loss, ANM loss, grad norm summed since the last log row (restored on resume, as log_steps)
     checked_step, start_time, run_start = train_steps, time.time() - log_seconds, time.time() - elapsed
     agreement = StepAgreement(stop, ctx.world_size, ctx.rank, ctx.device, train_steps,
-                              args.ckpt_every_minutes * 60 if args.ckpt_every_minutes else None)
+                              args.ckpt_every_minutes * 60 if args.ckpt_every_minutes else None,
+                              args.stop_sync_seconds)
     stopped = False
     while train_steps < max_steps and not stopped:
         data.sampler.set_position(epoch, epoch_step)
@@ -378,7 +386,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                                                      log_state)
                 agreement.saved()
                 logger.info(f"Saved checkpoint to {last['checkpoint']}")
-                log_pruned(logger, ctx, checkpoint_dir, train_steps, args)
+                log_pruned(logger, ctx, last["checkpoint"], train_steps, args)
             if train_steps >= max_steps or stopped:
                 break
         if batches_this_epoch == 0:  # a guard: an empty epoch would otherwise loop forever
@@ -470,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="steps between milestone checkpoints, all kept (and the last step)")
     group.add_argument("--ckpt-every-minutes", type=float, default=None,
                        help="also a rolling checkpoint every M minutes of rank 0's clock (default: none)")
+    group.add_argument("--stop-sync-seconds", type=float, default=SYNC_SECONDS,
+                       help="seconds between the ranks' checks for a stop signal and the time cadence: a stop "
+                            "takes up to this plus one step and the save")
     group.add_argument("--keep-last", type=int, default=2,
                        help="rolling checkpoints kept (time cadence, stops, last step); milestones always stay; "
                             "0 = keep all")

@@ -13,6 +13,7 @@ from evaluation.heldout import HeldoutSet, make_heldout
 from modeling.vae import load_vae
 from runtime.cli import UsageError
 from runtime.distributed import DistContext
+from runtime.preemption import ignore_stop_signals
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -74,6 +75,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
         SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
         num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
         generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
+        worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the training loop, not its workers
     )
     encode = args.data == "imagenet"
     heldout = build_heldout(args, dataset, size, ctx.device, vae if encode else None) if args.eval_every > 0 else None

@@ -38,6 +38,7 @@ __all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "fin
            "is_milestone", "write_stopped", "STOPPED_FILE"]
 
 STOPPED_FILE = "stopped.json"  # written when a signal stopped the run, removed when it starts again
+ROLLING_FILE = "rolling.json"  # the checkpoints --keep-last may delete, oldest first
 
 
 def experiment_name(args: argparse.Namespace) -> str:
@@ -239,19 +240,31 @@ def is_milestone(step: int, ckpt_every: int) -> bool:
     return step % ckpt_every == 0
 
 
-def prune_checkpoints(checkpoint_dir: str, step: int, ckpt_every: int, keep_last: int) -> list[str]:
-    """Delete rolling checkpoints (not multiples of --ckpt-every: the time cadence, a stop, the last step)
-    older than the newest ``keep_last`` ones up to ``step``; 0 keeps all. Checkpoints past ``step`` (a run
-    resumed from an older one) are left alone. Returns the removed paths."""
-    if keep_last <= 0:
-        return []
-    rolling = [p for p in checkpoint_paths(checkpoint_dir)
-               if (s := int(os.path.basename(p)[:-3])) <= step and not is_milestone(s, ckpt_every)]
+def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last: int) -> list[str]:
+    """Record the checkpoint just saved in <checkpoint_dir>/rolling.json if it is a rolling one (the time
+    cadence, a stop, the last step), then delete the recorded rolling ones older than the newest
+    ``keep_last`` (0 keeps all). Only checkpoints this file lists are ever deleted: milestones, and files of
+    runs before it, stay whatever --ckpt-every says later. Returns the removed paths."""
+    index = os.path.join(checkpoint_dir, ROLLING_FILE)
+    names: list[str] = []
+    if os.path.exists(index):
+        with contextlib.suppress(ValueError, OSError), open(index) as f:
+            names = [name for name in json.load(f) if isinstance(name, str)]
+    name = os.path.basename(saved)
+    names = [n for n in names if n != name] + ([name] if rolling else [])
+    names.sort(key=lambda n: int(n[:-3]) if n[:-3].isdigit() else -1)
+    saved_step = int(name[:-3])
+    # Past the saved step: a run resumed from an older checkpoint; those files are not this run's history.
+    older = [n for n in names if n[:-3].isdigit() and int(n[:-3]) <= saved_step]
+    doomed = older[:-keep_last] if keep_last > 0 else []
     removed = []
-    for path in rolling[keep_last:]:  # newest first
+    for n in doomed:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-            removed.append(path)
+            os.remove(os.path.join(checkpoint_dir, n))
+            removed.append(os.path.join(checkpoint_dir, n))
+    names = [n for n in names if n not in doomed]
+    with atomic_write(index) as f:
+        f.write(json.dumps(names).encode())
     return removed
 
 

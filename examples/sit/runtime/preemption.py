@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "SYNC_SECONDS", "StopSignals", "StepAgreement", "Preempted",
-           "exit_preempted", "catches_stop_signals"]
+           "exit_preempted", "catches_stop_signals", "ignore_stop_signals"]
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -82,6 +82,14 @@ class StopSignals:
     def later(self) -> list[str]:
         """Names of the signals that arrived after the first one (ignored: the stop was already under way)."""
         return [signal.Signals(signum).name for signum in self.received[1:]]
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores the stop signals, which SLURM sends to every process
+    of a job, and leaves the stop to the process that owns it (torch's own SIGTERM handler in the worker would
+    otherwise end it, and the main process with "DataLoader worker ... is killed by signal")."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def catches_stop_signals(fn: Callable) -> Callable:
