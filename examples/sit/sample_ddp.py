@@ -13,6 +13,8 @@ Writes <sample-dir>/<folder>/{000000..}.png, <sample-dir>/<folder>/manifest.json
 (arr_0: uint8 N x H x W x 3). The manifest records the checkpoint's SHA-256 and every setting that changes
 the images: rerunning the same command resumes (finished PNGs are kept, only gaps are filled); a run whose
 checkpoint content or settings differ is refused instead of mixing its samples with the old ones.
+SIGTERM, SIGUSR1 or SIGINT (a preemption, a time limit) stop every rank after its current batch: exit
+status 75, and the same command resumes to the same .npz.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from modeling.vae import decode_to_uint8, load_vae
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
-from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.distributed import DistContext, any_rank, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.preemption import EXIT_PREEMPTED, StopSignals, catches_stop_signals, exit_preempted
 from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
@@ -208,12 +211,14 @@ def check_args(args: argparse.Namespace) -> None:
 #################################################################################
 
 def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn, shape: tuple[int, ...],
-               folder: str, cfg_scale: float, cfg_channels: int) -> None:
+               folder: str, cfg_scale: float, cfg_channels: int, stop: StopSignals) -> None:
     """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
-    r, r+W, r+2W, ..."""
+    r, r+W, r+2W, ... A stop signal ends it after the current batch's PNGs are written."""
     batch = args.per_proc_batch_size
     my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
     for k in tqdm(my_batches, disable=not ctx.is_main, desc="sampling"):
+        if stop.requested:
+            break
         indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
         todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
         if not todo:
@@ -232,8 +237,10 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
                 save_png(image, png_path(folder, i))
 
 
-def main(args: argparse.Namespace) -> str:
-    """Sample args.num_fid_samples images; returns the .npz path."""
+@catches_stop_signals
+def main(args: argparse.Namespace, stop: StopSignals) -> str:
+    """Sample args.num_fid_samples images; returns the .npz path. SIGTERM, SIGUSR1 or SIGINT stop every rank
+    after its current batch (its PNGs complete): no .npz, exit status 75, and the same command resumes."""
     check_args(args)
     ctx = setup_distributed()
     try:
@@ -270,9 +277,13 @@ def main(args: argparse.Namespace) -> str:
             model.forward = torch.compile(model.forward)  # forward_with_cfg calls it: both halves compiled
         if ctx.is_main:
             print(f"Sampling {args.num_fid_samples:,} images into {folder} on {ctx.world_size} process(es)")
-        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels)
+        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, stop)
 
-        barrier()
+        if any_rank(stop.requested, ctx):  # every rank stops here, the early ones wait for the others
+            done = sum(os.path.exists(png_path(folder, i)) for i in range(args.num_fid_samples))
+            exit_preempted("sample_ddp.py", f"stopped by {stop.first or 'a signal to another rank'}: {done:,} of "
+                           f"{args.num_fid_samples:,} samples are in {folder}; exit status {EXIT_PREEMPTED}: rerun "
+                           "the same command to finish them", ctx.is_main)
         if ctx.is_main:
             save_npz(read_samples(folder, args.num_fid_samples), npz_path)  # ADM format: arr_0, uint8 NxHxWx3
             print(f"Saved {npz_path}")

@@ -255,10 +255,12 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
     return zip(*(t.chunk(k) for t in tensors), strict=True)
 
 
-def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, args: argparse.Namespace) -> None:
-    """--keep-last: rank 0 removes rolling checkpoints beyond the newest K, after the new one is on disk."""
+def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
+               args: argparse.Namespace) -> None:
+    """--keep-last: rank 0 removes rolling checkpoints (time cadence, stops) beyond the newest K, after the new
+    one is on disk; the step cadence's and the last step's stay."""
     if ctx.is_main:
-        rolling = not is_milestone(step, args.ckpt_every)
+        rolling = not (is_milestone(step, args.ckpt_every) or step == total)
         for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
             logger.info(f"Removed {path} (--keep-last {args.keep_last})")
 
@@ -386,7 +388,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                                                      log_state)
                 agreement.saved()
                 logger.info(f"Saved checkpoint to {last['checkpoint']}")
-                log_pruned(logger, ctx, last["checkpoint"], train_steps, args)
+                log_pruned(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
             if train_steps >= max_steps or stopped:
                 break
         if batches_this_epoch == 0:  # a guard: an empty epoch would otherwise loop forever
@@ -482,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between the ranks' checks for a stop signal and the time cadence: a stop "
                             "takes up to this plus one step and the save")
     group.add_argument("--keep-last", type=int, default=2,
-                       help="rolling checkpoints kept (time cadence, stops, last step); milestones always stay; "
-                            "0 = keep all")
+                       help="rolling checkpoints kept (--ckpt-every-minutes, stops); those of --ckpt-every and the "
+                            "last step always stay; 0 = keep all")
     group.add_argument("--eval-every", type=int, default=5_000, help="steps between held-out FM losses; 0 = never")
     group.add_argument("--eval-samples", type=int, default=1024, help="held-out set size")
     group.add_argument("--eval-batch-size", type=int, default=128, help="batch of the held-out evaluation")

@@ -242,7 +242,7 @@ def is_milestone(step: int, ckpt_every: int) -> bool:
 
 def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last: int) -> list[str]:
     """Record the checkpoint just saved in <checkpoint_dir>/rolling.json if it is a rolling one (the time
-    cadence, a stop, the last step), then delete the recorded rolling ones older than the newest
+    cadence or a stop), then delete the recorded rolling ones older than the newest
     ``keep_last`` (0 keeps all). Only checkpoints this file lists are ever deleted: milestones, and files of
     runs before it, stay whatever --ckpt-every says later. Returns the removed paths."""
     index = os.path.join(checkpoint_dir, ROLLING_FILE)
@@ -251,6 +251,8 @@ def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last:
         with contextlib.suppress(ValueError, OSError), open(index) as f:
             names = [name for name in json.load(f) if isinstance(name, str)]
     name = os.path.basename(saved)
+    if not rolling and name not in names:
+        return []  # a milestone: nothing to record (the index is only written once a rolling one exists)
     names = [n for n in names if n != name] + ([name] if rolling else [])
     names.sort(key=lambda n: int(n[:-3]) if n[:-3].isdigit() else -1)
     saved_step = int(name[:-3])
