@@ -200,8 +200,18 @@ def test_signal_saves_the_step_reached_and_resume_matches_a_straight_run(tmp_pat
     assert "changed on resume: --num-workers 1 -> 0" in log
 
 
+@pytest.fixture(scope="module")
+def straight_two_ranks(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("straight2")
+    done = subprocess.run(torchrun(tiny(results, *ANM), free_port()), env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return results / "run"
+
+
 @pytest.mark.parametrize("sig, seed", [(signal.SIGTERM, 3), (signal.SIGUSR1, 4)])
-def test_signal_under_torchrun_stops_both_ranks_at_one_step(tmp_path: Path, sig: signal.Signals, seed: int) -> None:
+def test_signal_under_torchrun_stops_both_ranks_at_one_step(tmp_path: Path, straight_two_ranks: Path,
+                                                            sig: signal.Signals, seed: int) -> None:
     """SIGTERM reaches the agent (which forwards it again: a second signal) and the workers; SIGUSR1 reaches
     the workers while the agent ignores it, as in examples/sit/slurm/train.sbatch. Resumed under torchrun,
     the run ends where a straight two-rank run ends."""
@@ -220,7 +230,4 @@ def test_signal_under_torchrun_stops_both_ranks_at_one_step(tmp_path: Path, sig:
     resumed = subprocess.run(torchrun([*argv, "--resume", "auto"], free_port()), env=env(), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    straight2 = subprocess.run(torchrun(tiny(tmp_path, *ANM, exp="straight"), free_port()), env=env(),
-                               capture_output=True, text=True, timeout=300)
-    assert straight2.returncode == 0, straight2.stderr
-    assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    assert_same_run(straight_two_ranks, tmp_path / "stopped")
