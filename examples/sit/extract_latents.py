@@ -274,7 +274,11 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch with exit status {EXIT_PREEMPTED}; "
+        "rerun the same command to resume.",
+    )
     parser.add_argument(
         "--data-path", type=str, required=True, help="ImageFolder root (root/<class>/<image>) (required)"
     )

@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="non-reentrant activation checkpointing, per block")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
-                            "(starts fresh if it has none) (default: a new run; refused if the folder holds one)")
+                            "(starts fresh if it has none); flags that define the run come from the checkpoint, "
+                            "another value is refused (default: a new run; refused if the folder holds one)")
     group = parser.add_argument_group("ANM")
     group.add_argument("--anm", action=argparse.BooleanOptionalAction, default=False,
                        help="add the ANM term to the loss")
