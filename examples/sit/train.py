@@ -178,11 +178,14 @@ def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
 #################################################################################
 
 def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, data: TrainData, config: dict,
-              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str]) -> None:
-    """The first lines of log.txt: where, on what, which model, and anything found wrong on disk."""
+              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str], notes: list[str]) -> None:
+    """The first lines of log.txt: where, on what, which model, anything found wrong on disk, and the flags
+    a resume restored or changed."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
     for warning in warnings:
         logger.warning(f"warning: {warning}")
+    for note in notes:
+        logger.info(note)
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
                 + (f"ANM {anm_model.extra_repr()}" if anm_model is not None else "no ANM"))
@@ -289,7 +292,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     after a checkpoint with :class:`Preempted` (exit status 75)."""
     ctx = setup_distributed()
     check_args(args, ctx.world_size)
-    experiment_dir, resume_path, checkpoint, notes = find_checkpoint(args, ctx)  # a resume adopts its flags
+    experiment_dir, resume_path, checkpoint, warnings, notes = find_checkpoint(args, ctx)  # adopts saved flags
     if checkpoint is not None:
         check_args(args, ctx.world_size)
         check_ignored_flags(args, build_parser())
@@ -302,11 +305,11 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     max_steps = total_steps(args, steps_per_epoch)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
-    warnings = open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
-                               steps_per_epoch)
+    warnings += open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
+                                steps_per_epoch)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
-    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, warnings + notes)
+    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, warnings, notes)
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
     running, log_steps, log_seconds, elapsed = restore_log_state(checkpoint, ctx.device)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
@@ -379,6 +382,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             if args.sample_every > 0 and train_steps % args.sample_every == 0 and ctx.is_main:
                 last["sample_grid"] = save_sample_grid(experiment_dir, train_steps, ema, transport, data, args)
             stopped, time_due = agreement.poll(train_steps)  # the same verdict on every rank
+            stopped = stopped and train_steps < max_steps  # a signal at the last step: the run is done anyway
             if is_milestone(train_steps, args.ckpt_every) or train_steps == max_steps or time_due or stopped:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
                 log_state = dict(running=running, log_steps=log_steps, log_seconds=time.time() - start_time,

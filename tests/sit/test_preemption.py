@@ -231,3 +231,30 @@ def test_signal_under_torchrun_stops_both_ranks_at_one_step(tmp_path: Path, stra
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(straight_two_ranks, tmp_path / "stopped")
+
+
+def test_a_second_signal_during_the_save_is_noted_and_the_checkpoint_completes(tmp_path: Path, monkeypatch) -> None:
+    """In this process: SIGUSR1 during step 3, SIGTERM while its checkpoint is being written."""
+    real_update, real_save = train.update_ema, train.save_checkpoint
+    steps = []
+
+    def update_ema(*args, **kwargs) -> None:
+        real_update(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def save_checkpoint(*args, **kwargs) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "update_ema", update_ema)
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(train.parse_args(tiny(tmp_path)))
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert checkpoint_steps(tmp_path / "run") == [3]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)["step"] == 3
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "Stopped by SIGUSR1 after step 3" in log and "Ignored SIGTERM during the stop" in log
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process's handlers are back

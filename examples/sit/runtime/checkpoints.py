@@ -70,10 +70,11 @@ def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
     return removed
 
 
-def find_checkpoint(args: argparse.Namespace, ctx: DistContext) -> tuple[str, str | None, dict | None, list[str]]:
+def find_checkpoint(args: argparse.Namespace, ctx: DistContext
+                    ) -> tuple[str, str | None, dict | None, list[str], list[str]]:
     """The run folder and the checkpoint to resume from (rank 0 decides, every rank follows), with ``args``
     made the saved run's (see run_flags.py). Returns (experiment dir, checkpoint path or None, checkpoint or
-    None, lines for log.txt). Creates nothing."""
+    None, warnings, notes on restored and changed flags). Creates nothing."""
     checkpoint, notes = None, []
     if args.resume not in (None, "auto"):  # the saved flags may name the folder (default --exp-name)
         checkpoint = load_checkpoint(args.resume)
@@ -94,7 +95,7 @@ def find_checkpoint(args: argparse.Namespace, ctx: DistContext) -> tuple[str, st
     if args.resume == "auto" and resume_path is not None:
         checkpoint = loaded if loaded is not None else load_checkpoint(resume_path)
         notes = adopt_saved_args(args, checkpoint["args"], resume_path)
-    return experiment_dir, resume_path, checkpoint, [f"warning: {w}" for w in warnings] + notes
+    return experiment_dir, resume_path, checkpoint, warnings, notes
 
 
 def open_experiment(args: argparse.Namespace, ctx: DistContext, experiment_dir: str, checkpoint: dict | None,
