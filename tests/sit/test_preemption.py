@@ -225,6 +225,7 @@ def test_signal_under_torchrun_stops_both_ranks_at_one_step(tmp_path: Path, stra
     assert not any("Error" in line and "ChildFailedError" not in line and "SignalException" not in line
                    for line in worker_lines), out
     assert out.count(f"train.py: stopped by {sig.name} after step") == 1, out
+    assert "exitcode  : -" not in out, out  # no worker killed by the agent (its report lists only status 75)
     stopped = json.loads((tmp_path / "stopped" / "stopped.json").read_text())
     assert stopped["signal"] == sig.name and reached <= stopped["step"] < STEPS
     assert checkpoint_steps(tmp_path / "stopped") == [stopped["step"]]

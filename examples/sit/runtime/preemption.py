@@ -94,11 +94,21 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 def catches_stop_signals(fn: Callable) -> Callable:
     """``fn(args, stop=StopSignals)`` called as ``fn(args)``, with the stop signals recorded while it runs
-    (the previous handlers come back afterwards, however it ends)."""
+    (the previous handlers come back afterwards, however it ends).
+
+    When ``fn`` is the running script's own (``__main__``) and ends with :class:`Preempted`, the stop signals
+    stay ignored until the process is gone: torchrun's agent SIGTERMs the other workers as soon as one exits,
+    which would otherwise turn their clean exit (status 75, work saved) into a kill."""
     @functools.wraps(fn)
     def wrapper(args: object, *rest: object, **kwargs: object) -> object:
-        with StopSignals() as stop:
-            return fn(args, *rest, stop=stop, **kwargs)
+        try:
+            with StopSignals() as stop:
+                return fn(args, *rest, stop=stop, **kwargs)
+        except Preempted:
+            if fn.__module__ == "__main__":
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, signal.SIG_IGN)
+            raise
 
     return wrapper
 
