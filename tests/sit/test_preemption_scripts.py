@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,38 @@ def test_extract_latents_stopped_then_rerun_gives_the_straight_latents(images: s
     for name in names:
         if name.endswith(".npy"):
             assert np.array_equal(np.load(straight_latents / name), np.load(out / name)), name
+
+
+def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, straight_npz: Path,
+                                                                     tmp_path: Path) -> None:
+    """Both ranks get SIGTERM (as from torchrun or SLURM), meet at the end, exit 75; a rerun with another
+    number of processes completes the same .npz."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "s"
+    procs = [subprocess.Popen(sample_cli(ckpt, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env() | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder.exists() and len(list(folder.glob("*.png"))) >= 4):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "timed out waiting for 4 PNGs"
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, results
+    assert all("Traceback" not in err for _, err in results), results
+    assert results[0][1].count("sample_ddp.py: stopped by SIGTERM") == 1 and not results[1][1]
+    assert len(list(folder.glob("*.png"))) < SAMPLES and no_temp_files(folder)
+    subprocess.run(sample_cli(ckpt, tmp_path), env=env(), check=True, capture_output=True, timeout=240)
+    with np.load(straight_npz) as a, np.load(tmp_path / "s.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
