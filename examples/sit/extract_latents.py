@@ -12,7 +12,8 @@ Output folder:
 
 Work is split in chunks of consecutive images; chunk c belongs to rank c % world_size. Every chunk is
 written to a temp file and renamed, so a killed run resumes by skipping the chunks that exist (even
-with a different number of processes).
+with a different number of processes). SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch
+(an unfinished chunk is dropped, redone by the rerun) with exit status 75.
 
     torchrun --nproc_per_node=8 examples/sit/extract_latents.py --data-path /data/imagenet/train \\
         --vae /models/sd-vae-ft-ema --out latents/imagenet256
@@ -36,7 +37,14 @@ from modeling.latent_scaling import of_vae  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
-from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.distributed import any_rank, barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.preemption import (  # noqa: E402
+    EXIT_PREEMPTED,
+    StopSignals,
+    catches_stop_signals,
+    exit_preempted,
+    ignore_stop_signals,
+)
 
 RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256",
                "scaling_factor", "shift_factor")
@@ -209,8 +217,10 @@ def write_meta(args: argparse.Namespace, dataset: ImageFolderDataset, meta: dict
 #################################################################################
 
 
-def main(args: argparse.Namespace) -> None:
-    """Encode every chunk of --data-path that --out does not hold yet."""
+@catches_stop_signals
+def main(args: argparse.Namespace, stop: StopSignals) -> None:
+    """Encode every chunk of --data-path that --out does not hold yet; a stop signal ends every rank after
+    its current batch with exit status 75 (a chunk in progress is dropped: the rerun encodes it)."""
     check_args(args)
     dataset = load_dataset(args)
     ctx = setup_distributed()
@@ -242,10 +252,13 @@ def main(args: argparse.Namespace) -> None:
             for start in range(chunk * args.chunk_size, end, args.batch_size):
                 batches.append((chunk, list(range(start, min(end, start + args.batch_size)))))
         loader = torch.utils.data.DataLoader(
-            CheckedImages(dataset), batch_sampler=[indices for _, indices in batches], num_workers=args.num_workers
+            CheckedImages(dataset), batch_sampler=[indices for _, indices in batches], num_workers=args.num_workers,
+            worker_init_fn=ignore_stop_signals,
         )
         moments = []
         for (chunk, indices), (images, _, ok) in zip(batches, loader, strict=True):
+            if stop.requested:
+                break
             if not ok.all():
                 done = sum(os.path.exists(latent_chunk_path(args.out, c)) for c in range(num_chunks))
                 raise decode_error(dataset, indices[int((~ok).nonzero()[0])], done, num_chunks)
@@ -255,7 +268,11 @@ def main(args: argparse.Namespace) -> None:
                 print(f"[rank {ctx.rank}] wrote chunk {chunk} ({sum(len(m) for m in moments)} images)", flush=True)
                 moments = []
 
-        barrier()
+        if any_rank(stop.requested, ctx):  # every rank stops here, the early ones wait for the others
+            done = sum(os.path.exists(latent_chunk_path(args.out, c)) for c in range(num_chunks))
+            exit_preempted("extract_latents.py", f"stopped by {stop.first or 'a signal to another rank'}: {done} of "
+                           f"{num_chunks} chunks are in {args.out}; exit status {EXIT_PREEMPTED}: rerun the same "
+                           "command to resume", ctx.is_main)
         if ctx.is_main:
             missing = [c for c in range(num_chunks) if not os.path.exists(latent_chunk_path(args.out, c))]
             print(
@@ -268,7 +285,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch with exit status {EXIT_PREEMPTED}; "
+        "rerun the same command to resume.",
+    )
     parser.add_argument(
         "--data-path", type=str, required=True, help="ImageFolder root (root/<class>/<image>) (required)"
     )

@@ -16,6 +16,8 @@ the images (the sampler's options and the VAE factors included): rerunning the s
 instead of mixing its samples with the old ones. An adaptive ODE solver (--sampling-method dopri5) picks its
 steps from the error of a whole batch, so there the images depend on --per-proc-batch-size, which the
 manifest then records too.
+SIGTERM, SIGUSR1 or SIGINT (a preemption, a time limit) stop every rank after its current batch: exit
+status 75, and the same command resumes to the same .npz.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
-from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.distributed import DistContext, any_rank, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.preemption import EXIT_PREEMPTED, StopSignals, catches_stop_signals, exit_preempted
 from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
@@ -248,13 +251,16 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
 #################################################################################
 
 def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn, shape: tuple[int, ...],
-               folder: str, cfg_scale: float, cfg_channels: int, scaling: LatentScaling | None = None) -> None:
+               folder: str, cfg_scale: float, cfg_channels: int, stop: StopSignals,
+               scaling: LatentScaling | None = None) -> None:
     """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
-    r, r+W, r+2W, ..."""
+    r, r+W, r+2W, ... A stop signal ends it after the current batch's PNGs are written."""
     batch = args.per_proc_batch_size
     my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
     # disable=None: a bar only on a terminal (tqdm checks its stderr), never in a log file.
     for k in tqdm(my_batches, disable=None if ctx.is_main else True, desc="sampling"):
+        if stop.requested:
+            break
         indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
         todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
         if not todo:
@@ -273,8 +279,10 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
                 save_png(image, png_path(folder, i))
 
 
-def main(args: argparse.Namespace) -> str:
-    """Sample args.num_fid_samples images; returns the .npz path."""
+@catches_stop_signals
+def main(args: argparse.Namespace, stop: StopSignals) -> str:
+    """Sample args.num_fid_samples images; returns the .npz path. SIGTERM, SIGUSR1 or SIGINT stop every rank
+    after its current batch (its PNGs complete): no .npz, exit status 75, and the same command resumes."""
     sampler = check_args(args)
     ctx = setup_distributed()
     try:
@@ -316,9 +324,13 @@ def main(args: argparse.Namespace) -> str:
         if ctx.is_main:
             print(f"Sampling {args.num_fid_samples:,} images ({describe_sampler(sampler)}) into {folder} on "
                   f"{ctx.world_size} process(es)")
-        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, scaling)
+        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, stop, scaling)
 
-        barrier()
+        if any_rank(stop.requested, ctx):  # every rank stops here, the early ones wait for the others
+            done = sum(os.path.exists(png_path(folder, i)) for i in range(args.num_fid_samples))
+            exit_preempted("sample_ddp.py", f"stopped by {stop.first or 'a signal to another rank'}: {done:,} of "
+                           f"{args.num_fid_samples:,} samples are in {folder}; exit status {EXIT_PREEMPTED}: rerun "
+                           "the same command to finish them", ctx.is_main)
         if ctx.is_main:
             save_npz(read_samples(folder, args.num_fid_samples), npz_path)  # ADM format: arr_0, uint8 NxHxWx3
             print(f"Saved {npz_path}")

@@ -11,7 +11,11 @@ Train SiT (flow matching) with optional Activation-Norm Maximization (ANM), with
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data.
 Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/, samples/, log.csv, log.txt}.
 A run resumes bit-exactly (weights, EMA, optimizer, RNG streams, data position, ANM warm-up) from a
-checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of this experiment, if any).
+checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of this experiment, if any);
+it keeps the flags that define the run (left out, they come from the checkpoint; changed, they are refused).
+SIGTERM, SIGUSR1 or SIGINT (SLURM preemption, time limit, Ctrl-C) stop every rank after one agreed step
+with a checkpoint, a line in log.txt and <run>/stopped.json; the exit status is then 75 (requeue and rerun
+with --resume auto). See docs/sit.md, "Preemption, SLURM and long jobs", and examples/sit/slurm/train.sbatch.
 """
 from __future__ import annotations
 
@@ -37,11 +41,31 @@ from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
 from modeling.vae import decode_to_uint8, encode_images
-from runtime.checkpoints import check_finite, experiment_name, open_experiment, restore, save_checkpoint
+from runtime.checkpoints import (
+    check_finite,
+    experiment_name,
+    find_checkpoint,
+    is_milestone,
+    open_experiment,
+    prune_checkpoints,
+    restore,
+    restore_log_state,
+    save_checkpoint,
+    write_stopped,
+)
 from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
 from runtime.cli import HelpFormatter, UsageError, run
 from runtime.distributed import DistContext, all_mean, cleanup, setup_distributed
 from runtime.images import save_grid
+from runtime.preemption import (
+    EXIT_PREEMPTED,
+    SYNC_SECONDS,
+    StepAgreement,
+    StopSignals,
+    catches_stop_signals,
+    exit_preempted,
+)
+from runtime.run_flags import GIVEN_KEY, given_flags
 from runtime.run_log import MetricLog, create_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -155,12 +179,15 @@ def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
 #################################################################################
 
 def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, data: TrainData, config: dict,
-              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str]) -> None:
-    """The first lines of log.txt: where, on what, which model, and anything found wrong on disk."""
+              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str], notes: list[str]) -> None:
+    """The first lines of log.txt: where, on what, which model, anything found wrong on disk, and the flags
+    a resume restored or changed."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
     scan_summary = getattr(data.dataset, "scan_summary", None)  # ImageFolderDataset: what its scan left out
     for warning in [*warnings, *([scan_summary] if scan_summary else [])]:
         logger.warning(f"warning: {warning}")
+    for note in notes:
+        logger.info(note)
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
                 + (f"ANM {anm_model.extra_repr()}" if anm_model is not None else "no ANM"))
@@ -235,14 +262,44 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
     return zip(*(t.chunk(k) for t in tensors), strict=True)
 
 
+def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
+               args: argparse.Namespace) -> None:
+    """--keep-last: rank 0 removes rolling checkpoints (time cadence, stops) beyond the newest K, after the new
+    one is on disk; the step cadence's and the last step's stay."""
+    if ctx.is_main:
+        rolling = not (is_milestone(step, args.ckpt_every) or step == total)
+        for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
+            logger.info(f"Removed {path} (--keep-last {args.keep_last})")
+
+
+def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int,
+                   checkpoint: str, metrics: MetricLog, anm_model: anm.ANM | None) -> None:
+    """After a stop signal's checkpoint: say so in log.txt and stopped.json, end the run with exit status 75."""
+    message = (f"stopped by {stop.first} after step {step:,}; saved {checkpoint}; exit status {EXIT_PREEMPTED}: "
+               "rerun with --resume auto to continue")
+    logger.info(message[0].upper() + message[1:])
+    if stop.later():
+        logger.info(f"Ignored {', '.join(stop.later())} during the stop: the checkpoint was completed first")
+    if ctx.is_main:
+        write_stopped(experiment_dir, stop.first, step, checkpoint, EXIT_PREEMPTED)
+    close_run(metrics, anm_model, ctx)
+    exit_preempted("train.py", message, ctx.is_main)
+
+
 #################################################################################
 #                                  Training Loop                                #
 #################################################################################
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train; returns final metrics, paths and the (unwrapped) model and EMA."""
+@catches_stop_signals  # SIGTERM/SIGUSR1/SIGINT stop the run after a step, with a checkpoint (stop records them)
+def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
+    """Train; returns final metrics, paths and the (unwrapped) model and EMA. A stop signal ends the run
+    after a checkpoint with :class:`Preempted` (exit status 75)."""
     ctx = setup_distributed()
     check_args(args, ctx.world_size)
+    experiment_dir, resume_path, checkpoint, warnings, notes = find_checkpoint(args, ctx)  # adopts saved flags
+    if checkpoint is not None:
+        check_args(args, ctx.world_size)
+        check_ignored_flags(args, build_parser())
     seed = args.global_seed * ctx.world_size + ctx.rank
     generator = seed_everything(seed, ctx.device)
 
@@ -252,12 +309,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     max_steps = total_steps(args, steps_per_epoch)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
-    experiment_dir, checkpoint, warnings = open_experiment(args, ctx, config, len(data.dataset),
-                                                         steps_per_epoch, data.scaling)
+    warnings += open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
+                                steps_per_epoch, data.scaling)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
-    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, [*warnings, *data.notes])
+    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, [*warnings, *data.notes], notes)
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
+    running, log_steps, log_seconds, elapsed = restore_log_state(checkpoint, ctx.device)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
     model.train()
@@ -275,9 +333,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=train_steps, disable=not (ctx.is_main and args.progress),
                     desc=experiment_name(args), dynamic_ncols=True, position=args.progress_position)
     k = args.grad_accum_steps
-    running = torch.zeros(3, device=ctx.device)  # FM loss, ANM loss, grad norm summed since the last log
-    log_steps, checked_step, start_time, run_start = 0, train_steps, time.time(), time.time()
-    while train_steps < max_steps:
+    # running: FM loss, ANM loss, grad norm summed since the last log row (restored on resume, as log_steps)
+    checked_step, start_time, run_start = train_steps, time.time() - log_seconds, time.time() - elapsed
+    agreement = StepAgreement(stop, ctx.world_size, ctx.rank, ctx.device, train_steps,
+                              args.ckpt_every_minutes * 60 if args.ckpt_every_minutes else None,
+                              args.stop_sync_seconds)
+    stopped = False
+    while train_steps < max_steps and not stopped:
         data.sampler.set_position(epoch, epoch_step)
         batches_this_epoch = 0
         for batch in batches(data.loader):
@@ -323,18 +385,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 last.update(row)
             if args.sample_every > 0 and train_steps % args.sample_every == 0 and ctx.is_main:
                 last["sample_grid"] = save_sample_grid(experiment_dir, train_steps, ema, transport, data, args)
-            if train_steps % args.ckpt_every == 0 or train_steps == max_steps:
+            stopped, time_due = agreement.poll(train_steps)  # the same verdict on every rank
+            stopped = stopped and train_steps < max_steps  # a signal at the last step: the run is done anyway
+            if is_milestone(train_steps, args.ckpt_every) or train_steps == max_steps or time_due or stopped:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
+                log_state = dict(running=running, log_steps=log_steps, log_seconds=time.time() - start_time,
+                                 elapsed_s=time.time() - run_start)
                 last["checkpoint"] = save_checkpoint(checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt,
                                                      anm_model, generator, args, config, len(data.dataset), ctx,
-                                                     data.scaling)
+                                                     log_state=log_state, latent_scaling=data.scaling)
+                agreement.saved()
                 logger.info(f"Saved checkpoint to {last['checkpoint']}")
-            if train_steps >= max_steps:
+                log_pruned(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
+            if train_steps >= max_steps or stopped:
                 break
         if batches_this_epoch == 0:  # a guard: an empty epoch would otherwise loop forever
             raise RuntimeError(f"epoch {epoch} from batch {epoch_step} yielded no batch")
     progress.close()
     last.setdefault("checkpoint", next(iter(checkpoint_paths(checkpoint_dir)), None))  # nothing left to train
+    if stopped:
+        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, last["checkpoint"], metrics, anm_model)
 
     logger.info("Done!")
     close_run(metrics, anm_model, ctx)
@@ -403,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="non-reentrant activation checkpointing, per block")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
-                            "(starts fresh if it has none) (default: a new run; refused if the folder holds one)")
+                            "(starts fresh if it has none); flags that define the run come from the checkpoint, "
+                            "another value is refused (default: a new run; refused if the folder holds one)")
     group = parser.add_argument_group("ANM")
     group.add_argument("--anm", action=argparse.BooleanOptionalAction, default=False,
                        help="add the ANM term to the loss")
@@ -419,7 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the penalty applies")
     group = parser.add_argument_group("logging, evaluation, checkpoints")
     group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
-    group.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and the last step)")
+    group.add_argument("--ckpt-every", type=int, default=50_000,
+                       help="steps between milestone checkpoints, all kept (and the last step)")
+    group.add_argument("--ckpt-every-minutes", type=float, default=None,
+                       help="also a rolling checkpoint every M minutes of rank 0's clock (default: none)")
+    group.add_argument("--stop-sync-seconds", type=float, default=SYNC_SECONDS,
+                       help="seconds between the ranks' checks for a stop signal and the time cadence: a stop "
+                            "takes up to this plus one step and the save")
+    group.add_argument("--keep-last", type=int, default=2,
+                       help="rolling checkpoints kept (--ckpt-every-minutes, stops); those of --ckpt-every and the "
+                            "last step always stay; 0 = keep all")
     group.add_argument("--eval-every", type=int, default=5_000, help="steps between held-out FM losses; 0 = never")
     group.add_argument("--eval-samples", type=int, default=1024,
                        help="held-out set size (imagenet/latents without --eval-data-path: items spread over the "
@@ -445,7 +525,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of train.py (see --help)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_ignored_flags(args, parser)
+    setattr(args, GIVEN_KEY, given_flags(parser, argv))  # a resume takes the others from its checkpoint
+    if args.resume is None:  # a resume checks them once its checkpoint's flags are in (main)
+        check_ignored_flags(args, parser)
     if args.data == "sinusoid" and args.data_size is None:
         args.data_size = DEFAULT_SINUSOIDS
     if args.progress is None:

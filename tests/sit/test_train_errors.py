@@ -116,7 +116,7 @@ def test_resume_with_larger_batch_is_refused_not_hung(results: Path) -> None:
                            "--max-steps", "10", "--resume", "auto"], cwd=results)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
-    assert "--global-batch-size 8 (now 16)" in line and "new --exp-name" in line
+    assert "--global-batch-size 16 (saved: 8)" in line and "new run under another --exp-name" in line
     assert snapshot(results) == before
 
 
@@ -322,7 +322,7 @@ def test_resume_from_another_model_size(finished: Path, tmp_path: Path, monkeypa
                      "--model", "SiT-T/2")
     code, err = run_script(argv, monkeypatch, capsys)
     line = one_error_line(err)
-    assert code == 2 and str(path) in line and "hidden_size=32 (now 64)" in line and "depth=2 (now 4)" in line
+    assert code == 2 and str(path) in line and "--model 'SiT-T/2' (saved: 'SiT-N/2')" in line
     assert not (tmp_path / "x").exists()
 
 

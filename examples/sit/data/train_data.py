@@ -20,6 +20,7 @@ from modeling.latent_scaling import LatentScaling, check_same, from_record, of_v
 from modeling.vae import encode_images, load_vae
 from runtime.cli import UsageError
 from runtime.distributed import DistContext
+from runtime.preemption import ignore_stop_signals
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -126,6 +127,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
         SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
         num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
         generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
+        worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the training loop, not its workers
     )
     return TrainData(dataset, sampler, loader, vae, encode, in_channels, input_size, num_classes, heldout, scaling,
                      source, tuple(notes))

@@ -7,6 +7,7 @@ Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, sam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import glob
 import json
@@ -32,9 +33,14 @@ from runtime.checks import (
 )
 from runtime.cli import UsageError
 from runtime.distributed import DistContext, all_mean, barrier, broadcast_object, gather_objects
+from runtime.run_flags import adopt_saved_args, saved_args
 
-__all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "open_experiment",
-           "lock_run_folder", "restore", "check_finite", "save_checkpoint"]
+__all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "find_checkpoint", "open_experiment",
+           "lock_run_folder", "restore", "restore_log_state", "check_finite", "save_checkpoint", "prune_checkpoints",
+           "is_milestone", "write_stopped", "STOPPED_FILE"]
+
+STOPPED_FILE = "stopped.json"  # written when a signal stopped the run, removed when it starts again
+ROLLING_FILE = "rolling.json"  # the checkpoints --keep-last may delete, oldest first
 
 
 def experiment_name(args: argparse.Namespace) -> str:
@@ -66,11 +72,15 @@ def remove_old_checkpoint_temps(checkpoint_dir: str) -> list[str]:
     return removed
 
 
-def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, num_items: int,
-                    steps_per_epoch: int, latent_scaling: LatentScaling | None = None
-                    ) -> tuple[str, dict | None, list[str]]:
-    """Validate the run folder and the resume checkpoint (rank 0 decides, every rank follows), then create
-    the folder and write args.json. Returns (experiment dir, checkpoint or None, warnings to log)."""
+def find_checkpoint(args: argparse.Namespace, ctx: DistContext
+                    ) -> tuple[str, str | None, dict | None, list[str], list[str]]:
+    """The run folder and the checkpoint to resume from (rank 0 decides, every rank follows), with ``args``
+    made the saved run's (see run_flags.py). Returns (experiment dir, checkpoint path or None, checkpoint or
+    None, warnings, notes on restored and changed flags). Creates nothing."""
+    checkpoint, notes = None, []
+    if args.resume not in (None, "auto"):  # the saved flags may name the folder (default --exp-name)
+        checkpoint = load_checkpoint(args.resume)
+        notes = adopt_saved_args(args, checkpoint["args"], args.resume)
     experiment_dir = os.path.join(args.results_dir, experiment_name(args))
     decision: tuple | str = ""
     loaded = None  # rank 0 read the checkpoint to pick it: not read twice
@@ -84,11 +94,22 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, nu
     if isinstance(decision, str):
         raise UsageError(decision)
     resume_path, warnings = decision
-    checkpoint = loaded if loaded is not None else (load_checkpoint(resume_path) if resume_path else None)
+    if args.resume == "auto" and resume_path is not None:
+        checkpoint = loaded if loaded is not None else load_checkpoint(resume_path)
+        notes = adopt_saved_args(args, checkpoint["args"], resume_path)
+    return experiment_dir, resume_path, checkpoint, warnings, notes
+
+
+def open_experiment(args: argparse.Namespace, ctx: DistContext, experiment_dir: str, checkpoint: dict | None,
+                    resume_path: str | None, config: dict, num_items: int, steps_per_epoch: int,
+                    latent_scaling: LatentScaling | None = None) -> list[str]:
+    """Check the checkpoint against the model and data these arguments built (and the latents' VAE factors),
+    then create the folder (locked), clear a previous stop's marker and write args.json. Returns warnings to
+    log."""
     if checkpoint is not None:
         check_resume_compatible(checkpoint, resume_path, args, config, num_items, steps_per_epoch)
         check_resume_latents(checkpoint, resume_path, latent_scaling)
-    failure = ""
+    failure, warnings = "", []
     if ctx.is_main:
         checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
         os.makedirs(experiment_dir, exist_ok=True)
@@ -101,12 +122,14 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, config: dict, nu
             os.makedirs(os.path.join(experiment_dir, "samples"), exist_ok=True)
             stale = remove_stale_temps(checkpoint_dir) + remove_old_checkpoint_temps(checkpoint_dir)
             warnings += [f"removed {path} (left by a killed process)" for path in stale]
+            with contextlib.suppress(FileNotFoundError):  # this run is under way again
+                os.remove(os.path.join(experiment_dir, STOPPED_FILE))
             with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
-                f.write(json.dumps(vars(args), indent=1).encode())
+                f.write(json.dumps(saved_args(args), indent=1).encode())
     if broadcast_object(failure):
         raise UsageError(failure)
     barrier()
-    return experiment_dir, checkpoint, warnings
+    return warnings
 
 
 _held_locks: dict[str, int] = {}  # run folder -> open lock file, held until this process exits
@@ -175,11 +198,16 @@ def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked
 def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
                     opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
                     args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext,
-                    latent_scaling: LatentScaling | None = None) -> str:
+                    log_state: dict | None = None, latent_scaling: LatentScaling | None = None) -> str:
     """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
-    included), atomically and durably. Returns its path."""
+    included), atomically and durably. Returns its path.
+
+    log_state (``running``: this rank's loss sums since the last log row, ``log_steps``, ``log_seconds``,
+    ``elapsed_s``) lets the first log row after a resume average the same steps as a straight run's."""
     path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
     rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
+    if log_state is not None:  # the mean over ranks: what the next log row takes the mean of anyway
+        log_state = dict(log_state, running=all_mean(log_state["running"], ctx.world_size).cpu())
     failure = ""
     if ctx.is_main:
         state = {
@@ -187,10 +215,11 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
             "step": step, "epoch": epoch, "epoch_step": epoch_step, "num_items": num_items,  # data position
             "rng": rng, "world_size": ctx.world_size,
             "anm": anm_model.anm_state_dict() if anm_model is not None else None,
-            "args": vars(args), "model_config": config,  # sample.py rebuilds the model from these
+            "args": saved_args(args), "model_config": config,  # sample.py rebuilds the model from these
             "latent": args.data in ("imagenet", "latents"),
             "vae": args.vae if args.data in ("imagenet", "latents") else None,
             "latent_scaling": latent_scaling.record() if latent_scaling is not None else None,  # decode with these
+            "log_state": log_state,
         }
         try:
             with atomic_write(path) as f:
@@ -201,4 +230,58 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
             failure = f"cannot write checkpoint {path} ({error}): fix the folder and resume with --resume auto"
     if broadcast_object(failure):
         raise UsageError(failure)
+    return path
+
+
+def restore_log_state(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
+    """(loss sums since the last log row, steps they cover, seconds since that row, run time so far) saved
+    with the checkpoint; zeros for a new run or a checkpoint that predates them."""
+    state = (checkpoint or {}).get("log_state")
+    if state is None:
+        return torch.zeros(3, device=device), 0, 0.0, 0.0
+    return state["running"].to(device), state["log_steps"], state["log_seconds"], state["elapsed_s"]
+
+
+def is_milestone(step: int, ckpt_every: int) -> bool:
+    """A checkpoint of the step cadence (a multiple of --ckpt-every): never removed by --keep-last."""
+    return step % ckpt_every == 0
+
+
+def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last: int) -> list[str]:
+    """Record the checkpoint just saved in <checkpoint_dir>/rolling.json if it is a rolling one (the time
+    cadence or a stop), then delete the recorded rolling ones older than the newest
+    ``keep_last`` (0 keeps all). Only checkpoints this file lists are ever deleted: milestones, and files of
+    runs before it, stay whatever --ckpt-every says later. Returns the removed paths."""
+    index = os.path.join(checkpoint_dir, ROLLING_FILE)
+    names: list[str] = []
+    if os.path.exists(index):
+        with contextlib.suppress(ValueError, OSError), open(index) as f:
+            names = [name for name in json.load(f) if isinstance(name, str)]
+    name = os.path.basename(saved)
+    if not rolling and name not in names:
+        return []  # a milestone: nothing to record (the index is only written once a rolling one exists)
+    names = [n for n in names if n != name] + ([name] if rolling else [])
+    names.sort(key=lambda n: int(n[:-3]) if n[:-3].isdigit() else -1)
+    saved_step = int(name[:-3])
+    # Past the saved step: a run resumed from an older checkpoint; those files are not this run's history.
+    older = [n for n in names if n[:-3].isdigit() and int(n[:-3]) <= saved_step]
+    doomed = older[:-keep_last] if keep_last > 0 else []
+    removed = []
+    for n in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(checkpoint_dir, n))
+            removed.append(os.path.join(checkpoint_dir, n))
+    names = [n for n in names if n not in doomed]
+    with atomic_write(index) as f:
+        f.write(json.dumps(names).encode())
+    return removed
+
+
+def write_stopped(experiment_dir: str, signal_name: str, step: int, checkpoint: str, exit_status: int) -> str:
+    """<experiment_dir>/stopped.json: which signal stopped the run at which step, and its checkpoint. A
+    requeue script tests it where the exit status is lost (torchrun's agent exits 1 after a signal)."""
+    path = os.path.join(experiment_dir, STOPPED_FILE)
+    record = dict(signal=signal_name, step=step, checkpoint=checkpoint, exit_status=exit_status)
+    with atomic_write(path) as f:
+        f.write(json.dumps(record, indent=1).encode())
     return path

@@ -86,6 +86,14 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf:
         raise UsageError(f"--max-grad-norm must be > 0 and finite, got {args.max_grad_norm} (leave it out to "
                          "not clip)")
+    minutes = getattr(args, "ckpt_every_minutes", None)
+    if minutes is not None and not 0 < minutes < math.inf:
+        raise UsageError(f"--ckpt-every-minutes must be > 0 and finite, got {minutes} (leave it out for none)")
+    sync = getattr(args, "stop_sync_seconds", 1.0)
+    if not 0 < sync < math.inf:
+        raise UsageError(f"--stop-sync-seconds must be > 0 and finite, got {sync}")
+    if getattr(args, "keep_last", 0) < 0:
+        raise UsageError(f"--keep-last must be >= 0 (0 = keep every checkpoint), got {args.keep_last}")
     if args.resume == "":
         raise UsageError("--resume '' names no checkpoint: pass a checkpoint path or 'auto', or drop the flag")
     if not args.results_dir:  # an unset shell variable: the run would land in the current folder

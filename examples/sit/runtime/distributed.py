@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "all_mean", "gather_objects",
-           "cleanup"]
+__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "all_mean", "any_rank",
+           "gather_objects", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,16 @@ def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= world_size
     return values
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """Whether flag holds on any rank (every rank calls it; the flag itself in a single process). Also a
+    barrier: a script's last sync, where a rank that stopped early meets the ones that finished."""
+    if ctx.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() > 0
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:

@@ -15,6 +15,7 @@ import sys
 from tqdm.auto import tqdm
 
 from runtime.atomic import atomic_write
+from runtime.run_flags import saved_args
 
 __all__ = ["LOG_FIELDS", "LogFile", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
 
@@ -121,7 +122,7 @@ class MetricLog:
         if rank == 0 and "wandb" in args.report_to:  # WANDB_MODE=offline logs without a network
             import wandb
             self.wandb = wandb.init(project="anm-sit", name=os.path.basename(experiment_dir), dir=experiment_dir,
-                                    config=vars(args), resume="allow")
+                                    config=saved_args(args), resume="allow")
 
     def write(self, row: dict) -> None:
         """One row: LOG_FIELDS first (blank when absent), then any other keys (e.g. ANM statistics)."""

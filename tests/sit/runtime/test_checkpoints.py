@@ -1,0 +1,35 @@
+"""examples/sit/runtime/checkpoints.py: --keep-last bounds the rolling checkpoints, milestones stay."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import train
+from runtime.checkpoints import prune_checkpoints
+
+
+def test_prune_deletes_only_recorded_rolling_checkpoints(tmp_path: Path) -> None:
+    for step in (2, 3, 4, 5, 9):
+        (tmp_path / f"{step:07d}.pt").write_bytes(b"x")
+    assert prune_checkpoints(str(tmp_path), str(tmp_path / "0000004.pt"), rolling=False, keep_last=1) == []
+    assert not (tmp_path / "rolling.json").exists()  # a milestone alone records nothing
+    for step in (3, 5):
+        prune_checkpoints(str(tmp_path), str(tmp_path / f"{step:07d}.pt"), rolling=True, keep_last=1)
+    # 3 went when 5 came; 2 (never recorded: a milestone of another --ckpt-every) and 9 (past 5) stay.
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["0000002.pt", "0000004.pt", "0000005.pt", "0000009.pt"]
+    assert json.loads((tmp_path / "rolling.json").read_text()) == ["0000005.pt"]
+    assert prune_checkpoints(str(tmp_path), str(tmp_path / "0000005.pt"), rolling=True, keep_last=0) == []
+
+
+def test_time_cadence_with_keep_last_keeps_milestones_and_the_newest_rolling(tmp_path: Path) -> None:
+    # A cadence of 1e-6 minutes is due after every step: rolling checkpoints at every step but the milestones.
+    train.main(train.parse_args([
+        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
+        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(tmp_path), "--exp-name", "run",
+        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--max-steps", "9", "--ckpt-every", "4",
+        "--ckpt-every-minutes", "1e-6", "--keep-last", "2"]))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["0000004.pt", "0000006.pt", "0000007.pt",
+                                                                "0000008.pt", "0000009.pt"]
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert log.count("Saved checkpoint") == 9 and log.count("(--keep-last 2)") == 4  # 1, 2, 3, 5 removed

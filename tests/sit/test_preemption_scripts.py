@@ -1,0 +1,192 @@
+"""sample_ddp.py and extract_latents.py stopped by a signal mid-run: exit status 75, only complete files on
+disk, and the same command rerun ends with the outputs of an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import train
+from image_folders import write_image_folder
+from runtime.preemption import EXIT_PREEMPTED
+
+SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
+
+
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | dict(
+        OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+def stop_when(cmd: list[str], ready, sig: signal.Signals, what: str, timeout: float = 240.0
+              ) -> subprocess.CompletedProcess:
+    """Run cmd, send sig once ready() holds (polled: never a fixed sleep), return the finished process."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"ended (rc {proc.returncode}) before {what}: {proc.stderr.read()}")
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [name for name in os.listdir(folder) if ".tmp-" in name]
+
+
+# ----------------------------------------------------------------------------- sample_ddp.py
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    results = tmp_path_factory.mktemp("train")
+    out = train.main(train.parse_args([
+        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
+        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(results), "--max-steps", "2",
+        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--ema-decay", "0.5",
+    ]))
+    return out["checkpoint"]
+
+
+SAMPLES = 32
+
+
+def sample_cli(ckpt: str, sample_dir: Path) -> list[str]:
+    return [sys.executable, str(SIT_DIR / "sample_ddp.py"), "--ckpt", ckpt, "--sample-dir", str(sample_dir),
+            "--folder-name", "s", "--mode", "sde", "--method", "euler", "--num-steps", "40",
+            "--num-fid-samples", str(SAMPLES), "--per-proc-batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight_npz(ckpt: str, tmp_path_factory) -> Path:
+    sample_dir = tmp_path_factory.mktemp("straight")
+    subprocess.run(sample_cli(ckpt, sample_dir), env=env(), check=True, capture_output=True, timeout=240)
+    return sample_dir / "s.npz"
+
+
+@pytest.mark.parametrize("sig, seed", [(signal.SIGUSR1, 6)])  # SIGTERM: the extraction test below
+def test_sample_ddp_stopped_then_rerun_gives_the_straight_npz(ckpt: str, straight_npz: Path, tmp_path: Path,
+                                                              sig: signal.Signals, seed: int) -> None:
+    folder = tmp_path / "stopped" / "s"
+    target = random.Random(seed).randrange(2, 12, 2)
+
+    def pngs() -> int:
+        return len(list(folder.glob("*.png"))) if folder.exists() else 0
+
+    stopped = stop_when(sample_cli(ckpt, tmp_path / "stopped"), lambda: pngs() >= target, sig, f"{target} PNGs")
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    assert f"sample_ddp.py: stopped by {sig.name}" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert target <= pngs() < SAMPLES and pngs() % 2 == 0  # whole batches only
+    assert no_temp_files(folder) and not (tmp_path / "stopped" / "s.npz").exists()
+    subprocess.run(sample_cli(ckpt, tmp_path / "stopped"), env=env(), check=True, capture_output=True, timeout=240)
+    with np.load(straight_npz) as a, np.load(tmp_path / "stopped" / "s.npz") as b:
+        assert a["arr_0"].shape[0] == SAMPLES and np.array_equal(a["arr_0"], b["arr_0"])
+
+
+# ----------------------------------------------------------------------------- extract_latents.py
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> str:
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                        layers_per_block=1, norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "train", sizes=((80, 72),) * 12)
+
+
+def extract_cli(images: str, vae_dir: str, out: Path, workers: str = "0") -> list[str]:
+    return [sys.executable, str(SIT_DIR / "extract_latents.py"), "--data-path", images, "--vae", vae_dir,
+            "--out", str(out), "--image-size", "64", "--chunk-size", "2", "--batch-size", "1",
+            "--num-workers", workers, "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def straight_latents(images: str, vae_dir: str, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "latents"
+    subprocess.run(extract_cli(images, vae_dir, out), env=env(), check=True, capture_output=True, timeout=240)
+    return out
+
+
+@pytest.mark.parametrize("sig, seed, workers", [(signal.SIGTERM, 7, "1")])  # SIGUSR1: the sampling test above
+def test_extract_latents_stopped_then_rerun_gives_the_straight_latents(images: str, vae_dir: str,
+                                                                       straight_latents: Path, tmp_path: Path,
+                                                                       sig: signal.Signals, seed: int,
+                                                                       workers: str) -> None:
+    out = tmp_path / "stopped"
+    target = random.Random(seed).randrange(1, 4)
+
+    def chunks() -> int:
+        return len(list(out.glob("chunk_*.npy"))) if out.exists() else 0
+
+    stopped = stop_when(extract_cli(images, vae_dir, out, workers), lambda: chunks() >= target, sig,
+                        f"{target} chunks")
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
+    assert f"extract_latents.py: stopped by {sig.name}" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert target <= chunks() < 12 and no_temp_files(out)
+    subprocess.run(extract_cli(images, vae_dir, out), env=env(), check=True, capture_output=True, timeout=240)
+    names = sorted(p.name for p in straight_latents.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(straight_latents / name), np.load(out / name)), name
+
+
+def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, straight_npz: Path,
+                                                                     tmp_path: Path) -> None:
+    """Both ranks get SIGTERM (as from torchrun or SLURM), meet at the end, exit 75; a rerun with another
+    number of processes completes the same .npz."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "s"
+    procs = [subprocess.Popen(sample_cli(ckpt, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env() | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder.exists() and len(list(folder.glob("*.png"))) >= 4):
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "timed out waiting for 4 PNGs"
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, results
+    assert all("Traceback" not in err for _, err in results), results
+    assert results[0][1].count("sample_ddp.py: stopped by SIGTERM") == 1 and not results[1][1]
+    assert len(list(folder.glob("*.png"))) < SAMPLES and no_temp_files(folder)
+    subprocess.run(sample_cli(ckpt, tmp_path), env=env(), check=True, capture_output=True, timeout=240)
+    with np.load(straight_npz) as a, np.load(tmp_path / "s.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])

@@ -1,0 +1,91 @@
+"""examples/sit/slurm/train.sbatch: valid bash, the torchrun command it builds, and its requeue decision,
+run with stand-ins for srun, scontrol and torchrun on PATH."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SBATCH = Path(__file__).resolve().parents[2] / "examples" / "sit" / "slurm" / "train.sbatch"
+
+FAKE_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done  # srun's own options; one task here
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+if [ "$1" = show ]; then echo node-a; echo node-b; else echo "$@" >> "$FAKE_LOG"; fi
+"""
+FAKE_TORCHRUN = f"""#!{sys.executable}
+import json, os, signal, sys
+record = dict(argv=sys.argv[1:], usr1_ignored=signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)
+with open(os.environ["FAKE_TORCHRUN_LOG"], "w") as f:
+    json.dump(record, f)
+if os.environ.get("FAKE_WRITE_STOPPED"):
+    os.makedirs(os.path.join("res", "exp"), exist_ok=True)
+    open(os.path.join("res", "exp", "stopped.json"), "w").write("{{}}")
+sys.exit(int(os.environ["FAKE_RC"]))
+"""
+
+
+def test_bash_syntax() -> None:
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+
+
+@pytest.fixture()
+def fake_cluster(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return tmp_path
+
+
+def submit(cluster: Path, rc: int, write_stopped: bool = False, stale_stopped: bool = False
+           ) -> tuple[subprocess.CompletedProcess, list[str], dict]:
+    """Run the script as SLURM would start it; returns (its result, scontrol requeue calls, torchrun's record)."""
+    if stale_stopped:  # left by an earlier job
+        (cluster / "res" / "exp").mkdir(parents=True, exist_ok=True)
+        (cluster / "res" / "exp" / "stopped.json").write_text("{}")
+        old = time.time() - 3600
+        os.utime(cluster / "res" / "exp" / "stopped.json", (old, old))
+    env = dict(os.environ, PATH=f"{cluster / 'bin'}:{os.environ['PATH']}", FAKE_LOG=str(cluster / "scontrol.log"),
+               FAKE_TORCHRUN_LOG=str(cluster / "torchrun.json"), FAKE_RC=str(rc), SLURM_JOB_ID="4242",
+               SLURM_JOB_NODELIST="node-[a-b]", SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(cluster), RESULTS="res",
+               EXP="exp", GPUS_PER_NODE="8")
+    if write_stopped:
+        env["FAKE_WRITE_STOPPED"] = "1"
+    done = subprocess.run(["bash", str(SBATCH), "--model", "SiT-XL/2", "--anm"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    log = cluster / "scontrol.log"
+    calls = log.read_text().splitlines() if log.exists() else []
+    return done, calls, json.loads((cluster / "torchrun.json").read_text())
+
+
+def test_torchrun_command_line(fake_cluster: Path) -> None:
+    done, calls, torchrun = submit(fake_cluster, rc=0)
+    assert done.returncode == 0 and calls == [] and "training finished" in done.stdout
+    argv = torchrun["argv"]
+    assert argv[:10] == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv-id", "4242", "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", "node-a:29500"]
+    assert argv[10:] == ["examples/sit/train.py", "--results-dir", "res", "--exp-name", "exp", "--resume", "auto",
+                         "--model", "SiT-XL/2", "--anm"]
+    assert torchrun["usr1_ignored"]  # the agent survives --signal's SIGUSR1
+
+
+@pytest.mark.parametrize("rc, write_stopped, stale, requeued", [
+    (75, False, False, True),  # train.py alone, stopped by a signal
+    (1, True, False, True),  # torchrun's agent after its workers exited 75: the fresh stopped.json decides
+    (1, False, True, False),  # a real failure; the stopped.json is an earlier job's
+    (2, False, False, False),  # a usage error: requeueing would fail again
+])
+def test_requeue_only_after_a_stop(fake_cluster: Path, rc: int, write_stopped: bool, stale: bool,
+                                   requeued: bool) -> None:
+    done, calls, _ = submit(fake_cluster, rc, write_stopped, stale)
+    assert calls == (["requeue 4242"] if requeued else [])
+    assert done.returncode == (0 if requeued else rc), done.stdout + done.stderr
