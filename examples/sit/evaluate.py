@@ -255,7 +255,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None,
                         help=f"seed of the fresh sinusoid reference sets (default: {SINUSOID_DEFAULTS['seed']})")
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON (default: print only)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (without it: refused)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     return parser
 
 

@@ -45,3 +45,14 @@ def test_the_readme_names_every_script() -> None:
     readme = (SIT_DIR / "README.md").read_text()
     missing = [s for s in sorted(SCRIPTS) if f"{s}.py" not in readme]
     assert not missing, f"examples/sit/README.md does not say what {missing} are for"
+
+
+def test_the_docs_name_every_module_of_every_package() -> None:
+    """docs/sit.md's package table is the map of the example: a module missing from it is a module nobody finds."""
+    docs = (SIT_DIR.parents[1] / "docs" / "sit.md").read_text()
+    for package in sorted(PACKAGES):
+        row = next((line for line in docs.splitlines() if line.startswith(f"| `{package}/` |")), None)
+        assert row is not None, f"docs/sit.md has no row for the package {package}/"
+        modules = [p.name for p in (SIT_DIR / package).glob("*.py") if p.name != "__init__.py"]
+        missing = [m for m in sorted(modules) if f"`{m}`" not in row]
+        assert not missing, f"docs/sit.md's row of {package}/ does not name {missing}"

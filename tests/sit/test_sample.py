@@ -356,9 +356,12 @@ def test_the_transport_comes_from_the_checkpoint(ckpt: str, tmp_path: Path, monk
 
 
 def test_every_flag_has_help_with_its_default() -> None:
+    import build_reference
     import evaluate
     import extract_latents
 
+    shown = " ".join(build_reference.get_parser().format_help().split())  # its HelpFormatter adds the defaults
+    assert "(default: 256)" in shown and "(default: 1000)" in shown
     for parser in (sample.get_parser(), sample_ddp.get_parser(), evaluate.get_parser(), extract_latents.get_parser()):
         for action in parser._actions:
             if action.dest == "help" or not action.option_strings:
