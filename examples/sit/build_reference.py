@@ -16,7 +16,12 @@ computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in
 split in shards of --shard-size consecutive chosen images; shard s belongs to rank s % world size
 (torchrun), is written to <out>.parts/ atomically, and a killed run resumes by skipping finished shards
 (with any number of processes): the result is identical. When all shards exist, rank 0 writes --out and
-removes <out>.parts/. An existing --out is never overwritten.
+removes <out>.parts/. An existing --out is never overwritten. SIGTERM, SIGUSR1 or SIGINT stop every rank
+after its current batch (the ranks compare stop flags every few seconds) with exit status 75; the same
+command resumes.
+
+The folder is listed as data/npz.py scan_images lists it: an ImageFolder tree in the order training reads
+it (linked class folders followed) or a flat folder; what is left out is said in one line on rank 0.
 
     python examples/sit/build_reference.py --data-path /data/imagenet/val --out ref/imagenet256_val.npz
     torchrun --nproc_per_node 8 examples/sit/build_reference.py --data-path /data/imagenet/train \\
@@ -30,7 +35,8 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -38,13 +44,21 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.datasets import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E402
-from data.npz import choose_subset, list_image_paths, save_npz  # noqa: E402
+from data.npz import choose_subset, save_npz, scan_images  # noqa: E402
 from evaluation.inception import Activations, InceptionFeatures, file_sha256, inception_weights_path  # noqa: E402
 from evaluation.statistics import compute_stats  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.checks import check_device  # noqa: E402
 from runtime.cli import HelpFormatter, UsageError, run  # noqa: E402
-from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.distributed import DistContext, any_rank, barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.preemption import (  # noqa: E402
+    EXIT_PREEMPTED,
+    SYNC_SECONDS,
+    StopSignals,
+    catches_stop_signals,
+    exit_preempted,
+    ignore_stop_signals,
+)
 
 ExtractorFactory = Callable[[torch.device, int], Callable[[np.ndarray], Activations]]
 # Settings that must match for a resume to continue the same reference.
@@ -209,8 +223,57 @@ def write_reference(args: argparse.Namespace, num_shards: int) -> None:
 #################################################################################
 
 
-def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = None) -> None:
-    """Crop and featurise every shard --out.parts does not hold yet; write --out when all are done."""
+def shard_batches(args: argparse.Namespace, todo: list[int], chosen: np.ndarray, paths: list[str],
+                  extractor: Callable[[np.ndarray], Activations], rank: int, num_shards: int) -> Iterator[None]:
+    """Build the shards in todo one Inception batch per step (a stop can come between any two); a shard is
+    written as soon as its last batch is featurised."""
+    parts = parts_folder(args.out)
+    for shard in todo:
+        indices = chosen[shard * args.shard_size : (shard + 1) * args.shard_size]
+        shard_paths = [paths[i] for i in indices]
+        loader = torch.utils.data.DataLoader(CroppedImages(shard_paths, args.image_size), batch_size=args.batch_size,
+                                             num_workers=args.num_workers, collate_fn=collate,
+                                             worker_init_fn=ignore_stop_signals)
+        images, parts_acts = [], []
+        for start, (batch, ok) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
+            if not ok.all():
+                done = sum(os.path.exists(shard_path(parts, s)) for s in range(num_shards))
+                raise decode_error(shard_paths[start + int(np.flatnonzero(~ok)[0])], done, num_shards)
+            images.append(batch)
+            parts_acts.append(extractor(batch))
+            if len(images) < len(loader):
+                yield
+        acts = Activations.concatenate(parts_acts)
+        with atomic_write(shard_path(parts, shard)) as f:
+            np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial)
+        print(f"[rank {rank}] wrote shard {shard} ({len(indices)} images)", flush=True)
+        yield
+
+
+def run_until_stopped(steps: Iterator[None], stop: StopSignals, ctx: DistContext,
+                      sync_s: float = SYNC_SECONDS) -> bool:
+    """Run every step unless a stop signal comes; whether one came, on any rank (the same answer on all).
+
+    Each rank runs its steps for about sync_s, then the ranks compare (stop, work left): a signal that reached
+    only one rank stops every rank within sync_s and a step, and a rank whose work is done waits in the
+    comparison, so every rank makes the same number of them."""
+    more = True
+    while True:
+        deadline = time.monotonic() + sync_s
+        while more and not stop.requested and time.monotonic() < deadline:
+            more = next(steps, StopIteration) is not StopIteration
+        if any_rank(stop.requested, ctx):
+            return True
+        if not any_rank(more, ctx):
+            return False
+
+
+@catches_stop_signals
+def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = None, *,
+         stop: StopSignals) -> None:
+    """Crop and featurise every shard --out.parts does not hold yet; write --out when all are done. A stop
+    signal (SIGTERM, SIGUSR1, SIGINT) ends every rank after its current batch with exit status 75, the shards
+    written so far kept for the rerun."""
     check_args(args)
     factory = extractor_factory or default_extractor
     if factory is default_extractor:
@@ -218,7 +281,8 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
             inception_weights_path()
         except (ImportError, FileNotFoundError) as error:
             raise UsageError(str(error)) from error
-    paths = list_image_paths(args.data_path, skip_irregular=True)
+    scan = scan_images(args.data_path, skip_irregular=True)
+    paths = scan.paths
     if args.num_images is not None and args.num_images > len(paths):
         raise UsageError(f"--num-images {args.num_images}: {args.data_path} holds only {len(paths)} images; lower "
                          "it or leave it out to use all")
@@ -227,6 +291,8 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
     parts = parts_folder(args.out)
     ctx = setup_distributed()
     try:
+        if ctx.is_main and scan.summary():
+            print(f"warning: {scan.summary()}", file=sys.stderr, flush=True)
         resuming = check_resume(parts, meta)  # every rank: a mismatch stops all of them before any work
         barrier()
         if ctx.is_main:
@@ -247,25 +313,12 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
         # --device cuda under torchrun means each rank's own GPU, not all on cuda:0.
         device = ctx.device if args.device in (None, "cuda") else torch.device(args.device)
         extractor = factory(device, args.batch_size) if todo else None
-        for shard in todo:
-            indices = chosen[shard * args.shard_size : (shard + 1) * args.shard_size]
-            shard_paths = [paths[i] for i in indices]
-            loader = torch.utils.data.DataLoader(CroppedImages(shard_paths, args.image_size),
-                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                 collate_fn=collate)
-            images, parts_acts = [], []
-            for start, (batch, ok) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
-                if not ok.all():
-                    done = sum(os.path.exists(shard_path(parts, s)) for s in range(num_shards))
-                    raise decode_error(shard_paths[start + int(np.flatnonzero(~ok)[0])], done, num_shards)
-                images.append(batch)
-                parts_acts.append(extractor(batch))
-            acts = Activations.concatenate(parts_acts)
-            with atomic_write(shard_path(parts, shard)) as f:
-                np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial)
-            print(f"[rank {ctx.rank}] wrote shard {shard} ({len(indices)} images)", flush=True)
-
-        barrier()
+        steps = shard_batches(args, todo, chosen, paths, extractor, ctx.rank, num_shards)
+        if run_until_stopped(steps, stop, ctx):
+            done = sum(os.path.exists(shard_path(parts, s)) for s in range(num_shards))
+            exit_preempted("build_reference.py", f"stopped by {stop.first or 'a signal to another rank'}: {done} of "
+                           f"{num_shards} shards are in {parts}; exit status {EXIT_PREEMPTED}: rerun the same command "
+                           "to resume", ctx.is_main)
         if ctx.is_main:
             missing = [s for s in range(num_shards) if not os.path.exists(shard_path(parts, s))]
             if missing:
@@ -279,7 +332,9 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=HelpFormatter,
+                                     epilog=f"SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch with "
+                                     f"exit status {EXIT_PREEMPTED}; rerun the same command to resume.")
     parser.add_argument("--data-path", type=str, required=True,
                         help="folder of images, searched recursively: root/<class>/<image> or flat (required)")
     parser.add_argument("--out", type=str, required=True, help="the reference .npz to write; never overwritten "

@@ -53,6 +53,9 @@ def check_args(args: argparse.Namespace) -> None:
     for path, flag in ((args.samples, "samples"), (None if sinusoid else args.ref, "--ref")):
         if path is not None and not os.path.exists(path):
             raise UsageError(f"{flag} {path} does not exist: pass an ADM .npz or a folder of images")
+    if args.overwrite and args.out is None:
+        raise UsageError("--overwrite replaces an existing --out, and without --out nothing is written: add --out "
+                         "results.json or drop --overwrite")
     if args.out is not None:
         if not args.out.lower().endswith(".json"):
             raise UsageError(f"--out {args.out}: results are JSON; give a name ending in .json")
@@ -109,6 +112,9 @@ def describe_stats(resolved: dict, args: argparse.Namespace, notes: dict[str, st
 def choose_kid_subset_size(num_gen: int, num_ref: int, requested: int | None) -> tuple[int, str]:
     """The KID subset size and a note saying why; a requested size that does not fit is refused."""
     smaller = min(num_gen, num_ref)
+    if smaller < 3:
+        raise UsageError(f"KID needs at least 3 images in each set (subsets of 2 or more that are not the whole "
+                         f"set), the smaller has {smaller}: use more images")
     if requested is not None:
         if not 2 <= requested < smaller:
             raise UsageError(f"--kid-subset-size {requested}: KID subsets must hold at least 2 images and fewer than "

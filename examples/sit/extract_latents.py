@@ -12,8 +12,9 @@ Output folder:
 
 Work is split in chunks of consecutive images; chunk c belongs to rank c % world_size. Every chunk is
 written to a temp file and renamed, so a killed run resumes by skipping the chunks that exist (even
-with a different number of processes). SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch
-(an unfinished chunk is dropped, redone by the rerun) with exit status 75.
+with a different number of processes). SIGTERM, SIGUSR1 or SIGINT to any rank stop it after its current batch
+and every other rank within about --stop-sync-seconds and one batch (an unfinished chunk is dropped, redone by
+the rerun) with exit status 75.
 
     torchrun --nproc_per_node=8 examples/sit/extract_latents.py --data-path /data/imagenet/train \\
         --vae /models/sd-vae-ft-ema --out latents/imagenet256
@@ -37,9 +38,11 @@ from modeling.latent_scaling import of_vae  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.cli import UsageError, run  # noqa: E402
-from runtime.distributed import any_rank, barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.distributed import barrier, cleanup, setup_distributed  # noqa: E402
 from runtime.preemption import (  # noqa: E402
     EXIT_PREEMPTED,
+    SYNC_SECONDS,
+    BatchAgreement,
     StopSignals,
     catches_stop_signals,
     exit_preempted,
@@ -127,6 +130,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.max_chunks is not None and args.max_chunks < 1:
         raise UsageError(f"--max-chunks must be >= 1 (or left out for all chunks), got {args.max_chunks}")
+    if not 0 < args.stop_sync_seconds < math.inf:
+        raise UsageError(f"--stop-sync-seconds must be > 0 and finite, got {args.stop_sync_seconds}")
     if not args.out:
         raise UsageError("--out '' names no folder: pass the folder the latents go to")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -219,8 +224,9 @@ def write_meta(args: argparse.Namespace, dataset: ImageFolderDataset, meta: dict
 
 @catches_stop_signals
 def main(args: argparse.Namespace, stop: StopSignals) -> None:
-    """Encode every chunk of --data-path that --out does not hold yet; a stop signal ends every rank after
-    its current batch with exit status 75 (a chunk in progress is dropped: the rerun encodes it)."""
+    """Encode every chunk of --data-path that --out does not hold yet; a stop signal to any rank ends it after
+    its current batch and the others within about --stop-sync-seconds, with exit status 75 (a chunk in
+    progress is dropped: the rerun encodes it)."""
     check_args(args)
     dataset = load_dataset(args)
     ctx = setup_distributed()
@@ -256,8 +262,9 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
             worker_init_fn=ignore_stop_signals,
         )
         moments = []
+        agreement = BatchAgreement(stop, ctx.world_size, ctx.device, args.stop_sync_seconds)
         for (chunk, indices), (images, _, ok) in zip(batches, loader, strict=True):
-            if stop.requested:
+            if agreement.poll():
                 break
             if not ok.all():
                 done = sum(os.path.exists(latent_chunk_path(args.out, c)) for c in range(num_chunks))
@@ -268,7 +275,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
                 print(f"[rank {ctx.rank}] wrote chunk {chunk} ({sum(len(m) for m in moments)} images)", flush=True)
                 moments = []
 
-        if any_rank(stop.requested, ctx):  # every rank stops here, the early ones wait for the others
+        if agreement.finish():  # every rank waits here for the others to stop or finish
             done = sum(os.path.exists(latent_chunk_path(args.out, c)) for c in range(num_chunks))
             exit_preempted("extract_latents.py", f"stopped by {stop.first or 'a signal to another rank'}: {done} of "
                            f"{num_chunks} chunks are in {args.out}; exit status {EXIT_PREEMPTED}: rerun the same "
@@ -287,8 +294,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=f"SIGTERM, SIGUSR1 or SIGINT stop every rank after its current batch with exit status {EXIT_PREEMPTED}; "
-        "rerun the same command to resume.",
+        epilog=f"SIGTERM, SIGUSR1 or SIGINT to any rank stop every rank after at most --stop-sync-seconds and one "
+        f"batch, with exit status {EXIT_PREEMPTED}; rerun the same command to resume.",
     )
     parser.add_argument(
         "--data-path", type=str, required=True, help="ImageFolder root (root/<class>/<image>) (required)"
@@ -309,6 +316,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="stored moments (default: %(default)s)")
     parser.add_argument("--max-chunks", type=int, default=None,
                         help="stop after this many chunks per rank (default: all)")
+    parser.add_argument("--stop-sync-seconds", type=float, default=SYNC_SECONDS,
+                        help="seconds between the ranks' checks for a stop signal: every rank stops within this "
+                             "plus one batch of a signal to any rank (default: %(default)s)")
     return parser
 
 

@@ -16,8 +16,9 @@ the images (the sampler's options and the VAE factors included): rerunning the s
 instead of mixing its samples with the old ones. An adaptive ODE solver (--sampling-method dopri5) picks its
 steps from the error of a whole batch, so there the images depend on --per-proc-batch-size, which the
 manifest then records too.
-SIGTERM, SIGUSR1 or SIGINT (a preemption, a time limit) stop every rank after its current batch: exit
-status 75, and the same command resumes to the same .npz.
+SIGTERM, SIGUSR1 or SIGINT (a preemption, a time limit) to any rank stop it after its current batch and every
+other rank within about --stop-sync-seconds and one batch: exit status 75, and the same command resumes to the
+same .npz.
 """
 from __future__ import annotations
 
@@ -39,8 +40,15 @@ from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
-from runtime.distributed import DistContext, any_rank, barrier, broadcast_object, cleanup, setup_distributed
-from runtime.preemption import EXIT_PREEMPTED, StopSignals, catches_stop_signals, exit_preempted
+from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.preemption import (
+    EXIT_PREEMPTED,
+    SYNC_SECONDS,
+    BatchAgreement,
+    StopSignals,
+    catches_stop_signals,
+    exit_preempted,
+)
 from runtime.sampling_cli import (
     add_checkpoint_args,
     add_guidance_args,
@@ -239,6 +247,8 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     sampler = resolve_sampler(args, DEFAULT_STEPS)
     if args.folder_name is not None:
         check_folder_name(args.folder_name)
+    if not 0 < args.stop_sync_seconds < math.inf:
+        raise UsageError(f"--stop-sync-seconds must be > 0 and finite, got {args.stop_sync_seconds}")
     if not args.sample_dir:
         raise UsageError("--sample-dir '' names no folder: pass one (default: samples), or '.' for this one")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
@@ -252,19 +262,21 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn, shape: tuple[int, ...],
                folder: str, cfg_scale: float, cfg_channels: int, stop: StopSignals,
-               scaling: LatentScaling | None = None) -> None:
+               scaling: LatentScaling | None = None) -> bool:
     """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
-    r, r+W, r+2W, ... A stop signal ends it after the current batch's PNGs are written."""
+    r, r+W, r+2W, ... A stop signal to any rank ends it after the current batch's PNGs are written (on the
+    other ranks within about --stop-sync-seconds); returns whether it was stopped, the same on every rank."""
+    agreement = BatchAgreement(stop, ctx.world_size, ctx.device, args.stop_sync_seconds)
     batch = args.per_proc_batch_size
     my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
     # disable=None: a bar only on a terminal (tqdm checks its stderr), never in a log file.
     for k in tqdm(my_batches, disable=None if ctx.is_main else True, desc="sampling"):
-        if stop.requested:
-            break
         indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
         todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
         if not todo:
-            continue  # finished by an earlier run
+            continue  # finished by an earlier run (not counted: the sync interval follows batches that work)
+        if agreement.poll():
+            break
         y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
         # SDE Brownian noise from one generator per sample: independent of batch size and world size.
         sde_gens = [torch.Generator(ctx.device).manual_seed(sample_seed(args.global_seed, i, stream=1))
@@ -277,12 +289,14 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
         for i, image in zip(indices, images, strict=True):
             if i in todo:
                 save_png(image, png_path(folder, i))
+    return agreement.finish()  # every rank waits here for the others to stop or finish
 
 
 @catches_stop_signals
 def main(args: argparse.Namespace, stop: StopSignals) -> str:
-    """Sample args.num_fid_samples images; returns the .npz path. SIGTERM, SIGUSR1 or SIGINT stop every rank
-    after its current batch (its PNGs complete): no .npz, exit status 75, and the same command resumes."""
+    """Sample args.num_fid_samples images; returns the .npz path. SIGTERM, SIGUSR1 or SIGINT to any rank stop
+    every rank after a batch (its PNGs complete; the others within --stop-sync-seconds): no .npz, exit status
+    75, and the same command resumes."""
     sampler = check_args(args)
     ctx = setup_distributed()
     try:
@@ -324,9 +338,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
         if ctx.is_main:
             print(f"Sampling {args.num_fid_samples:,} images ({describe_sampler(sampler)}) into {folder} on "
                   f"{ctx.world_size} process(es)")
-        sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, stop, scaling)
-
-        if any_rank(stop.requested, ctx):  # every rank stops here, the early ones wait for the others
+        if sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, stop, scaling):
             done = sum(os.path.exists(png_path(folder, i)) for i in range(args.num_fid_samples))
             exit_preempted("sample_ddp.py", f"stopped by {stop.first or 'a signal to another rank'}: {done:,} of "
                            f"{args.num_fid_samples:,} samples are in {folder}; exit status {EXIT_PREEMPTED}: rerun "
@@ -365,6 +377,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="bf16: the network under bf16 autocast (faster on GPUs; images differ slightly) "
                              "(default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
+    parser.add_argument("--stop-sync-seconds", type=float, default=SYNC_SECONDS,
+                        help="seconds between the ranks' checks for a stop signal: every rank stops within this "
+                             "plus one batch of a signal to any rank (default: %(default)s)")
     return parser
 
 

@@ -15,7 +15,8 @@ checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of t
 it keeps the flags that define the run (left out, they come from the checkpoint; changed, they are refused).
 SIGTERM, SIGUSR1 or SIGINT (SLURM preemption, time limit, Ctrl-C) stop every rank after one agreed step
 with a checkpoint, a line in log.txt and <run>/stopped.json; the exit status is then 75 (requeue and rerun
-with --resume auto). See docs/sit.md, "Preemption, SLURM and long jobs", and examples/sit/slurm/train.sbatch.
+with --resume auto). A signal during setup ends the run before its first step, saving nothing. See
+docs/sit.md, "Preemption, SLURM and long jobs", and examples/sit/slurm/train.sbatch.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from runtime.checkpoints import (
     experiment_name,
     find_checkpoint,
     is_milestone,
+    lock_run_folder,
     open_experiment,
     prune_checkpoints,
     restore,
@@ -55,7 +57,7 @@ from runtime.checkpoints import (
 )
 from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
 from runtime.cli import HelpFormatter, UsageError, run
-from runtime.distributed import DistContext, all_mean, cleanup, setup_distributed
+from runtime.distributed import DistContext, all_mean, any_rank, cleanup, setup_distributed
 from runtime.images import save_grid
 from runtime.preemption import (
     EXIT_PREEMPTED,
@@ -183,8 +185,7 @@ def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, dat
     """The first lines of log.txt: where, on what, which model, anything found wrong on disk, and the flags
     a resume restored or changed."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
-    scan_summary = getattr(data.dataset, "scan_summary", None)  # ImageFolderDataset: what its scan left out
-    for warning in [*warnings, *([scan_summary] if scan_summary else [])]:
+    for warning in warnings:
         logger.warning(f"warning: {warning}")
     for note in notes:
         logger.info(note)
@@ -273,16 +274,46 @@ def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, 
 
 
 def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int,
-                   checkpoint: str, metrics: MetricLog, anm_model: anm.ANM | None) -> None:
-    """After a stop signal's checkpoint: say so in log.txt and stopped.json, end the run with exit status 75."""
-    message = (f"stopped by {stop.first} after step {step:,}; saved {checkpoint}; exit status {EXIT_PREEMPTED}: "
-               "rerun with --resume auto to continue")
+                   checkpoint: str | None, metrics: MetricLog, anm_model: anm.ANM | None, saved: bool = True) -> None:
+    """After a stop signal's checkpoint (saved), or before this process's first step (not saved: checkpoint is
+    the one resumed from, or None): say so in log.txt and stopped.json, end the run with exit status 75."""
+    done = (f"after step {step:,}; saved {checkpoint}" if saved else
+            f"before step {step + 1:,}, with no step to save" + (f" ({checkpoint} stays the newest checkpoint)"
+                                                                 if checkpoint else ""))
+    message = (f"stopped by {signal_name(stop)} {done}; exit status {EXIT_PREEMPTED}: rerun with --resume auto to "
+               "continue")
     logger.info(message[0].upper() + message[1:])
     if stop.later():
-        logger.info(f"Ignored {', '.join(stop.later())} during the stop: the checkpoint was completed first")
+        why = "the checkpoint was completed first" if saved else "the first one had stopped the run"
+        logger.info(f"Ignored {', '.join(stop.later())} during the stop: {why}")
     if ctx.is_main:
-        write_stopped(experiment_dir, stop.first, step, checkpoint, EXIT_PREEMPTED)
+        write_stopped(experiment_dir, signal_name(stop), step, checkpoint, EXIT_PREEMPTED)
     close_run(metrics, anm_model, ctx)
+    exit_preempted("train.py", message, ctx.is_main)
+
+
+def signal_name(stop: StopSignals) -> str:
+    """The signal this process got first; the ranks agree on a stop, so one may have got none."""
+    return stop.first or "a signal to another rank"
+
+
+def stop_in_setup(stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int, resume_path: str | None,
+                  anm_model: anm.ANM | None) -> None:
+    """A stop signal during setup (the folder scan, the VAE load, the held-out encoding), before the run folder
+    is opened: exit status 75 at once, with no checkpoint and no run files, so the same command starts again.
+    Only <run>/stopped.json is written (unless another process holds the folder), for a requeue script that
+    lost the exit status."""
+    message = (f"stopped by {signal_name(stop)} during setup, before step {step + 1:,}; nothing to save; exit "
+               f"status {EXIT_PREEMPTED}: rerun the same command")
+    if ctx.is_main:
+        # Not in a folder another run holds (its marker is not ours), nor past a disk error: the stop goes on.
+        with contextlib.suppress(UsageError, OSError):
+            os.makedirs(experiment_dir, exist_ok=True)
+            lock_run_folder(experiment_dir)
+            write_stopped(experiment_dir, signal_name(stop), step, resume_path, EXIT_PREEMPTED)
+    if anm_model is not None:
+        anm_model.close()
+    cleanup(ctx)
     exit_preempted("train.py", message, ctx.is_main)
 
 
@@ -290,15 +321,17 @@ def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, 
 #                                  Training Loop                                #
 #################################################################################
 
-@catches_stop_signals  # SIGTERM/SIGUSR1/SIGINT stop the run after a step, with a checkpoint (stop records them)
+@catches_stop_signals  # SIGTERM/SIGUSR1/SIGINT stop the run after a step with a checkpoint, or before the first
 def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     """Train; returns final metrics, paths and the (unwrapped) model and EMA. A stop signal ends the run
-    after a checkpoint with :class:`Preempted` (exit status 75)."""
+    after a checkpoint with :class:`Preempted` (exit status 75); one during setup, before the first step and
+    without one."""
     ctx = setup_distributed()
     check_args(args, ctx.world_size)
     experiment_dir, resume_path, checkpoint, warnings, notes = find_checkpoint(args, ctx)  # adopts saved flags
     if checkpoint is not None:
         check_args(args, ctx.world_size)
+    if args.resume is not None:  # left to here by parse_args: with the checkpoint's flags, or a new run's own
         check_ignored_flags(args, build_parser())
     seed = args.global_seed * ctx.world_size + ctx.rank
     generator = seed_everything(seed, ctx.device)
@@ -309,6 +342,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     max_steps = total_steps(args, steps_per_epoch)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
+    if any_rank(stop.requested, ctx):  # a signal during the setup so far: no step to save, no folder yet
+        stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model)
     warnings += open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
                                 steps_per_epoch, data.scaling)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
@@ -328,6 +363,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     if data.heldout is not None and train_steps == 0:
         metrics.write(dict(step=0, epoch=0, **heldout_losses(raw, ema, transport, data.heldout, args, ctx)))
     last = dict(step=train_steps)
+    if any_rank(stop.requested, ctx):  # a signal since the folder was opened, before this process's first step
+        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, saved=False)
 
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
     progress = tqdm(total=max_steps, initial=train_steps, disable=not (ctx.is_main and args.progress),

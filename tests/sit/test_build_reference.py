@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import build_reference
 import evaluate
 import numpy as np
 import pytest
-from data.datasets import center_crop_arr, to_rgb
-from data.npz import list_image_paths
+from data.datasets import center_crop_arr, scan_image_folder, to_rgb
+from data.npz import list_image_paths, load_image_folder
 from image_folders import add_disk_junk, write_image_folder
 from PIL import Image
 from runtime.cli import UsageError
+from runtime.distributed import DistContext
+from runtime.preemption import EXIT_PREEMPTED, StopSignals
 from stub_features import StubFeatures, stub_factory
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -190,3 +194,119 @@ def test_real_network_reference_matches_recomputation_and_evaluates_to_zero(tmp_
     result = evaluate.main(evaluate.parse_args([str(out), "--ref", str(out), "--out", str(tmp_path / "r.json")]))
     assert abs(result["fid"]) < 1e-2 and abs(result["sfid"]) < 1e-2
     assert result["network"]["sha256"] and result["precision"] == 1.0 and result["recall"] == 1.0
+
+
+# ----------------------------------------------------------------------------- listing the folder
+
+
+def test_a_symlinked_class_folder_is_read_and_files_beside_the_classes_left_out(tmp_path, capsys):
+    """os.walk without followlinks lost a linked class folder that training (ImageFolderDataset) reads."""
+    root = tmp_path / "images"
+    write_image_folder(root, sizes=SIZES, classes=("cat",))
+    write_image_folder(tmp_path / "elsewhere", sizes=SIZES, classes=("dog",))
+    os.symlink(tmp_path / "elsewhere" / "dog", root / "dog")
+    Image.new("RGB", (8, 8)).save(root / "stray.png")  # not in a class: ImageFolderDataset leaves it out
+    (root / ".DS_Store").write_bytes(b"\0")
+    out = build(str(root), tmp_path / "ref.npz")
+    paths = scan_image_folder(str(root)).paths
+    assert len(paths) == 8 and sum("/dog/" in path for path in paths) == 4
+    assert np.array_equal(arrays(out)["arr_0"], crops(paths))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ignored 1 hidden entry" in warnings[0], warnings
+    assert "left out 1 image beside the class folders" in warnings[0], warnings
+
+
+def test_the_folder_is_listed_in_the_order_training_reads_it(tmp_path):
+    """Sorting by path string put cat-2/ before cat/ and cat/a/x.png before cat/b.png."""
+    root = tmp_path / "tree"
+    for relative in ("cat/b.png", "cat/a/x.png", "cat-2/c.png", "dog/d.png"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / relative)
+    expected = [str(root / r) for r in ("cat/b.png", "cat/a/x.png", "cat-2/c.png", "dog/d.png")]
+    assert scan_image_folder(str(root)).paths == expected
+    assert list_image_paths(str(root)) == expected
+    Image.new("RGB", (4, 4)).save(root / "stray.png")
+    assert list_image_paths(str(root), skip_irregular=True) == expected
+    with pytest.raises(UsageError, match=r"holds 1 images beside its folders cat, cat-2, dog: pass a flat folder"):
+        list_image_paths(str(root))  # a folder of samples holds what was written, nothing else
+    os.remove(root / "stray.png")
+    os.symlink(root, root / "cat" / "loop")
+    with pytest.raises(UsageError, match="symbolic link back to"):
+        list_image_paths(str(root), skip_irregular=True)
+
+
+def test_images_of_different_sizes_name_the_fix(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "0.png")
+    Image.new("RGB", (6, 5)).save(tmp_path / "1.png")
+    with pytest.raises(UsageError, match=r"different sizes \(4x4, 5x6\): samples must share one size .*"
+                                         rf"build_reference.py --data-path {tmp_path} --image-size S"):
+        load_image_folder(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def test_a_stop_signal_ends_the_work_after_the_current_batch():
+    done = []
+
+    def steps():
+        for i in range(10):
+            done.append(i)
+            if i == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield
+
+    one = DistContext(rank=0, local_rank=0, world_size=1, device=None, created=False)
+    with StopSignals() as stop:
+        assert build_reference.run_until_stopped(steps(), stop, one)
+    assert done == [0, 1, 2]
+    with StopSignals() as stop:
+        assert not build_reference.run_until_stopped(iter([None] * 3), stop, one)
+
+
+def test_a_signal_to_one_of_two_ranks_stops_both_then_a_rerun_finishes(tmp_path):
+    """build_reference.py had no stop handling: SIGTERM killed it (status -15). A signal to rank 1 alone must stop
+    rank 0 too, within about a sync interval, both with status 75; a rerun completes the same reference."""
+    root = write_image_folder(tmp_path / "images", sizes=((8, 8),) * 20)  # 40 images: 20 shards of 2
+    add_disk_junk(root)
+    out = tmp_path / "ref.npz"
+    parts = Path(str(out) + ".parts")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", STUB_DELAY_S="0.5",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    cmd = [sys.executable, str(LAUNCHER), *argv(root, out, "--shard-size", "2", "--batch-size", "1")]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=base | dict(RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        while not (parts / "shard_000001.npz").exists():  # rank 1's first shard
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "timed out waiting for rank 1's first shard"
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, results
+    (out0, err0), (out1, err1) = results
+    assert "Traceback" not in err0 + err1
+    assert err0.count("build_reference.py: stopped by a signal to another rank: ") == 1, err0
+    assert not err1  # the stop line and the folder warning come from rank 0 only
+    assert sum(line.startswith("warning: image folder") for line in err0.splitlines()) == 1, err0
+    written = sorted(name for name in os.listdir(parts) if name.startswith("shard_"))
+    assert f"{len(written)} of 20 shards are in {parts}" in err0
+    assert 0 < len([n for n in written if int(n[6:12]) % 2 == 0]) < 10  # rank 0 stopped early too
+    assert not out.exists()
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=base | dict(WORLD_SIZE="1", STUB_DELAY_S="0"), capture_output=True,
+                           text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr
+    plain = write_image_folder(tmp_path / "plain", sizes=((8, 8),) * 20)
+    expected = build(plain, tmp_path / "expected.npz", "--shard-size", "2", "--batch-size", "1")
+    assert np.array_equal(arrays(out)["arr_0"], arrays(expected)["arr_0"])
+    assert np.array_equal(arrays(out)["sigma"], arrays(expected)["sigma"])

@@ -318,3 +318,18 @@ def test_stats_flags_are_refused_with_the_sinusoid_metric(tmp_path):
     path = save_npz(random_images(8), str(tmp_path / "s.npz"))
     with pytest.raises(UsageError, match="--stats.*ignored with --ref sinusoid"):
         evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--stats", "images"]))
+
+
+def test_kid_with_two_images_in_a_set_is_refused_in_one_line(tmp_path):
+    """With 2 images (and --k 1) the KID subset size was 2 and kernel_inception_distance raised a ValueError."""
+    gen = save_npz(random_images(2, seed=1), str(tmp_path / "gen.npz"))
+    ref = save_npz(random_images(10, seed=2), str(tmp_path / "ref.npz"))
+    with pytest.raises(UsageError, match="KID needs at least 3 images in each set.* the smaller has 2: use more"):
+        run_main([gen, "--ref", ref, "--k", "1"])
+    assert run_main([gen.replace("gen", "ref"), "--ref", ref, "--k", "1", "--num-samples", "3"])["kid_subset_size"] == 2
+
+
+def test_overwrite_without_out_is_refused(tmp_path):
+    path = save_npz(random_images(8), str(tmp_path / "s.npz"))
+    with pytest.raises(UsageError, match="--overwrite replaces an existing --out.*add --out"):
+        evaluate.main(evaluate.parse_args([path, "--ref", "sinusoid", "--overwrite"]))

@@ -260,3 +260,53 @@ def test_a_second_signal_during_the_save_is_noted_and_the_checkpoint_completes(t
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "Stopped by SIGUSR1 after step 3" in log and "Ignored SIGTERM during the stop" in log
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # this process's handlers are back
+
+
+def signal_after(monkeypatch, name: str, sig: signal.Signals = signal.SIGINT) -> None:
+    """train.<name> sends sig to this process once it has run (Ctrl-C during that part of the setup)."""
+    real = getattr(train, name)
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), sig)
+        return result
+
+    monkeypatch.setattr(train, name, wrapped)
+
+
+def test_ctrl_c_during_setup_exits_before_the_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """SIGINT during the data scan / VAE load / held-out encoding was only recorded: the run then trained step 1,
+    saved a checkpoint and left a run folder that a rerun of the same command was refused for."""
+    argv = tiny(tmp_path, "--max-steps", "2")
+    signal_after(monkeypatch, "load_data")
+    with pytest.raises(SystemExit) as stopped:
+        train.main(train.parse_args(argv))
+    assert stopped.value.code == EXIT_PREEMPTED
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["stopped.json"]  # no run files
+    assert json.loads((run_dir / "stopped.json").read_text()) == dict(signal="SIGINT", step=0, checkpoint=None,
+                                                                       exit_status=EXIT_PREEMPTED)
+    assert "train.py: stopped by SIGINT during setup, before step 1; nothing to save" in capsys.readouterr().err
+    monkeypatch.undo()
+    out = train.main(train.parse_args(argv))  # the same command, not refused: the run starts
+    assert out["step"] == 2 and not (run_dir / "stopped.json").exists()
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_signal_before_the_first_step_saves_no_checkpoint(tmp_path: Path, monkeypatch, resumed: bool) -> None:
+    """A signal after the run folder is opened (checkpoint restore, the step-0 held-out loss) and before the first
+    step: exit 75 with no new checkpoint, and --resume auto goes on."""
+    run_dir = tmp_path / "run"
+    if resumed:
+        train.main(train.parse_args(tiny(tmp_path, "--max-steps", "2")))
+    signal_after(monkeypatch, "restore", signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(train.parse_args(tiny(tmp_path, "--max-steps", "4", "--resume", "auto")))
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert checkpoint_steps(run_dir) == ([2] if resumed else [])
+    newest = str(run_dir / "checkpoints" / "0000002.pt") if resumed else None
+    assert json.loads((run_dir / "stopped.json").read_text())["checkpoint"] == newest
+    step = 2 if resumed else 0
+    assert f"Stopped by SIGTERM before step {step + 1}, with no step to save" in (run_dir / "log.txt").read_text()
+    monkeypatch.undo()
+    assert train.main(train.parse_args(tiny(tmp_path, "--max-steps", "4", "--resume", "auto")))["step"] == 4

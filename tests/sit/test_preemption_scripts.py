@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -190,3 +191,120 @@ def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, 
     subprocess.run(sample_cli(ckpt, tmp_path), env=env(), check=True, capture_output=True, timeout=240)
     with np.load(straight_npz) as a, np.load(tmp_path / "s.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def torchrun_workers(agent: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes a torchrun agent started (its children with RANK set)."""
+    workers = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        if b"RANK" in environ:
+            workers[int(environ[b"RANK"])] = int(entry)
+    return workers
+
+
+def torchrun_cli(argv: list[str]) -> list[str]:
+    """torchrun with two CPU ranks on a free port, running argv (a script and its flags)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port), *argv]
+
+
+def signal_rank_one(cmd: list[str], ready, what: str, timeout: float = 240.0) -> str:
+    """Start a torchrun job, SIGTERM its rank 1 alone once ready() holds, return the job's whole output."""
+    agent = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        workers: dict[int, int] = {}
+        while not (len(workers) == 2 and ready()):
+            assert agent.poll() is None, agent.communicate()[0]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            workers = workers if len(workers) == 2 else torchrun_workers(agent.pid)
+            time.sleep(0.02)
+        os.kill(workers[1], signal.SIGTERM)
+        return agent.communicate(timeout=timeout)[0]
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
+def rank_batches_done(folder: Path, rank: int, batch: int = 2, world: int = 2) -> int:
+    """Whole batches of rank's share (batches rank, rank + world, ...) whose PNGs are all on disk."""
+    return sum(all((folder / f"{i:06d}.png").exists() for i in range(k * batch, (k + 1) * batch))
+               for k in range(rank, SAMPLES // batch, world))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc")
+def test_sample_ddp_signal_to_one_rank_stops_both_within_a_batch(ckpt: str, straight_npz: Path,
+                                                                tmp_path: Path) -> None:
+    """SIGTERM to rank 1 alone of a torchrun job: rank 0 learns it at the ranks' next check and stops too,
+    instead of running all of its remaining batches; the rerun under torchrun gives the straight .npz."""
+    folder = tmp_path / "s"
+    per_rank = SAMPLES // 2 // 2
+    # --stop-sync-seconds far below one batch: a check before every batch, so the bound is exact here.
+    def cmd() -> list[str]:
+        return torchrun_cli([*sample_cli(ckpt, tmp_path)[1:], "--stop-sync-seconds", "0.001"])
+
+    output = signal_rank_one(cmd(), lambda: rank_batches_done(folder, 1) >= 1, "rank 1's first batch")
+    done = [rank_batches_done(folder, rank) for rank in range(2)]
+    assert "sample_ddp.py: stopped by a signal to another rank" in output, output
+    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", output)) == 2, output  # torchrun's report: both ranks exit 75
+    # Rank 0 stops at the check after rank 1's last batch: at most one batch past it, never all of its share.
+    assert done[1] < per_rank and done[0] <= done[1] + 1 and done[0] < per_rank, (done, output)
+    assert no_temp_files(folder) and not (tmp_path / "s.npz").exists()
+    rerun = subprocess.run(cmd(), env=env(), capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    with np.load(straight_npz) as a, np.load(tmp_path / "s.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_stop_sync_seconds_is_checked_before_any_work(tmp_path: Path) -> None:
+    for script, argv in (("sample_ddp.py", ["--ckpt", str(tmp_path / "none.pt"), "--sample-dir", str(tmp_path)]),
+                         ("extract_latents.py", ["--data-path", str(tmp_path), "--out", str(tmp_path / "out")])):
+        done = subprocess.run([sys.executable, str(SIT_DIR / script), *argv, "--stop-sync-seconds", "0"], env=env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and f"{script}: error: --stop-sync-seconds must be > 0" in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
+
+
+CHUNKS = 12  # the images fixture's 24 images in chunks of 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds torchrun's workers through /proc")
+def test_extract_latents_signal_to_one_rank_stops_both(images: str, vae_dir: str, straight_latents: Path,
+                                                       tmp_path: Path) -> None:
+    """The same for extract_latents.py: 12 chunks of 2 images, one image per batch, the even chunks on rank 0;
+    rank 1 alone is stopped after its first chunk, and rank 0 writes at most one more chunk, not all six."""
+    out = tmp_path / "latents"
+
+    def chunks(rank: int) -> int:
+        return sum((out / f"chunk_{c:06d}.npy").exists() for c in range(rank, CHUNKS, 2))
+
+    cmd = torchrun_cli([*extract_cli(images, vae_dir, out)[1:], "--stop-sync-seconds", "0.001"])
+    output = signal_rank_one(cmd, lambda: chunks(1) >= 1, "rank 1's first chunk")
+    assert "extract_latents.py: stopped by a signal to another rank" in output, output
+    assert len(re.findall(r"exitcode\s+:\s+75 \(pid", output)) == 2, output
+    assert chunks(1) < CHUNKS // 2 and chunks(0) <= chunks(1) + 1 and chunks(0) < CHUNKS // 2, \
+        (chunks(0), chunks(1), output)
+    assert no_temp_files(out)
+    rerun = subprocess.run(torchrun_cli([*extract_cli(images, vae_dir, out)[1:]]), env=env(), capture_output=True,
+                           text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert sorted(p.name for p in out.glob("chunk_*.npy")) == sorted(p.name for p in straight_latents.glob("chunk_*"))
+    for c in range(CHUNKS):
+        name = f"chunk_{c:06d}.npy"
+        assert np.allclose(np.load(straight_latents / name), np.load(out / name), atol=1e-6), name

@@ -102,3 +102,24 @@ def test_an_undecodable_image_is_named_once(tmp_path: Path) -> None:
     message = str(extract_latents.decode_error(ImageFolderDataset(root, 16), 0, 0, 2))
     assert message.startswith(f"cannot decode image {tmp_path / 'train' / 'cat' / '0.png'} (cannot identify image")
     assert "cannot read image" not in message and message.count("replace") == 1, message
+
+
+def test_the_scan_summary_reaches_log_txt_with_a_heldout_set(junk_root, vae_dir: str, tmp_path: Path) -> None:
+    """With --eval-every left at its default the held-out split wrapped the data set, and the line was lost; a
+    junk --eval-data-path folder gets its own line. (In-process: the scan opens no pipe, the test above shows.)"""
+    train = pytest.importorskip("train")
+    root, junk = junk_root
+    val_root = write_image_folder(tmp_path / "val")
+    val_junk = add_disk_junk(val_root)
+    common = ["--data", "imagenet", "--data-path", root, "--vae", vae_dir, "--image-size", "16", "--model",
+              "SiT-N/2", "--max-steps", "1", "--num-workers", "0", "--sample-every", "0", "--eval-samples", "2",
+              "--results-dir", str(tmp_path / "r"), "--no-progress", "--no-console-log"]
+    train.main(train.parse_args([*common, "--global-batch-size", "4", "--exp-name", "split"]))
+    log = (tmp_path / "r" / "split" / "log.txt").read_text()
+    assert_named_once(log, junk)
+    assert "Data: 4 items" in log and "2 items of --data-path" in log  # the held-out split did wrap the data set
+    train.main(train.parse_args([*common, "--global-batch-size", "6", "--exp-name", "val", "--eval-data-path",
+                                 val_root]))
+    lines = [line for line in (tmp_path / "r" / "val" / "log.txt").read_text().splitlines() if "non-regular" in line]
+    assert len(lines) == 2 and f"image folder {root}:" in lines[0] and f"image folder {val_root}:" in lines[1], lines
+    assert all(path in lines[1] for path in val_junk["not_regular"]), lines[1]

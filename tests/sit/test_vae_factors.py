@@ -222,3 +222,20 @@ def test_latent_training_defaults_to_the_vae_of_meta_json(world, tmp_path) -> No
     sample.main(sample.parse_args(["--ckpt", out["checkpoint"], "--num-samples", "1", "--num-steps", "1",
                                    "--cfg-scale", "1", "--out", str(tmp_path / "grid.png")]))
     assert (tmp_path / "grid.png").exists()
+
+
+def test_resuming_an_imagenet_run_from_before_the_record_with_its_own_non_sd_vae_names_the_only_fix(world,
+                                                                                                      tmp_path) -> None:
+    """train.py used to scale --data imagenet latents by 0.18215 whatever the VAE: such a run, resumed with the
+    very VAE it was trained with (here one declaring 0.887), cannot be continued, and the refusal must not send
+    the user back to that VAE."""
+    out = train_images(world, tmp_path / "r", "odd")
+    state = torch.load(out["checkpoint"], weights_only=True)
+    del state["latent_scaling"]
+    torch.save(state, out["checkpoint"])
+    with pytest.raises(UsageError) as refused:
+        train_images(world, tmp_path / "r", "odd", "--resume", out["checkpoint"], "--max-steps", "2")
+    message = str(refused.value)
+    assert "from before the record: scaling 0.18215" in message and "scaling 0.18215 vs 0.887" in message
+    assert "was trained with scaling 0.18215" in message and "start a new --exp-name" in message
+    assert "resume with the --vae" not in message

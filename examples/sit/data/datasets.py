@@ -18,6 +18,7 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,11 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float() / 127.5 - 1
 
 
+def has_image_extension(name: str) -> bool:
+    """Whether a file name ends in one of IMG_EXTENSIONS (any case)."""
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
 def find_image_files(root: str) -> tuple[list[str], list[int], list[str]]:
     """
     Sorted image paths, integer labels and class names of an ImageFolder tree (root/<class>/**/img); what is
@@ -112,6 +118,7 @@ class ImageFolderScan:
     classes: list[str] = field(default_factory=list)
     hidden: int = 0  # entries named '.*' (macOS ._x.png, .DS_Store, .ipynb_checkpoints/, ...), not entered
     not_regular: list[str] = field(default_factory=list)  # 'path (kind)' of image-named pipes, sockets, ...
+    beside_classes: int = 0  # image files at the top of a tree with class folders (scan_image_files only)
 
     def summary(self) -> str | None:
         """One line on what was left out, or None when nothing was."""
@@ -119,6 +126,9 @@ class ImageFolderScan:
         if self.hidden:
             parts.append(f"ignored {_count(self.hidden, 'hidden entry', 'hidden entries')} (names starting "
                          "with '.')")
+        if self.beside_classes:
+            parts.append(f"left out {_count(self.beside_classes, 'image', 'images')} beside the class folders "
+                         "(a tree's images are root/<class>/<image>; move them into a class folder)")
         if self.not_regular:
             named = ", ".join(self.not_regular[:MAX_NAMED])
             more = f" and {len(self.not_regular) - MAX_NAMED} more" if len(self.not_regular) > MAX_NAMED else ""
@@ -148,12 +158,7 @@ def scan_image_folder(root: str) -> ImageFolderScan:
         state = "is a file, not a folder" if os.path.exists(root) else "does not exist"
         raise MissingDataError(f"image folder {root!r} {state} (pass --data-path /path/to/train)")
     scan = ImageFolderScan(root)
-    class_dirs = []
-    for entry in _sorted_entries(root, root):
-        if entry.name.startswith("."):
-            scan.hidden += 1
-        elif entry.is_dir():
-            class_dirs.append(entry)
+    class_dirs, _ = _split_top(root, scan)
     scan.classes = [entry.name for entry in class_dirs]
     for label, entry in enumerate(class_dirs):
         _scan_class(entry.path, label, root, scan)
@@ -162,7 +167,58 @@ def scan_image_folder(root: str) -> ImageFolderScan:
     return scan
 
 
-def _scan_class(top: str, label: int, root: str, scan: ImageFolderScan) -> None:
+def scan_image_files(root: str, is_image: Callable[[str], bool] = has_image_extension) -> ImageFolderScan:
+    """
+    The images of a folder read as one set (a reference's source, a folder of samples): an ImageFolder tree
+    in :func:`scan_image_folder`'s order (class folders found the same way, symbolic links followed, loops
+    refused), or a flat folder of images sorted by name. Image files beside the class folders of a tree are
+    left out and counted, as ImageFolderDataset leaves them out. is_image(name) says which names are images
+    (a sample folder also skips the temp files of interrupted writes); hidden entries are only counted, and
+    non-regular files named like images are listed in scan.not_regular, never opened. Labels are the class
+    indices (0 for a flat folder, which has no classes).
+    """
+    if not os.path.isdir(root):
+        state = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise MissingDataError(f"image folder {root!r} {state}: pass a folder of images")
+    scan = ImageFolderScan(root)
+    class_dirs, top_files = _split_top(root, scan)
+    images = [entry for entry in top_files if is_image(entry.name)]
+    if class_dirs:
+        scan.beside_classes = len(images)
+        scan.classes = [entry.name for entry in class_dirs]
+        for label, entry in enumerate(class_dirs):
+            _scan_class(entry.path, label, root, scan, is_image)
+    else:
+        for entry in images:
+            _add_file(entry, 0, scan)
+    if not scan.paths:
+        raise MissingDataError(f"no images found under {root!r}: expected root/<class>/<image> or a flat folder "
+                               "of images")
+    return scan
+
+
+def _split_top(root: str, scan: ImageFolderScan) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
+    """The class folders at the top of root (links followed) and its other entries; hidden ones are counted."""
+    class_dirs, others = [], []
+    for entry in _sorted_entries(root, root):
+        if entry.name.startswith("."):
+            scan.hidden += 1
+        else:
+            (class_dirs if entry.is_dir() else others).append(entry)
+    return class_dirs, others
+
+
+def _add_file(entry: os.DirEntry, label: int, scan: ImageFolderScan) -> None:
+    """An image-named entry: a regular file (or a link to one) is an image, anything else is only listed."""
+    if entry.is_file():  # S_ISREG, after following a link
+        scan.paths.append(entry.path)
+        scan.labels.append(label)
+    else:
+        scan.not_regular.append(f"{entry.path} ({file_kind(entry.path)})")
+
+
+def _scan_class(top: str, label: int, root: str, scan: ImageFolderScan,
+                is_image: Callable[[str], bool] = has_image_extension) -> None:
     """Add the images under the class folder top (at any depth) to scan."""
     stack = [top]  # an explicit stack: no recursion limit on deep trees
     while stack:
@@ -175,12 +231,8 @@ def _scan_class(top: str, label: int, root: str, scan: ImageFolderScan) -> None:
                 if entry.is_symlink():
                     check_no_link_loop(entry.path, top)
                 subfolders.append(entry.path)
-            elif entry.name.lower().endswith(IMG_EXTENSIONS):
-                if entry.is_file():  # S_ISREG, after following a link
-                    scan.paths.append(entry.path)
-                    scan.labels.append(label)
-                else:
-                    scan.not_regular.append(f"{entry.path} ({file_kind(entry.path)})")
+            elif is_image(entry.name):
+                _add_file(entry, label, scan)
         stack.extend(reversed(subfolders))
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from runtime.atomic import atomic_write
 from runtime.cli import UsageError
 
-from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, file_kind, to_rgb
+from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, DataError, ImageFolderScan, scan_image_files, to_rgb
 
 # Temp files of an interrupted write: runtime/atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
 _TEMP_NAME = re.compile(r"\.tmp([.-]|$)")
@@ -103,31 +103,32 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".") and not _TEMP_NAME.search(name)
 
 
+def scan_images(folder: str, skip_irregular: bool = False) -> ImageFolderScan:
+    """
+    The images under folder (data/datasets.py scan_image_files: an ImageFolder tree in the order training
+    reads it, symbolic links followed, or a flat folder by name). Hidden files and folders (``._x.png``,
+    ``.ipynb_checkpoints/``) are counted, temp files of interrupted writes are not images. A pipe, socket or
+    device named like an image would block its reader: it is refused (a folder of samples must hold exactly
+    what was written, so are images beside class folders), or with ``skip_irregular`` (a data set as it comes
+    from a disk) left out and named in scan.summary(), which the caller prints (on one rank).
+    """
+    try:
+        scan = scan_image_files(folder, is_image_file)
+    except DataError as error:
+        raise UsageError(str(error)) from error
+    if scan.not_regular and not skip_irregular:
+        path, kind = scan.not_regular[0][:-1].rsplit(" (", 1)  # ImageFolderScan's 'path (kind)'
+        raise UsageError(f"{path} is a {kind}, not an image file: remove it from {folder}")
+    if scan.beside_classes and not skip_irregular:
+        raise UsageError(f"{folder} holds {scan.beside_classes} images beside its folders {', '.join(scan.classes)}: "
+                         "pass a flat folder of images or a tree root/<class>/<image>; move the images or the "
+                         "folders out")
+    return scan
+
+
 def list_image_paths(folder: str, skip_irregular: bool = False) -> list[str]:
-    """
-    The images under folder, recursively, sorted by path (class folders of an ImageFolder tree come in
-    class order). Hidden files and folders (``._x.png``, ``.ipynb_checkpoints/``) and temp files of
-    interrupted writes are not images. A pipe, socket or device named like one would block its reader: it
-    is refused (a folder of samples must hold exactly what was written), or with ``skip_irregular`` (a data
-    set as it comes from a disk) left out with a warning naming it.
-    """
-    paths, irregular = [], []
-    for dirpath, dirnames, names in os.walk(folder):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        for name in filter(is_image_file, names):
-            path = os.path.join(dirpath, name)
-            (paths if os.path.isfile(path) else irregular).append(path)
-    if irregular and not skip_irregular:
-        path = sorted(irregular)[0]
-        raise UsageError(f"{path} is a {file_kind(path)}, not an image file: remove it from {folder}")
-    if irregular:
-        shown = ", ".join(f"{path} ({file_kind(path)})" for path in sorted(irregular)[:3])
-        more = f" and {len(irregular) - 3} more" if len(irregular) > 3 else ""
-        print(f"warning: skipped {len(irregular)} entries named like images that are not files, never opened: "
-              f"{shown}{more}", file=sys.stderr)
-    if not paths:
-        raise UsageError(f"no images found under {folder}: pass a folder of images or an ADM .npz")
-    return sorted(paths)
+    """The paths of :func:`scan_images` (what it left out is not reported: use scan_images for that)."""
+    return scan_images(folder, skip_irregular).paths
 
 
 def choose_subset(total: int, limit: int | None, seed: int | None) -> np.ndarray:
@@ -153,12 +154,12 @@ def load_image_folder(folder: str, limit: int | None = None, seed: int | None = 
     >>> load_image_folder("samples/SiT-XL-2")[:10].shape  # doctest: +SKIP
     (10, 256, 256, 3)
     """
-    paths = list_image_paths(folder)
-    images = []
+    scan = scan_images(folder)
+    if scan.summary():
+        print(f"warning: {scan.summary()}", file=sys.stderr, flush=True)
+    paths, images = scan.paths, []
     for index in choose_subset(len(paths), limit, seed):
         path = paths[index]
-        if not os.path.isfile(path):  # a pipe would block the read forever; a socket or dangling link fails
-            raise UsageError(f"{path} is a {file_kind(path)}, not an image file: remove it from {folder}")
         try:
             with Image.open(path) as image:
                 images.append(np.array(to_rgb(image)))
@@ -166,9 +167,10 @@ def load_image_folder(folder: str, limit: int | None = None, seed: int | None = 
             reason = str(error).replace(f" {path!r}", "") or type(error).__name__
             raise UsageError(f"cannot decode image {path} ({reason}): replace or delete it") from error
     if len({im.shape for im in images}) > 1:
-        raise UsageError(
-            f"images under {folder} have different sizes: {sorted({im.shape for im in images})}"
-        )
+        sizes = ", ".join(f"{h}x{w}" for h, w in sorted({im.shape[:2] for im in images}))
+        raise UsageError(f"images under {folder} have different sizes ({sizes}): samples must share one size (write "
+                         "them again with one --image-size); for a reference, make an ADM-cropped one with "
+                         f"build_reference.py --data-path {folder} --image-size S --out ref.npz")
     return np.stack(images)
 
 

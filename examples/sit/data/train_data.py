@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from evaluation.heldout import HeldoutSet, make_heldout
+from modeling.hub import absolute_if_local
 from modeling.latent_scaling import LatentScaling, check_same, from_record, of_vae
 from modeling.vae import encode_images, load_vae
 from runtime.cli import UsageError
@@ -59,7 +60,7 @@ class TrainData:
     heldout: HeldoutSet | None
     scaling: LatentScaling | None = None  # the factors of the model's latents (None: pixel data)
     heldout_source: str = "none (--eval-every 0)"  # what the held-out set is, for the log
-    notes: tuple[str, ...] = ()  # assumptions worth a warning line in the log
+    notes: tuple[str, ...] = ()  # a warning line each in the log: assumptions, what folder scans left out
 
 
 def latent_scaling(args: argparse.Namespace, dataset: Dataset, vae: nn.Module | None
@@ -91,7 +92,8 @@ def resolve_vae(args: argparse.Namespace, dataset: Dataset) -> None:
     """Fill in --vae when it was not given: --data latents takes the VAE its meta.json names (so the grids,
     the checkpoint's record and sample.py use the VAE that made the latents), the rest SD's."""
     if args.vae is None and args.data in ("imagenet", "latents"):
-        args.vae = (dataset.meta.get("vae") if args.data == "latents" else None) or DEFAULT_VAE
+        # Made absolute as --vae is (train.parse_args): args.json and checkpoints are read from other folders.
+        args.vae = absolute_if_local((dataset.meta.get("vae") if args.data == "latents" else None) or DEFAULT_VAE)
 
 
 def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainData:
@@ -112,13 +114,16 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
             raise UsageError(f"{error} (the VAE decodes the sample grids; --sample-every 0 trains without it)") \
                 from error
     scaling, notes = latent_scaling(args, dataset, vae)
+    notes += scan_notes(dataset)  # read here: the held-out split below wraps the data set
     in_channels, input_size = (channels, size)
     if args.data == "imagenet":  # the model sees latents: the VAE's channels, at its downsampling
         in_channels, input_size = vae.config.latent_channels, size // 2 ** (len(vae.config.block_out_channels) - 1)
     encode = args.data == "imagenet"
     heldout, source = None, "none (--eval-every 0)"
     if args.eval_every > 0:
-        heldout, excluded, source = build_heldout(args, dataset, size, ctx.device, vae if encode else None, scaling)
+        heldout, excluded, source, heldout_notes = build_heldout(args, dataset, size, ctx.device,
+                                                                 vae if encode else None, scaling)
+        notes += heldout_notes
         if excluded:
             dataset = without(dataset, excluded)
     local_batch = args.global_batch_size // ctx.world_size
@@ -131,6 +136,12 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     )
     return TrainData(dataset, sampler, loader, vae, encode, in_channels, input_size, num_classes, heldout, scaling,
                      source, tuple(notes))
+
+
+def scan_notes(dataset: Dataset) -> list[str]:
+    """What the scan of an image folder left out (hidden entries, pipes named like images, ...), as a log note."""
+    summary = dataset.scan_summary if isinstance(dataset, ImageFolderDataset) else None
+    return [summary] if summary else []
 
 
 def heldout_item(dataset: Dataset, index: int, generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -180,10 +191,11 @@ def _take_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int,
 
 def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, device: torch.device,
                   vae: nn.Module | None, scaling: LatentScaling | None = None
-                  ) -> tuple[HeldoutSet, list[int] | None, str]:
+                  ) -> tuple[HeldoutSet, list[int] | None, str, list[str]]:
     """The fixed held-out set of the FM-loss evaluation (see evaluation/heldout.py), the indices of the
-    training set it took (to exclude from training; None when it has its own data) and what it is (for the
-    log). Images that the model sees as latents are encoded with vae (the posterior mean, with scaling)."""
+    training set it took (to exclude from training; None when it has its own data), what it is and what the
+    scan of its own image folder left out (for the log). Images that the model sees as latents are encoded
+    with vae (the posterior mean, with scaling)."""
     try:
         dataset, indices, excluded, source = _take_heldout(args, train_set, image_size, scaling)
     except DataError as error:
@@ -198,4 +210,5 @@ def build_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int,
     y = torch.tensor([int(item[1]) for item in items], device=device)
     if vae is not None:
         x = encode_images(vae, x, scaling, sample=False, chunk=32)
-    return make_heldout(x, y, seed=HELDOUT_SEED), excluded, source
+    own_notes = scan_notes(dataset) if dataset is not train_set else []  # the training set's are noted already
+    return make_heldout(x, y, seed=HELDOUT_SEED), excluded, source, own_notes

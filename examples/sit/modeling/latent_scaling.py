@@ -149,8 +149,15 @@ def check_resume(checkpoint: Mapping, path: str, scaling: LatentScaling | None) 
     if saved is None or scaling is None:
         return
     what = f"checkpoint {path}"
+    fix = "resume with the --vae (or latents) it was trained on, or start a new --exp-name"
     if assumed:
-        saved = before_the_record(trained_on(checkpoint), scaling, saved.latent_channels)
+        data = trained_on(checkpoint)
+        saved = before_the_record(data, scaling, saved.latent_channels)
         what += f" (from before the record: {saved.describe()}, as train.py applied then)"
-    check_same(saved, scaling, what, "this run's data", "resume with the --vae (or latents) it was trained on, "
-               "or start a new --exp-name")
+        if data != "latents" and saved.latent_channels == scaling.latent_channels:
+            # train.py then scaled every VAE's latents by 0.18215: a VAE declaring another factor was trained
+            # with 0.18215 all the same, so resuming with that very VAE cannot match, and no flag makes it.
+            fix = ("the run predates the record and was trained with scaling 0.18215 and no shift whatever its "
+                   "VAE declares, which no resume reproduces with this VAE: start a new --exp-name (only a VAE "
+                   "whose config gives 0.18215, no shift, resumes it, if it is the one the run was trained with)")
+    check_same(saved, scaling, what, "this run's data", fix)

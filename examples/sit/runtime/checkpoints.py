@@ -277,8 +277,9 @@ def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last:
     return removed
 
 
-def write_stopped(experiment_dir: str, signal_name: str, step: int, checkpoint: str, exit_status: int) -> str:
-    """<experiment_dir>/stopped.json: which signal stopped the run at which step, and its checkpoint. A
+def write_stopped(experiment_dir: str, signal_name: str, step: int, checkpoint: str | None, exit_status: int) -> str:
+    """<experiment_dir>/stopped.json: which signal stopped the run at which step, and its checkpoint (None: a
+    stop before the first step of a new run). A
     requeue script tests it where the exit status is lost (torchrun's agent exits 1 after a signal)."""
     path = os.path.join(experiment_dir, STOPPED_FILE)
     record = dict(signal=signal_name, step=step, checkpoint=checkpoint, exit_status=exit_status)

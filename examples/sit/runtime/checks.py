@@ -7,7 +7,9 @@ Every function raises :class:`cli.UsageError` with one line naming the problem a
 - :func:`check_ignored_flags`: flags the chosen data, or ``--no-anm``, would silently ignore.
 - :func:`check_run_folder`: a rerun under an existing experiment name without ``--resume``.
 - :func:`load_checkpoint` / :func:`newest_loadable_checkpoint`: an empty, truncated or foreign file.
-- :func:`check_resume_compatible`: a checkpoint of another model, data set or batch size.
+- :func:`check_resume_compatible`: a checkpoint of another model, data set or batch size (and
+  :func:`heldout_fix`: a data set that differs by the held-out items, naming ``--eval-every`` and
+  ``--eval-data-path``).
 
 Example:
     >>> from checks import check_exp_name
@@ -34,7 +36,7 @@ from runtime.cli import UsageError
 
 __all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
            "check_device", "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
-           "check_resume_compatible", "CHECKPOINT_KEYS"]
+           "check_resume_compatible", "heldout_fix", "CHECKPOINT_KEYS"]
 
 # What a train.py checkpoint must hold to resume from it.
 CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "epoch", "epoch_step", "rng", "world_size", "args",
@@ -259,12 +261,38 @@ def check_resume_compatible(checkpoint: dict, path: str, args: argparse.Namespac
     differing = [f"--{key.replace('_', '-')} {saved_args.get(key)!r} (now {getattr(args, key)!r})"
                  for key in STREAM_SETTINGS if key in saved_args and saved_args.get(key) != getattr(args, key)]
     saved_items = checkpoint.get("num_items")
+    fix = ("resume with those settings (--grad-accum-steps and the number of processes may change), or start a "
+           "new --exp-name")
     if saved_items is not None and saved_items != num_items:
         differing.append(f"a data set of {saved_items} items (now {num_items})")
+        fix = heldout_fix(saved_args, saved_items, args, num_items) or fix
     elif not 0 <= checkpoint["epoch_step"] < steps_per_epoch:  # checkpoints that predate num_items
         differing.append(f"batch {checkpoint['epoch_step']} of an epoch (now {steps_per_epoch} batches per epoch)")
     if differing:
         raise UsageError(f"checkpoint {path} was trained with {', '.join(differing)}: its data position only "
-                         "means something with the same data and global batch; resume with those settings "
-                         "(--grad-accum-steps and the number of processes may change), or start a new --exp-name")
+                         f"means something with the same data and global batch; {fix}")
     check_checkpoint_weights(checkpoint, path, model_config)
+
+
+def heldout_fix(saved_args: dict[str, Any], saved_items: int, args: argparse.Namespace, num_items: int) -> str | None:
+    """What to pass when the training set's length differs from the checkpoint's by exactly the held-out items.
+
+    With --data imagenet / latents, ``--eval-every > 0`` without ``--eval-data-path`` removes ``--eval-samples``
+    items from training (data/train_data.py), so these two operational and location flags change the data
+    set. A checkpoint of a run on the whole set (``--eval-every 0``, ``--eval-data-path``, or one saved before
+    held-out items were removed) and a run that holds items out then differ by ``--eval-samples`` items.
+    None when the difference is something else."""
+    if args.data not in ("imagenet", "latents"):
+        return None
+    n = args.eval_samples
+    if args.eval_every > 0 and args.eval_data_path is None and saved_items - num_items == n:
+        return (f"the checkpoint trained on the whole set, while --eval-every {args.eval_every} without "
+                f"--eval-data-path holds --eval-samples {n} of its items out of training: resume with --eval-every 0 "
+                "or --eval-data-path (a held-out set of its own, e.g. the ImageNet validation folder)")
+    if num_items - saved_items == n and not (args.eval_every > 0 and args.eval_data_path is None):
+        why = " and ".join(([f"--eval-data-path {args.eval_data_path}"] if args.eval_data_path is not None else [])
+                           + (["--eval-every 0"] if args.eval_every == 0 else []))
+        every = saved_args.get("eval_every") or "N > 0"
+        return (f"the checkpoint held --eval-samples {n} items out of training for its held-out loss, while "
+                f"{why} trains on all of them: resume with --eval-every {every} and without --eval-data-path")
+    return None

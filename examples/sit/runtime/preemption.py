@@ -4,7 +4,9 @@ after the current unit of work (an optimizer step, a batch of samples, a chunk o
 SLURM, at a preemption or the time limit, sends SIGTERM to every task and SIGKILL after a grace period
 (``KillWait``, often 30 s); ``#SBATCH --signal=USR1@120`` adds SIGUSR1 that long before the limit. torchrun's
 agent forwards SIGTERM and SIGINT to its workers and kills them 30 s later. Each process of a job sees the
-signal at its own moment, so :class:`StepAgreement` makes the ranks of a training agree on one last step.
+signal at its own moment, so :class:`StepAgreement` makes the ranks of a training agree on one last step, and
+:class:`BatchAgreement` makes every rank of a batch loop (sampling, encoding) stop within a few seconds of any
+rank's signal.
 
 A process stopped this way exits with :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL`` of sysexits.h: a temporary
 failure, retry later), which a requeue script tests; its work so far is on disk and a rerun resumes it.
@@ -31,8 +33,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "SYNC_SECONDS", "StopSignals", "StepAgreement", "Preempted",
-           "exit_preempted", "catches_stop_signals", "ignore_stop_signals"]
+__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "SYNC_SECONDS", "StopSignals", "StepAgreement", "BatchAgreement",
+           "Preempted", "exit_preempted", "catches_stop_signals", "ignore_stop_signals"]
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -153,6 +155,61 @@ class StepAgreement:
     def saved(self) -> None:
         """A checkpoint was just written: the time cadence counts from now."""
         self.last_save_time = self.clock()
+
+
+class BatchAgreement:
+    """Makes the ranks of a loop over batches stop together for a signal that reached any of them, within
+    about ``sync_s`` seconds and one batch, without a sync per batch; the ranks may have different numbers
+    of batches (and skip different ones).
+
+    Call :meth:`poll` before each batch that does work and leave the loop when it says so; then every rank
+    calls :meth:`finish`, which says (the same on every rank) whether the loop was stopped. A rank that got
+    the signal leaves at once; the others learn it at their next sync. Every ``interval`` batches a rank
+    all-reduces (max) its stop flag, whether it still works and its seconds per batch; the interval that
+    follows is the same on every rank, chosen so the next sync comes about ``sync_s`` later. A rank that ran
+    out of batches keeps answering the others' syncs in :meth:`finish` until no rank works, so the number of
+    collectives always matches. A single process checks its flag before every batch (no device sync)."""
+
+    def __init__(self, stop: StopSignals, world_size: int, device: torch.device, sync_s: float = SYNC_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stop, self.world_size, self.device, self.sync_s, self.clock = stop, world_size, device, sync_s, clock
+        self.interval, self.since_sync, self.last_sync = 1, 0, clock()
+        self.stopped = False  # a sync said some rank stopped
+        self.syncs = 0
+
+    def _sync(self, working: bool) -> tuple[bool, bool]:
+        """(some rank stopped, some rank still works); also sets the next interval."""
+        per_batch = (self.clock() - self.last_sync) / max(self.since_sync, 1) if working else 0.0
+        flags = torch.tensor([float(self.stop.requested), float(working), per_batch], dtype=torch.float64,
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, working_any, per_batch = flags.tolist()
+        self.syncs += 1
+        self.interval = max(1, min(MAX_SYNC_INTERVAL, math.floor(self.sync_s / max(per_batch, 1e-9))))
+        self.since_sync, self.last_sync = 0, self.clock()
+        self.stopped = self.stopped or stop > 0
+        return stop > 0, working_any > 0
+
+    def poll(self) -> bool:
+        """Before a batch: whether to leave the loop now (this rank's own signal, or another's at a sync)."""
+        if self.stop.requested or self.stopped:
+            return True
+        if self.world_size > 1 and self.since_sync >= self.interval:
+            self._sync(working=True)
+        self.since_sync += 1
+        return self.stopped
+
+    def finish(self) -> bool:
+        """After the loop, on every rank: whether it was stopped by a signal (to any rank). Also a barrier:
+        it returns once every rank has left its loop."""
+        if self.world_size == 1:
+            return self.stop.requested
+        while not self.stopped:
+            stop, working = self._sync(working=False)
+            if not working:
+                return stop
+        # Some rank saw the stop at a sync; the others see it at theirs (or here): all leave, none waits.
+        return True
 
 
 class Preempted(SystemExit):

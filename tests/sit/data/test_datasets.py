@@ -25,6 +25,7 @@ from data.datasets import (
     read_idx,
     render_sinusoids,
     sample_sinusoid_params,
+    scan_image_files,
     scan_image_folder,
 )
 from image_folders import add_disk_junk, write_image_folder
@@ -347,3 +348,27 @@ def test_build_dataset(tmp_path):
         build_dataset("imagenet")
     with pytest.raises(ValueError, match="unknown dataset"):
         build_dataset("cifar", data_path=root)
+
+
+def test_scan_image_files_reads_trees_as_training_does_and_flat_folders(tmp_path):
+    """The lister of build_reference.py / evaluate.py: a tree exactly as scan_image_folder (links, order, junk),
+    a flat folder of images by name; files beside the class folders left out and counted."""
+    root = write_image_folder(tmp_path / "imgs")
+    add_disk_junk(root)
+    write_image_folder(tmp_path / "other", classes=("emu",))
+    os.symlink(tmp_path / "other" / "emu", os.path.join(root, "emu"))
+    Image.new("RGB", (4, 4)).save(os.path.join(root, "stray.png"))
+    tree, files = scan_image_folder(root), scan_image_files(root)
+    assert files.paths == tree.paths and files.labels == tree.labels and files.classes == ["cat", "dog", "emu"]
+    assert files.hidden == tree.hidden == 4 and files.not_regular == tree.not_regular
+    assert tree.beside_classes == 0 and files.beside_classes == 1
+    assert "left out 1 image beside the class folders" in files.summary()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("b.png", "a.jpg", "._a.png", "notes.txt"):
+        Image.new("RGB", (4, 4)).save(flat / name, format="PNG")
+    scan = scan_image_files(str(flat))
+    assert scan.paths == [str(flat / "a.jpg"), str(flat / "b.png")] and scan.labels == [0, 0] and not scan.classes
+    assert scan.hidden == 1
+    with pytest.raises(DataError, match="no images found"):
+        scan_image_folder(str(flat))  # not an ImageFolder tree: training refuses it

@@ -76,3 +76,11 @@ def test_resume_without_the_flags_keeps_the_run(tmp_path: Path) -> None:
     log = (tmp_path / "custom" / "log.txt").read_text()
     assert "changed on resume: --log-every 1 -> 2, --max-steps 2 -> 4" in log
     assert "restored from" in log and "--anm-alpha 5.0" in log and "--lr 0.0003" in log
+
+
+
+def test_a_new_run_under_resume_auto_refuses_flags_it_would_ignore(tmp_path: Path) -> None:
+    """--resume auto on a new experiment (no checkpoint yet) trained with --anm-alpha and no --anm, exit 0."""
+    with pytest.raises(UsageError, match=r"^--anm-alpha \(ANM is off: add --anm\) would be ignored: drop it$"):
+        train.main(train.parse_args(tiny(tmp_path, "--anm-alpha", "50", "--max-steps", "2", "--resume", "auto")))
+    assert not (tmp_path / "custom").exists()  # refused before the run folder exists

@@ -8,7 +8,14 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runtime.preemption import EXIT_PREEMPTED, Preempted, StepAgreement, StopSignals, catches_stop_signals
+from runtime.preemption import (
+    EXIT_PREEMPTED,
+    BatchAgreement,
+    Preempted,
+    StepAgreement,
+    StopSignals,
+    catches_stop_signals,
+)
 
 
 class FakeClock:
@@ -106,3 +113,57 @@ def test_the_interval_grows_to_the_sync_period_for_fast_steps(monkeypatch) -> No
     agreement.poll(1)
     assert agreement.interval == 40 and agreement.next_check == 41  # 5 s / 0.125 s per step
     assert agreement.poll(2) == (False, False) and agreement.next_check == 41  # no sync before step 41
+
+
+def test_batch_agreement_in_one_process_checks_the_flag_before_every_batch() -> None:
+    stop = StopSignals()
+    agreement = BatchAgreement(stop, 1, torch.device("cpu"))
+    assert [agreement.poll() for _ in range(3)] == [False] * 3
+    stop.received.append(signal.SIGINT)
+    assert agreement.poll() and agreement.finish() and agreement.syncs == 0
+
+
+def _batch_loop(agreement: BatchAgreement, clock: FakeClock, batches: int, signal_before: int | None) -> int:
+    """Batches done before the loop ended (signal_before: this rank's signal arrives before that batch)."""
+    done = 0
+    for batch in range(batches):
+        if batch == signal_before:
+            agreement.stop.received.append(signal.SIGTERM)
+        if agreement.poll():
+            break
+        clock.tick()
+        done += 1
+    return done
+
+
+def _batch_rank(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out = []
+    # Uneven shares, no signal: rank 0 runs out after 3 batches and answers rank 1's syncs until it is done.
+    clock = FakeClock(step_s=1.0)
+    agreement = BatchAgreement(StopSignals(), 2, torch.device("cpu"), sync_s=0.5, clock=clock)
+    out.append((_batch_loop(agreement, clock, 3 if rank == 0 else 10, None), agreement.finish()))
+    # Rank 1 alone is signalled before its 5th batch; a batch takes 1 s > sync_s: rank 0 stops at the next check.
+    clock = FakeClock(step_s=1.0)
+    agreement = BatchAgreement(StopSignals(), 2, torch.device("cpu"), sync_s=0.5, clock=clock)
+    out.append((_batch_loop(agreement, clock, 50, 4 if rank == 1 else None), agreement.finish()))
+    # Fast batches (0.25 s, sync_s 2 s): a check every 8 batches; rank 0 stops within 8 batches of rank 1.
+    clock = FakeClock(step_s=0.25)
+    agreement = BatchAgreement(StopSignals(), 2, torch.device("cpu"), sync_s=2.0, clock=clock)
+    out.append((_batch_loop(agreement, clock, 100, 20 if rank == 1 else None), agreement.finish(),
+                agreement.interval))
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def test_batch_agreement_stops_every_rank_soon_after_a_signal_to_one() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_batch_rank, args=(port, results), nprocs=2, join=True)
+    (uneven0, stopped0, fast0), (uneven1, stopped1, fast1) = results[0], results[1]
+    assert uneven0 == (3, False) and uneven1 == (10, False)  # every batch done, the same verdict, no hang
+    assert stopped1 == (4, True) and stopped0[1] and 4 <= stopped0[0] <= 5
+    assert fast1[:2] == (20, True) and fast0[1] and 20 <= fast0[0] <= 28 and fast0[2] == fast1[2] == 8
