@@ -89,6 +89,7 @@ class Regularizer:
         self._count_at_last_call = 0
         self._empty_training_calls = 0
         self._ever_recorded = False
+        self._stale_check_warned = False
         self._width_checked = False
         self._last: dict[str, Any] | None = None
         self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
@@ -309,7 +310,9 @@ class Regularizer:
         if self._ever_recorded or not (self.model.training and torch.is_grad_enabled()):
             return
         stale = self.collector.compiled_without_hooks()
-        if stale:
+        if stale is None:
+            self._warn_once_stale_check_unavailable()
+        elif stale:
             raise ANMError(
                 f"no activations were recorded although the model is in training mode, and torch.compile "
                 f"holds compiled graphs of {', '.join(stale)}.forward: a graph traced before ANM's hooks "
@@ -318,6 +321,19 @@ class Regularizer:
                 "(compiled code then recompiles with the hooks), or attach before compiling. "
                 "(If this step's forwards all ran under torch.no_grad() on purpose, skip loss() for it.)"
             )
+
+    def _warn_once_stale_check_unavailable(self) -> None:
+        # Not knowing must not look like "no stale graph": say so once, with both fixes.
+        if self._stale_check_warned:
+            return
+        self._stale_check_warned = True
+        warn(
+            f"ANM: a training-mode loss() found nothing recorded, and torch {torch.__version__} offers no "
+            "way to check whether torch.compile holds a graph traced before ANM's hooks existed (which "
+            "would skip them, leaving the ANM term at 0 for the whole run). If you compiled before "
+            "attaching ANM, call torch.compiler.reset() after attaching; otherwise make sure the forward "
+            "runs in training mode with autograd on before loss()."
+        )
 
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():

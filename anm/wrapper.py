@@ -70,7 +70,7 @@ class ANM(nn.Module):
         )
         self.model = model
         self.regularizer = regularizer
-        self.register_load_state_dict_pre_hook(_route_keys_to_model)
+        _register_load_pre_hook(self, _route_keys_to_model)
         self.register_load_state_dict_post_hook(_report_keys_as_model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -166,6 +166,14 @@ class ANM(nn.Module):
 
     def extra_repr(self) -> str:
         return self.regularizer.describe()
+
+
+def _register_load_pre_hook(module: nn.Module, hook: Any) -> Any:
+    # Public from torch 2.5 on. Torch 2.4 (the floor) has the same hook under a private name; with
+    # with_module=True it is called with the same arguments, the module first.
+    if hasattr(nn.Module, "register_load_state_dict_pre_hook"):
+        return module.register_load_state_dict_pre_hook(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 # A wrapper nested in another module is saved through ANM.state_dict (torch recurses by calling it) but
