@@ -149,6 +149,32 @@ def test_hf_trainer_adds_the_term_once_per_optimizer_step_with_gradient_accumula
     reg.detach()
 
 
+def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
+    # Trainer keeps only the dataset columns that model.forward names; the wrapper shows its model's
+    # signature, so input_ids and labels reach GPT-2 (with *args, **kwargs: "The batch received was empty").
+    pytest.importorskip("transformers")
+    model = anm.ANM(gpt2(), alpha=1.0, lam=1.0, warmup=WARMUP)  # GPT-2's init norms are ≈ 0.05 < α
+
+    class WrapperTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                loss = loss + model.loss(step=self.state.global_step)
+            return (loss, outputs) if return_outputs else loss
+
+    args = hf_args(tmp_path, max_steps=3, save_strategy="no")
+    trainer = WrapperTrainer(model=model, args=args, train_dataset=lm_data())
+    trainer.train()
+    assert {"input_ids", "labels"} <= set(trainer._signature_columns)
+    assert [entry["step"] for entry in train_logs(trainer)] == [1, 2, 3]
+    stats = model.stats()
+    assert stats["anm/weight"] == weight(2) and stats["anm/loss"] > 0
+    assert {"anm/norm/transformer.h.0", "anm/norm/transformer.h.1"} <= stats.keys()
+    model.close()
+
+
 def test_hf_trainer_checkpoint_resume_and_save_pretrained(tmp_path):
     pytest.importorskip("transformers")
     data = lm_data()
