@@ -117,7 +117,6 @@ def test_graph_compiled_before_the_hooks_is_a_clear_error_not_a_silent_zero(comp
     compiled(x, t)
     if wrapped.collector.records:  # this torch recompiled with the hooks: nothing stale
         assert wrapped.loss().item() > 0
-        assert compiled_first == "another instance", "a graph traced before the hooks ran them"
         return
     with pytest.raises(anm.ANMError, match=r"ToyDiT\.forward.*torch\.compiler\.reset\(\)"):
         wrapped.loss()
@@ -133,20 +132,24 @@ def test_stale_graph_check_is_available_on_this_torch():
 
 
 def test_an_unavailable_stale_graph_check_warns_instead_of_passing_silently(monkeypatch):
-    torch._dynamo.reset()
+    # A training step that records nothing is what a stale graph looks like; a forward under no_grad
+    # produces the same on any torch, without depending on which graphs a release reuses.
     _, hooked = twin_models()
-    x, t = make_batch()
-    compiled = torch.compile(hooked, backend="eager")
-    compiled(x, t)
     wrapped = ANM(hooked, alpha=ALPHA, warmup=0)
     monkeypatch.setattr(anm.compiled, "cache_entry_lister", lambda: None)
-    compiled(x, t)  # the stale graph: nothing recorded
+    with torch.no_grad():
+        wrapped(*make_batch())
     with pytest.warns(UserWarning, match=r"no way to check.*torch\.compiler\.reset\(\)"):
         assert wrapped.loss().item() == 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per regulariser
         wrapped.loss()
-    torch.compiler.reset()
+    monkeypatch.undo()
+    with torch.no_grad():
+        wrapped(*make_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the helper: nothing compiled, so nothing to say
+        assert ANM(twin_models()[1], alpha=ALPHA, warmup=0).loss().item() == 0.0
 
 
 def test_compiled_model_in_eval_or_wrapped_first_raises_nothing():
