@@ -36,7 +36,7 @@ def first_run(tmp_path, steps: int = 5):
 def resumed(path, restore_anm: bool):
     wrapped = anm.ANM(ToyDiT(), alpha=ALPHA, warmup=WARMUP)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
-    checkpoint = torch.load(path)
+    checkpoint = torch.load(path, weights_only=True)
     wrapped.load_state_dict(checkpoint["model"])
     opt.load_state_dict(checkpoint["opt"])
     if restore_anm:
