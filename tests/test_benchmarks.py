@@ -172,3 +172,18 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
     bogus = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "bogus"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert bogus.returncode == 2 and "unknown part bogus" in bogus.stderr
+
+
+def test_compare_commits_smoke(tmp_path):
+    import subprocess
+
+    root = BENCHMARKS.parent
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("compare_commits.py reads the library out of git history: not a git checkout")
+    bench = load("compare_commits")
+    out = tmp_path / "compare.json"
+    result = bench.main(bench.parse_args(["HEAD", "HEAD", "--steps", "1", "--repeats", "2", "--warmup", "1",
+                                          "--out", str(out)]))
+    assert json.loads(out.read_text())["commits"] == ["HEAD", "HEAD"]
+    assert set(result["paired_overhead_pct"]) == {"baseline", "control", "anm@HEAD"}
+    assert result["paired_overhead_pct"]["baseline"] == 0 and len(result["cpu_ms"]["anm@HEAD"]) == 2
