@@ -202,6 +202,16 @@ class _ForwardWithModelSignature:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return ANM.forward(self.wrapper, *args, **kwargs)
 
+    # Like a bound method's: code that re-binds `module.forward.__func__` to the module (accelerate's
+    # mixed-precision wrapper and its unwrap_model) binds the plain ANM.forward, not this object.
+    @property
+    def __func__(self) -> Any:
+        return ANM.forward
+
+    @property
+    def __self__(self) -> ANM:
+        return self.wrapper
+
     @property
     def __signature__(self) -> inspect.Signature:
         try:

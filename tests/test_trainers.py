@@ -374,3 +374,23 @@ def test_recipe_classes_are_the_ones_in_the_docs(name):
     if recipe is None:
         pytest.skip(f"{name} needs {'transformers' if name == 'ANMTrainer' else 'lightning'}")
     assert textwrap.dedent(inspect.getsource(recipe)) in DOC.read_text(), f"docs/integrations.md's {name} differs"
+
+
+def test_accelerate_mixed_precision_prepares_and_unwraps_the_anm_wrapper():
+    # accelerate re-binds model.forward.__func__ for autocast, and again on unwrap_model: the wrapper's
+    # forward (which carries the model's signature) must re-bind as a method does.
+    accelerate = pytest.importorskip("accelerate")
+    wrapped = anm.ANM(tiny_transformer(), alpha=1e3, lam=1.0, warmup=0)  # α above every norm: a term > 0
+    x = token_data()[:4][0]
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # one state per process
+    try:
+        accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare(wrapped)
+        assert prepared(x).dtype == torch.float32 and wrapped.loss().item() > 0
+        unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        assert unwrapped is wrapped
+        torch.testing.assert_close(unwrapped(x), wrapped.model(x))
+        assert wrapped.loss().item() > 0
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+        wrapped.close()
