@@ -143,11 +143,12 @@ class ActivationCollector:
         """Forget everything recorded so far (hooks stay)."""
         self.pop()
 
-    def compiled_without_hooks(self) -> list[str]:
+    def compiled_without_hooks(self) -> list[str] | None:
         """Classes enclosing the hooked layers whose ``forward`` torch.compile has compiled in this process.
 
         When a forward in training mode recorded nothing and this is not empty, the compiled graph was
         most likely traced before the hooks were registered: Dynamo does not notice hooks added later.
+        ``None`` when this torch offers no way to tell (a private Dynamo helper moved).
 
         Example:
             >>> import torch

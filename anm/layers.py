@@ -21,6 +21,11 @@ _WRAPPER_PARTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_che
 # A block list must hold at least this share of the largest one's parameters to be hooked too
 # (Flux-style double + single block stacks, encoder + decoder stacks).
 _SECOND_STACK_SHARE = 0.25
+# Words that name a text / conditioning stream in a block list's path: Lumina2's and Z-Image's
+# `context_refiner`, HunyuanVideo's `context_embedder.token_refiner.refiner_blocks` refine the caption
+# tokens on their own before they meet the image stream. Their depth relative to the main list says
+# nothing (2 refiner layers against 2 main layers in a small config), their names do.
+_TEXT_STREAM_WORDS = frozenset({"context", "text", "txt", "caption", "cap", "prompt"})
 
 
 def clean_name(name: str) -> str:
@@ -39,11 +44,15 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A block list is an ``nn.ModuleList``/``nn.Sequential`` of at least two children of one class, each with
     parameters and submodules of its own (SiT/DiT ``blocks``, timm ViT ``blocks``, GPT-2
-    ``transformer.h``, Llama ``model.layers``, diffusers ``transformer_blocks``). The largest list by
-    parameter count is taken, plus any list outside it holding at least a quarter as many parameters
-    (e.g. Flux's ``single_transformer_blocks``). Lists inside a chosen list (MoE experts) are skipped,
-    except in hierarchical models: when every element of the list is a stage whose own block list holds
-    most of its parameters (Swin, ConvNeXt), the blocks inside the stages are taken.
+    ``transformer.h``, Llama ``model.layers``, diffusers ``transformer_blocks``); a model without one
+    (a depth-1 config) has its one-block lists taken instead. Lists whose path names a text stream
+    (``context``, ``text``, ``txt``, ``caption``, ``cap``, ``prompt``: Lumina2 / Z-Image
+    ``context_refiner``, HunyuanVideo ``context_embedder.token_refiner``) are left out whenever the model
+    has other block lists, whatever their depths: ANM regularises the image / main stream. Of the rest,
+    the largest list by parameter count is taken, plus any list outside it holding at least a quarter as
+    many parameters (e.g. Flux's ``single_transformer_blocks``). Lists inside a chosen list (MoE experts)
+    are skipped, except in hierarchical models: when every element of the list is a stage whose own
+    block list holds most of its parameters (Swin, ConvNeXt), the blocks inside the stages are taken.
 
     Example:
         >>> from torch import nn
@@ -57,7 +66,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         ['blocks.0', 'blocks.1', 'blocks.2']
     """
     _require_module(model)
-    stacks = _block_stacks(model)
+    stacks = _main_stream_stacks(model)
     if not stacks:
         raise ANMError(
             "layers='auto' found no transformer block list (an nn.ModuleList/nn.Sequential of >= 2 "
@@ -223,19 +232,33 @@ def _glob_to_regex(glob: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def _block_stacks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+def _block_stacks(model: nn.Module, min_blocks: int = 2) -> list[tuple[str, nn.Module, int]]:
     return [
         (name, module, sum(p.numel() for p in module.parameters()))
         for name, module in model.named_modules()
-        if _is_block_list(module)
+        if _is_block_list(module, min_blocks)
     ]
 
 
-def _is_block_list(module: nn.Module) -> bool:
+def _main_stream_stacks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    # Lists of two or more blocks, else (a depth-1 config) of one; text-stream lists only when nothing
+    # else is there (a text model's own layers).
+    for min_blocks in (2, 1):
+        main = [stack for stack in _block_stacks(model, min_blocks) if not _names_text_stream(stack[0])]
+        if main:
+            return main
+    return _block_stacks(model)
+
+
+def _names_text_stream(path: str) -> bool:
+    return any(word in _TEXT_STREAM_WORDS for part in path.lower().split(".") for word in part.split("_"))
+
+
+def _is_block_list(module: nn.Module, min_blocks: int = 2) -> bool:
     if not isinstance(module, (nn.ModuleList, nn.Sequential)):
         return False
     children = list(module.children())
-    if len(children) < 2 or any(type(child) is not type(children[0]) for child in children):
+    if len(children) < min_blocks or any(type(child) is not type(children[0]) for child in children):
         return False
     # A block has parameters and structure of its own: this skips lists of bare Linear heads.
     return all(_has_params(child) and any(True for _ in child.children()) for child in children)

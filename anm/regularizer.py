@@ -84,11 +84,14 @@ class Regularizer:
         self._steps = OptimizerStepCounter(model)
         self._release_when_dropped()
         self._offset = 0  # step = optimizer steps counted + offset (set by an explicit step or a resume)
+        self._clock_set = False  # the user gave the step (loss(step=...) or load_state_dict): trust it
+        self._resume_checked = False
         self._last_step: int | None = None
         self._calls_without_step = 0
         self._count_at_last_call = 0
         self._empty_training_calls = 0
         self._ever_recorded = False
+        self._stale_check_warned = False
         self._width_checked = False
         self._last: dict[str, Any] | None = None
         self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
@@ -221,6 +224,7 @@ class Regularizer:
         if not isinstance(state, dict) or "step" not in state:
             raise ANMError("ANM state has no 'step': pass what state_dict() / anm_state_dict() returned.")
         self._offset = validate_step(state["step"]) - self._steps.count
+        self._clock_set = True
 
     def detach(self) -> None:
         """Remove every hook and stop counting steps (the model then trains without ANM). Safe to call twice."""
@@ -252,11 +256,33 @@ class Regularizer:
         if step is not None:
             step = validate_step(step)
             self._offset = step - self._steps.count  # later step-less calls go on counting from here
+            self._clock_set = True
             self._calls_without_step = 0
             return step
         if recorded:  # an eval loop calling loss() on nothing is no training step
             self._count_calls_without_optimizer_steps()
+        self._warn_once_if_optimizer_says_resumed()
         return self.step
+
+    def _warn_once_if_optimizer_says_resumed(self) -> None:
+        # A resumed run that restores model and optimizer but not this state restarts the warm-up at 0;
+        # the optimizer's own step count (Adam's state[p]["step"]) shows it. Checked once, at the first
+        # optimizer step counted; an explicit step or load_state_dict() is the user's word and is trusted.
+        seen = self._steps.first_step_seen
+        if self._resume_checked or self._clock_set or seen is None:
+            return
+        self._resume_checked = True
+        optimizer_steps, ours = seen  # without _clock_set the offset is 0: our clock is the count
+        if optimizer_steps == ours:
+            return
+        warn(
+            f"ANM: the optimizer of the model's parameters has taken {optimizer_steps} steps (its state says so), "
+            f"but ANM's warm-up clock counted {ours}: the run was resumed without ANM's own state, so the "
+            f"warm-up restarted from 0. Restore it with reg.load_state_dict(saved) / "
+            f"wrapped.load_anm_state_dict(saved) (what state_dict() / anm_state_dict() returned when the "
+            f"checkpoint was saved), or pass loss(step=<optimizer step>). If ANM starts mid-training on "
+            f"purpose, say so with reg.load_state_dict({{'step': 0}}) right after attaching."
+        )
 
     def _count_calls_without_optimizer_steps(self) -> None:
         # A clock that never moves keeps the weight at w(0) = 0: ANM would be silently off.
@@ -309,7 +335,9 @@ class Regularizer:
         if self._ever_recorded or not (self.model.training and torch.is_grad_enabled()):
             return
         stale = self.collector.compiled_without_hooks()
-        if stale:
+        if stale is None:
+            self._warn_once_stale_check_unavailable()
+        elif stale:
             raise ANMError(
                 f"no activations were recorded although the model is in training mode, and torch.compile "
                 f"holds compiled graphs of {', '.join(stale)}.forward: a graph traced before ANM's hooks "
@@ -318,6 +346,19 @@ class Regularizer:
                 "(compiled code then recompiles with the hooks), or attach before compiling. "
                 "(If this step's forwards all ran under torch.no_grad() on purpose, skip loss() for it.)"
             )
+
+    def _warn_once_stale_check_unavailable(self) -> None:
+        # Not knowing must not look like "no stale graph": say so once, with both fixes.
+        if self._stale_check_warned:
+            return
+        self._stale_check_warned = True
+        warn(
+            f"ANM: a training-mode loss() found nothing recorded, and torch {torch.__version__} offers no "
+            "way to check whether torch.compile holds a graph traced before ANM's hooks existed (which "
+            "would skip them, leaving the ANM term at 0 for the whole run). If you compiled before "
+            "attaching ANM, call torch.compiler.reset() after attaching; otherwise make sure the forward "
+            "runs in training mode with autograd on before loss()."
+        )
 
     def _device(self) -> torch.device:
         for tensor in self.model.parameters():

@@ -41,6 +41,9 @@ class OptimizerStepCounter:
 
     def __init__(self, model: nn.Module) -> None:
         self.count = 0
+        # (optimizer's own step count, our count) at the first step counted: what a resume check compares.
+        self.first_step_seen: tuple[int, int] | None = None
+        self._look_at_first_step = True
         self._armed = True
         # A strong reference adds no lifetime (the regulariser holds the model anyway), and unlike a weak
         # one it follows copy.deepcopy / pickle to the copied model.
@@ -59,6 +62,8 @@ class OptimizerStepCounter:
         # A copy (deepcopy of a wrapped model, a pickled module in a spawned process) counts its own
         # model's optimizer steps from where the original was.
         self.count, self._armed, self._model = state["count"], state["_armed"], state["_model"]
+        # A copy's optimizer (fresh, or the original's) says nothing about the copy's own clock.
+        self.first_step_seen, self._look_at_first_step = None, False
         self._holds = weakref.WeakKeyDictionary()
         if state["_counting"]:
             self._start()
@@ -76,6 +81,24 @@ class OptimizerStepCounter:
         if self._armed and self._holds_model_parameters(optimizer):
             self.count += 1
             self._armed = False
+            if self._look_at_first_step:
+                self._look_at_first_step = False
+                steps = self._optimizer_steps(optimizer)
+                if steps is not None:
+                    self.first_step_seen = (steps, self.count)
+
+    def _optimizer_steps(self, optimizer: torch.optim.Optimizer) -> int | None:
+        # Adam-style optimizers keep a per-parameter "step" that a resumed optimizer brings along. Read once,
+        # and only from the host: a step tensor on an accelerator (fused / capturable) would cost a sync.
+        owned = {id(p) for p in self._model.parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step") if id(p) in owned else None
+                if isinstance(step, torch.Tensor):
+                    return int(step.item()) if step.device.type == "cpu" and step.numel() == 1 else None
+                if isinstance(step, (int, float)):
+                    return int(step)
+        return None
 
     def _holds_model_parameters(self, optimizer: torch.optim.Optimizer) -> bool:
         # Cached per optimizer; recomputed if its parameter groups change (add_param_group).

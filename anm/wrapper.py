@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
@@ -70,10 +71,29 @@ class ANM(nn.Module):
         )
         self.model = model
         self.regularizer = regularizer
-        self.register_load_state_dict_pre_hook(_route_keys_to_model)
+        if type(self).forward is ANM.forward:  # a subclass's own forward keeps its own signature
+            # An instance attribute shadows the method: what inspect.signature(wrapped.forward) reads.
+            self.forward = _ForwardWithModelSignature(self)
+        _register_load_pre_hook(self, _route_keys_to_model)
         self.register_load_state_dict_post_hook(_report_keys_as_model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model; ``inspect.signature(wrapped.forward)`` is the model's own ``forward``'s.
+
+        Trainers that keep only the inputs ``forward`` names (HF ``Trainer`` drops every dataset column
+        that is not a parameter of it) therefore see the model's parameters, not ``*args, **kwargs``.
+
+        Example:
+            >>> import inspect, torch, anm
+            >>> class Net(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
+            ...     def forward(self, input_ids, labels=None):
+            ...         return input_ids
+            >>> list(inspect.signature(anm.ANM(Net(), site="output").forward).parameters)
+            ['input_ids', 'labels']
+        """
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -166,6 +186,52 @@ class ANM(nn.Module):
 
     def extra_repr(self) -> str:
         return self.regularizer.describe()
+
+
+class _ForwardWithModelSignature:
+    """``ANM.forward`` bound to one wrapper, whose ``__signature__`` is the wrapped model's ``forward``'s.
+
+    ``inspect.signature`` of a bound method reads the class's function, shared by every wrapper; an
+    object per wrapper can carry the signature of its own model. An object, not a closure, so that
+    ``copy.deepcopy`` / pickle of the wrapper point the copy's forward at the copied wrapper.
+    """
+
+    def __init__(self, wrapper: ANM) -> None:
+        self.wrapper = wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return ANM.forward(self.wrapper, *args, **kwargs)
+
+    # Like a bound method's: code that re-binds `module.forward.__func__` to the module (accelerate's
+    # mixed-precision wrapper and its unwrap_model) binds the plain ANM.forward, not this object.
+    @property
+    def __func__(self) -> Any:
+        return ANM.forward
+
+    @property
+    def __self__(self) -> ANM:
+        return self.wrapper
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            return inspect.signature(self.wrapper.model.forward)
+        except (TypeError, ValueError):  # a forward without an inspectable signature (a builtin)
+            return inspect.signature(ANM.forward).replace(parameters=_VAR_PARAMETERS)
+
+
+_VAR_PARAMETERS = [
+    inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+]
+
+
+def _register_load_pre_hook(module: nn.Module, hook: Any) -> Any:
+    # Public from torch 2.5 on. Torch 2.4 (the floor) has the same hook under a private name; with
+    # with_module=True it is called with the same arguments, the module first.
+    if hasattr(nn.Module, "register_load_state_dict_pre_hook"):
+        return module.register_load_state_dict_pre_hook(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)
 
 
 # A wrapper nested in another module is saved through ANM.state_dict (torch recurses by calling it) but

@@ -77,6 +77,55 @@ def test_diffusers_flux_double_and_single_stacks():
                 "single_transformer_blocks.1"])
 
 
+def lumina2(num_layers: int, num_refiner_layers: int):
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "Lumina2Transformer2DModel"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no Lumina2Transformer2DModel")
+    torch.manual_seed(0)
+    return diffusers.Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=num_layers,
+        num_refiner_layers=num_refiner_layers, num_attention_heads=2, num_kv_heads=2, multiple_of=8,
+        ffn_dim_multiplier=None, axes_dim_rope=(4, 6, 6), axes_lens=(64, 16, 16), cap_feat_dim=16,
+    )
+
+
+@pytest.mark.parametrize("num_refiner_layers", [2, 4])  # refiners as deep as the main list, and deeper
+def test_diffusers_lumina2_hooks_the_image_stream_not_the_caption_refiner(num_refiner_layers):
+    model = lumina2(num_layers=2, num_refiner_layers=num_refiner_layers)
+    kwargs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([0.3, 0.8]),
+        encoder_hidden_states=torch.randn(2, 5, 16), encoder_attention_mask=torch.ones(2, 5, dtype=torch.bool),
+    )
+    expected = [f"noise_refiner.{i}" for i in range(num_refiner_layers)] + ["layers.0", "layers.1"]
+    check_wrap(model, lambda m: m(**kwargs).sample, expected)
+
+
+def test_diffusers_z_image_leaves_out_the_caption_refiner():
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "ZImageTransformer2DModel"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no ZImageTransformer2DModel")
+    torch.manual_seed(0)
+    model = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=2,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    )
+    expected = ["noise_refiner.0", "noise_refiner.1", "layers.0", "layers.1"]
+    assert [name for name, _ in anm.find_blocks(model)] == expected
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_diffusers_hunyuan_video_leaves_out_the_token_refiner(depth):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=depth,
+        num_single_layers=depth, num_refiner_layers=2, patch_size=1, patch_size_t=1, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+    )
+    expected = [f"{stack}.{i}" for stack in ("transformer_blocks", "single_transformer_blocks") for i in range(depth)]
+    assert [name for name, _ in anm.find_blocks(model)] == expected
+
+
 def test_timm_vit():
     # timm is in no extra: it needs torchvision, which does not load beside the CPU torch build CI installs.
     # Run it where both are installed, e.g. torch 2.14.1 + torchvision 0.29.1 + timm.

@@ -111,3 +111,48 @@ def test_lists_of_lists_given_as_layers_mean_the_blocks_inside():
     model = nn.Module()
     model.stages = nn.ModuleList(nn.ModuleList(ToyBlock(8) for _ in range(2)) for _ in range(2))
     assert names(select_layers(model, model.stages)) == ["stages.0.0", "stages.0.1", "stages.1.0", "stages.1.1"]
+
+
+def lumina_like(refiner_depth: int, main_depth: int, refiner_width: int = 16) -> nn.Module:
+    """Lumina2 / Z-Image layout: image and caption refiners of the main block class, then the main list."""
+    model = nn.Module()
+    model.noise_refiner = nn.ModuleList(ToyBlock(16) for _ in range(refiner_depth))
+    model.context_refiner = nn.ModuleList(ToyBlock(refiner_width) for _ in range(refiner_depth))
+    model.layers = nn.ModuleList(ToyBlock(16) for _ in range(main_depth))
+    return model
+
+
+@pytest.mark.parametrize("refiner_depth, main_depth", [(2, 24), (2, 2), (6, 2)])
+def test_auto_leaves_out_caption_refiners_whatever_the_depths(refiner_depth, main_depth):
+    found = names(find_blocks(lumina_like(refiner_depth, main_depth, refiner_width=32)))
+    assert not any(name.startswith("context_refiner") for name in found)
+    assert [name for name in found if name.startswith("layers.")] == [f"layers.{i}" for i in range(main_depth)]
+
+
+def test_auto_leaves_out_a_token_refiner_inside_the_text_embedder():
+    # HunyuanVideo: context_embedder.token_refiner.refiner_blocks, deeper than a small config's main lists.
+    model = nn.Module()
+    model.context_embedder = nn.Module()
+    model.context_embedder.token_refiner = nn.Module()
+    model.context_embedder.token_refiner.refiner_blocks = nn.ModuleList(ToyBlock(32) for _ in range(4))
+    model.transformer_blocks = nn.ModuleList(ToyBlock(16) for _ in range(2))
+    model.single_transformer_blocks = nn.ModuleList(ToyBlock(16) for _ in range(2))
+    expected = ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0",
+                "single_transformer_blocks.1"]
+    assert names(find_blocks(model)) == expected
+
+
+def test_a_text_model_keeps_its_own_layers():
+    model = nn.Module()
+    model.text_model = nn.Module()
+    model.text_model.encoder = nn.Module()
+    model.text_model.encoder.layers = nn.ModuleList(ToyBlock(16) for _ in range(3))
+    assert names(find_blocks(model)) == [f"text_model.encoder.layers.{i}" for i in range(3)]
+
+
+def test_depth_one_configs_have_their_one_block_lists_found():
+    model = nn.Module()
+    model.transformer_blocks = nn.ModuleList([ToyBlock(16)])
+    model.single_transformer_blocks = nn.ModuleList([ToyBlock(16)])
+    model.context_refiner = nn.ModuleList([ToyBlock(16)])
+    assert names(find_blocks(model)) == ["transformer_blocks.0", "single_transformer_blocks.0"]

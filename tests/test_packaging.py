@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 import anm
 
@@ -68,6 +69,38 @@ def test_every_extra_requirement_is_used_by_the_examples(extra):
     assert declared, f"no requirements found for the {extra!r} extra"
     unused = [r.name for r in declared if IMPORT_NAMES.get(r.name, r.name.replace("-", "_")) not in used]
     assert unused == []
+
+
+def declared(extra: str | None = None) -> list[Requirement]:
+    """pyproject.toml's requirements (the source, not an installed copy's metadata)."""
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+    return [Requirement(line) for line in lines]
+
+
+def torch_floor(extra: str | None = None) -> Version | None:
+    specs = [spec for r in declared(extra) if r.name == "torch" for spec in r.specifier if spec.operator == ">="]
+    return Version(specs[0].version) if specs else None
+
+
+# transformers and diffusers releases declare torch>=2.6 and switch their torch support off below it; so do
+# the SiT example's needs (torch.serialization.safe_globals is not in 2.4).
+@pytest.mark.parametrize("extra", ["examples", "eval", "integrations", "dev"])
+def test_extras_declare_the_torch_their_packages_need(extra):
+    assert torch_floor(extra) == Version("2.6"), f"the {extra!r} extra needs torch>=2.6"
+
+
+def test_ci_tests_the_library_floor_and_the_readme_states_it():
+    floor = torch_floor()
+    ci = (ROOT / ".ci" / "run").read_text()
+    tested = [Version(v) for v in re.findall(r"\bfor version in ([\d. ]+);", ci)[0].split()]
+    assert any(v.release[:2] == floor.release[:2] for v in tested), f"CI does not test torch {floor}"
+    assert re.search(r"^timed make test$", ci, re.M), "CI must keep running the README's test command"
+    readme = (ROOT / "README.md").read_text()
+    assert f"| the library `anm` | torch ≥ {floor}, nothing else |" in readme
+    for version in tested:
+        assert f"**{version}**" in readme, f"README's requirements table does not say {version} is tested"
 
 
 def python_blocks(markdown: Path) -> list[str]:

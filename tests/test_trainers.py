@@ -149,6 +149,32 @@ def test_hf_trainer_adds_the_term_once_per_optimizer_step_with_gradient_accumula
     reg.detach()
 
 
+def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
+    # Trainer keeps only the dataset columns that model.forward names; the wrapper shows its model's
+    # signature, so input_ids and labels reach GPT-2 (with *args, **kwargs: "The batch received was empty").
+    pytest.importorskip("transformers")
+    model = anm.ANM(gpt2(), alpha=1.0, lam=1.0, warmup=WARMUP)  # GPT-2's init norms are ≈ 0.05 < α
+
+    class WrapperTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training:
+                loss = loss + model.loss(step=self.state.global_step)
+            return (loss, outputs) if return_outputs else loss
+
+    args = hf_args(tmp_path, max_steps=3, save_strategy="no")
+    trainer = WrapperTrainer(model=model, args=args, train_dataset=lm_data())
+    trainer.train()
+    assert {"input_ids", "labels"} <= set(trainer._signature_columns)
+    assert [entry["step"] for entry in train_logs(trainer)] == [1, 2, 3]
+    stats = model.stats()
+    assert stats["anm/weight"] == weight(2) and stats["anm/loss"] > 0
+    assert {"anm/norm/transformer.h.0", "anm/norm/transformer.h.1"} <= stats.keys()
+    model.close()
+
+
 def test_hf_trainer_checkpoint_resume_and_save_pretrained(tmp_path):
     pytest.importorskip("transformers")
     data = lm_data()
@@ -348,3 +374,23 @@ def test_recipe_classes_are_the_ones_in_the_docs(name):
     if recipe is None:
         pytest.skip(f"{name} needs {'transformers' if name == 'ANMTrainer' else 'lightning'}")
     assert textwrap.dedent(inspect.getsource(recipe)) in DOC.read_text(), f"docs/integrations.md's {name} differs"
+
+
+def test_accelerate_mixed_precision_prepares_and_unwraps_the_anm_wrapper():
+    # accelerate re-binds model.forward.__func__ for autocast, and again on unwrap_model: the wrapper's
+    # forward (which carries the model's signature) must re-bind as a method does.
+    accelerate = pytest.importorskip("accelerate")
+    wrapped = anm.ANM(tiny_transformer(), alpha=1e3, lam=1.0, warmup=0)  # α above every norm: a term > 0
+    x = token_data()[:4][0]
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)  # one state per process
+    try:
+        accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = accelerator.prepare(wrapped)
+        assert prepared(x).dtype == torch.float32 and wrapped.loss().item() > 0
+        unwrapped = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        assert unwrapped is wrapped
+        torch.testing.assert_close(unwrapped(x), wrapped.model(x))
+        assert wrapped.loss().item() > 0
+    finally:
+        accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+        wrapped.close()

@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -86,26 +87,64 @@ def test_compiled_anm_saves_only_the_norms_for_backward(site):
     x, t = make_batch(batch=8, tokens=64)
     plain = torch.compile(base, backend="aot_eager_decomp_partition")
     compiled = torch.compile(wrapper, backend="aot_eager_decomp_partition")
-    saved_for_backward_bytes(plain, None, x, t), saved_for_backward_bytes(compiled, wrapper, x, t)  # compile
+    try:
+        saved_for_backward_bytes(plain, None, x, t)  # compile
+    except torch._dynamo.exc.TorchRuntimeError as error:  # torch 2.4: the baseline alone, no ANM involved
+        if "data pointer" not in str(error):
+            raise
+        pytest.skip("this torch's Dynamo runs saved_tensors_hooks on fake tensors while tracing (seen on 2.4.1), "
+                    "so saved bytes cannot be counted under compile")
+    saved_for_backward_bytes(compiled, wrapper, x, t)  # compile
     extra = saved_for_backward_bytes(compiled, wrapper, x, t) - saved_for_backward_bytes(plain, None, x, t)
     activation = x.shape[0] * x.shape[1] * 32 * 4  # one fp32 (batch, tokens, dim=32) tensor: 64 KiB
     assert extra < activation / 2, f"{extra} bytes saved beyond the baseline; one activation is {activation}"
 
 
-def test_graph_compiled_before_the_hooks_is_a_clear_error_not_a_silent_zero():
+@pytest.mark.parametrize("compiled_first", ["same instance", "another instance"])
+def test_graph_compiled_before_the_hooks_is_a_clear_error_not_a_silent_zero(compiled_first):
     # Dynamo does not guard on module hooks: a graph of ToyDiT.forward traced without them is reused.
+    # Whether another instance's graph is reused depends on the torch release (2.4 recompiles for a new
+    # instance, later ones do not), so the test asks what it must never be: a silent zero.
     torch._dynamo.reset()
     plain, hooked = twin_models()
     x, t = make_batch()
-    torch.compile(plain, backend="eager")(x, t)  # another instance of the class, compiled first
-    wrapped = ANM(hooked, alpha=ALPHA, warmup=0)
     compiled = torch.compile(hooked, backend="eager")
+    if compiled_first == "same instance":
+        compiled(x, t)
+    else:
+        torch.compile(plain, backend="eager")(x, t)
+    wrapped = ANM(hooked, alpha=ALPHA, warmup=0)
     compiled(x, t)
+    if wrapped.collector.records:  # this torch recompiled with the hooks: nothing stale
+        assert wrapped.loss().item() > 0
+        return
     with pytest.raises(anm.ANMError, match=r"ToyDiT\.forward.*torch\.compiler\.reset\(\)"):
         wrapped.loss()
     torch.compiler.reset()  # the fix the error names
     compiled(x, t)
     assert wrapped.loss().item() > 0
+
+
+def test_stale_graph_check_is_available_on_this_torch():
+    # Without Dynamo's cache-entry helper the stale-graph check can only warn; CI runs this on the
+    # oldest and the newest torch, so a release that moves the helper is noticed here.
+    assert anm.compiled.cache_entry_lister() is not None, f"torch {torch.__version__} moved the helper"
+
+
+def test_an_unavailable_stale_graph_check_warns_instead_of_passing_silently(monkeypatch):
+    # A training step that records nothing is what a stale graph looks like; a forward under no_grad
+    # produces the same on any torch, without depending on which graphs a release reuses.
+    _, hooked = twin_models()
+    wrapped = ANM(hooked, alpha=ALPHA, warmup=0)
+    monkeypatch.setattr(anm.compiled, "cache_entry_lister", lambda: None)
+    with torch.no_grad():
+        wrapped(*make_batch())
+    with pytest.warns(UserWarning, match=r"no way to check.*torch\.compiler\.reset\(\)"):
+        assert wrapped.loss().item() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per regulariser
+        wrapped.loss()
+
 
 
 def test_compiled_model_in_eval_or_wrapped_first_raises_nothing():

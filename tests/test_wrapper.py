@@ -1,4 +1,6 @@
+import copy
 import gc
+import inspect
 import warnings
 
 import pytest
@@ -301,3 +303,37 @@ def test_deferred_nonfinite_check_raises_on_the_next_call_naming_layer_and_step(
     model.regularizer._pending_check = (torch.tensor(True), DoneEvent())  # a finite step passes and is cleared
     model.loss()
     assert model.regularizer._pending_check is None
+
+
+class NamedInputs(nn.Module):
+    """A model whose forward names its inputs, as HF models do (Trainer keeps only those columns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None, *, labels=None):
+        for block in self.blocks:
+            input_ids = block(input_ids)
+        return input_ids
+
+
+def test_forward_shows_the_models_signature_also_on_copies():
+    wrapped = ANM(NamedInputs(), site="output", alpha=5.0, warmup=0)
+    expected = inspect.signature(wrapped.model.forward)
+    assert inspect.signature(wrapped.forward) == expected
+    assert list(inspect.signature(wrapped.forward).parameters) == ["input_ids", "attention_mask", "labels"]
+    copy_ = copy.deepcopy(wrapped)
+    assert inspect.signature(copy_.forward) == expected
+    copy_(torch.randn(2, 4))  # the copy's forward runs the copy's model and records into the copy
+    assert copy_.loss().item() > 0 and wrapped.loss().item() == 0.0
+
+
+def test_a_subclass_forward_keeps_its_own_signature_and_runs():
+    class Scaled(ANM):
+        def forward(self, x, scale=2.0):
+            return self.model(x) * scale
+
+    wrapped = Scaled(NamedInputs(), site="output", alpha=5.0, warmup=0)
+    assert list(inspect.signature(wrapped.forward).parameters) == ["x", "scale"]
+    torch.testing.assert_close(wrapped(torch.ones(1, 4), scale=3.0), wrapped.model(torch.ones(1, 4)) * 3.0)
