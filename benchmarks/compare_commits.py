@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples" / "sit"))
-from models import SiT  # noqa: E402
+from modeling.models import SiT  # noqa: E402
 from report import write_json  # noqa: E402
 
 
