@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -50,10 +49,11 @@ from evaluation.statistics import compute_stats  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.checks import check_device  # noqa: E402
 from runtime.cli import HelpFormatter, UsageError, run  # noqa: E402
-from runtime.distributed import DistContext, any_rank, barrier, cleanup, setup_distributed  # noqa: E402
+from runtime.distributed import DistContext, barrier, cleanup, setup_distributed  # noqa: E402
 from runtime.preemption import (  # noqa: E402
     EXIT_PREEMPTED,
     SYNC_SECONDS,
+    BatchAgreement,
     StopSignals,
     catches_stop_signals,
     exit_preempted,
@@ -253,19 +253,13 @@ def shard_batches(args: argparse.Namespace, todo: list[int], chosen: np.ndarray,
 def run_until_stopped(steps: Iterator[None], stop: StopSignals, ctx: DistContext,
                       sync_s: float = SYNC_SECONDS) -> bool:
     """Run every step unless a stop signal comes; whether one came, on any rank (the same answer on all).
-
-    Each rank runs its steps for about sync_s, then the ranks compare (stop, work left): a signal that reached
-    only one rank stops every rank within sync_s and a step, and a rank whose work is done waits in the
-    comparison, so every rank makes the same number of them."""
-    more = True
-    while True:
-        deadline = time.monotonic() + sync_s
-        while more and not stop.requested and time.monotonic() < deadline:
-            more = next(steps, StopIteration) is not StopIteration
-        if any_rank(stop.requested, ctx):
-            return True
-        if not any_rank(more, ctx):
-            return False
+    The ranks agree as sample_ddp.py's and extract_latents.py's do (runtime.preemption.BatchAgreement): a
+    signal that reached one rank stops every rank within about sync_s and a step, and a rank whose work is
+    done keeps answering the others until no rank works."""
+    agreement = BatchAgreement(stop, ctx.world_size, ctx.device, sync_s)
+    while not agreement.poll() and next(steps, StopIteration) is not StopIteration:
+        pass
+    return agreement.finish()
 
 
 @catches_stop_signals
