@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import build_reference
@@ -25,6 +24,7 @@ from PIL import Image
 from runtime.cli import UsageError
 from runtime.distributed import DistContext
 from runtime.preemption import EXIT_PREEMPTED, StopSignals
+from stopping import signal_when
 from stub_features import StubFeatures, stub_factory
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -280,19 +280,8 @@ def test_a_signal_to_one_of_two_ranks_stops_both_then_a_rerun_finishes(tmp_path)
     cmd = [sys.executable, str(LAUNCHER), *argv(root, out, "--shard-size", "2", "--batch-size", "1")]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=base | dict(RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        deadline = time.monotonic() + 240
-        while not (parts / "shard_000001.npz").exists():  # rank 1's first shard
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline, "timed out waiting for rank 1's first shard"
-            time.sleep(0.02)
-        procs[1].send_signal(signal.SIGTERM)
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = signal_when(procs, (parts / "shard_000001.npz").exists, signal.SIGTERM,  # rank 1's first shard
+                          "rank 1's first shard", targets=procs[1:])
     assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, results
     (out0, err0), (out1, err1) = results
     assert "Traceback" not in err0 + err1

@@ -18,6 +18,7 @@ import torch
 import train
 from image_folders import write_image_folder
 from runtime.preemption import EXIT_PREEMPTED
+from stopping import signal_when
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
@@ -31,19 +32,7 @@ def stop_when(cmd: list[str], ready, sig: signal.Signals, what: str, timeout: fl
               ) -> subprocess.CompletedProcess:
     """Run cmd, send sig once ready() holds (polled: never a fixed sleep), return the finished process."""
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if proc.poll() is not None:
-                raise AssertionError(f"ended (rc {proc.returncode}) before {what}: {proc.stderr.read()}")
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    [(out, err)] = signal_when([proc], ready, sig, what, timeout=timeout)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -170,20 +159,8 @@ def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, 
                               env=env() | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
              for r in range(2)]
-    try:
-        deadline = time.monotonic() + 240
-        while not (folder.exists() and len(list(folder.glob("*.png"))) >= 4):
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            assert time.monotonic() < deadline, "timed out waiting for 4 PNGs"
-            time.sleep(0.02)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = signal_when(procs, lambda: folder.exists() and len(list(folder.glob("*.png"))) >= 4, signal.SIGTERM,
+                          "4 PNGs")
     assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, results
     assert all("Traceback" not in err for _, err in results), results
     assert results[0][1].count("sample_ddp.py: stopped by SIGTERM") == 1 and not results[1][1]
