@@ -38,7 +38,7 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
-from data.datasets import LATENT_SCALE  # noqa: E402
+from data.latents import LATENT_SCALE  # noqa: E402
 from device import fp32_exact, pick_device, sync  # noqa: E402
 from extract_latents import encode_moments  # noqa: E402
 from modeling.models import SiT  # noqa: E402

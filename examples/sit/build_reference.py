@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
-from data.datasets import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E402
+from data.image_folder import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E402
 from data.npz import choose_subset, save_npz, scan_images  # noqa: E402
 from evaluation.inception import Activations, InceptionFeatures, file_sha256, inception_weights_path  # noqa: E402
 from evaluation.statistics import compute_stats  # noqa: E402

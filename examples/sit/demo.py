@@ -40,7 +40,7 @@ from glob import glob
 
 import numpy as np
 import torch
-from data.datasets import SinusoidDataset, make_sinusoids
+from data.sinusoids import SinusoidDataset, make_sinusoids
 from evaluation.demo_report import comparison_rows, plot_losses, plot_norms, plot_samples, write_table
 from evaluation.heldout import HeldoutSet, make_heldout, measure
 from evaluation.sinusoid_metric import SinusoidMetric

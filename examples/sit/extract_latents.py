@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
-from data.datasets import IMAGE_ERRORS, DataError, ImageFolderDataset, latent_chunk_path  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from data.image_folder import IMAGE_ERRORS, ImageFolderDataset  # noqa: E402
+from data.latents import latent_chunk_path  # noqa: E402
 from modeling.hub import absolute_if_local  # noqa: E402
 from modeling.latent_scaling import of_vae  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402

@@ -32,7 +32,7 @@ from copy import deepcopy
 from typing import Any
 
 import torch
-from data.datasets import DataError
+from data.errors import DataError
 from data.streams import seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from data.datasets import FashionMNISTDataset, make_sinusoids
+from data.fashion_mnist import FashionMNISTDataset
+from data.sinusoids import make_sinusoids
 from evaluation.heldout import HeldoutSet, make_heldout, measure
 from evaluation.sinusoid_metric import SinusoidMetric
 from modeling.models import SiT

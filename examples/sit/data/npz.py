@@ -17,7 +17,8 @@ from PIL import Image
 from runtime.atomic import atomic_write
 from runtime.cli import UsageError
 
-from data.datasets import IMAGE_ERRORS, IMG_EXTENSIONS, DataError, ImageFolderScan, scan_image_files, to_rgb
+from data.errors import DataError
+from data.image_folder import IMAGE_ERRORS, IMG_EXTENSIONS, ImageFolderScan, scan_image_files, to_rgb
 
 # Temp files of an interrupted write: runtime/atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
 _TEMP_NAME = re.compile(r"\.tmp([.-]|$)")

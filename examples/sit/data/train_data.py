@@ -25,8 +25,11 @@ from runtime.preemption import ignore_stop_signals
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.datasets import DataError, ImageFolderDataset, LatentDataset, build_dataset, to_tensor
+from data.datasets import build_dataset
+from data.errors import DataError
 from data.heldout_split import HELDOUT_SEED, spread_indices, without
+from data.image_folder import ImageFolderDataset, to_tensor
+from data.latents import LatentDataset
 from data.streams import SeededItems, StreamSampler
 
 __all__ = ["data_kwargs", "TrainData", "load_data", "build_heldout", "latent_scaling"]

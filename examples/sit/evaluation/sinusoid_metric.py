@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 import torch
-from data.datasets import make_sinusoids
+from data.sinusoids import make_sinusoids
 
 from evaluation.metrics import frechet_distance_from_features, mmd2_unbiased, wasserstein1
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from data.datasets import LATENT_SCALE
+from data.latents import LATENT_SCALE
 from runtime.cli import UsageError
 
 __all__ = ["LatentScaling", "SD_SCALING", "of_vae", "from_record", "differences", "check_same", "of_checkpoint",
