@@ -231,6 +231,38 @@ def heldout_losses(raw: nn.Module, ema: nn.Module, transport: Transport, heldout
             for key, net in (("heldout_fm_loss", raw), ("heldout_fm_loss_ema", ema))}
 
 
+def log_heldout(logger: logging.Logger, step: int, raw: nn.Module, ema: nn.Module, transport: Transport,
+                heldout: HeldoutSet, args: argparse.Namespace, ctx: DistContext) -> dict[str, float]:
+    """The held-out FM losses of this step, said in log.txt."""
+    row = heldout_losses(raw, ema, transport, heldout, args, ctx)
+    logger.info(f"(step={step:07d}) held-out FM loss {row['heldout_fm_loss']:.4f} "
+                f"(EMA {row['heldout_fm_loss_ema']:.4f})")
+    return row
+
+
+def log_training(logger: logging.Logger, progress: tqdm, step: int, running: torch.Tensor, log_steps: int,
+                 start_time: float, args: argparse.Namespace, anm_model: anm.ANM | None,
+                 ctx: DistContext) -> dict[str, float]:
+    """The training row of the steps since the last one, said in log.txt and the progress bar."""
+    row = training_metrics(running, log_steps, time.time() - start_time, args, anm_model, ctx)
+    logger.info(f"(step={step:07d}) FM loss {row['fm_loss']:.4f}, ANM loss {row['anm_loss']:.4f}, "
+                f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
+    progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}")
+    return row
+
+
+def progress_bar(args: argparse.Namespace, ctx: DistContext, step: int, max_steps: int) -> tqdm:
+    """The tqdm bar of rank 0 (with --progress), from the step a resume starts at."""
+    return tqdm(total=max_steps, initial=step, disable=not (ctx.is_main and args.progress),
+                desc=experiment_name(args), dynamic_ncols=True, position=args.progress_position)
+
+
+def step_agreement(stop: StopSignals, ctx: DistContext, step: int, args: argparse.Namespace) -> StepAgreement:
+    """How the ranks agree on a stop and on the --ckpt-every-minutes cadence, every --stop-sync-seconds."""
+    return StepAgreement(stop, ctx.world_size, ctx.rank, ctx.device, step,
+                         args.ckpt_every_minutes * 60 if args.ckpt_every_minutes else None, args.stop_sync_seconds)
+
+
 def gradient_sync(ddp: DDP | None, last: bool) -> contextlib.AbstractContextManager:
     """DDP all-reduces the gradients on the last micro-batch of a step only (no_sync on the others)."""
     return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
@@ -257,10 +289,25 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
     return zip(*(t.chunk(k) for t in tensors), strict=True)
 
 
-def log_pruned(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
-               args: argparse.Namespace) -> None:
-    """--keep-last: rank 0 removes rolling checkpoints (time cadence, stops) beyond the newest K, after the new
-    one is on disk; the step cadence's and the last step's stay."""
+def forward_backward(model: nn.Module, ddp: DDP | None, anm_model: anm.ANM | None, transport: Transport,
+                     batch: tuple[torch.Tensor, ...], step: int, running: torch.Tensor, autocast: dict,
+                     args: argparse.Namespace) -> None:
+    """The gradients of one optimizer step, over --grad-accum-steps micro-batches of (x, y, noise, t): FM loss
+    + ANM term, each divided by the micro-batch count; their means are added to running[:2] (no host sync)."""
+    k = args.grad_accum_steps
+    for i, (xs, ys, ns, ts) in enumerate(micro_batches(batch, k)):
+        with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
+            fm = transport.training_losses(model, xs, dict(y=ys), t=ts, noise=ns)["loss"].mean()
+            anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=step)
+            ((fm + anm_loss) / k).backward()
+        running[:2] += torch.stack([fm.detach().float(), anm_loss.detach().float()]) / k
+
+
+def log_saved(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
+              args: argparse.Namespace) -> None:
+    """Say where the checkpoint went; then --keep-last: rank 0 removes rolling checkpoints (time cadence, stops)
+    beyond the newest K, after the new one is on disk; the step cadence's and the last step's stay."""
+    logger.info(f"Saved checkpoint to {saved}")
     if ctx.is_main:
         rolling = not (is_milestone(step, args.ckpt_every) or step == total)
         for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
@@ -311,22 +358,29 @@ def stop_in_setup(stop: StopSignals, ctx: DistContext, experiment_dir: str, step
     exit_preempted("train.py", message, ctx.is_main)
 
 
+def resolve_run(args: argparse.Namespace, ctx: DistContext) -> tuple[str, str | None, dict | None, list[str],
+                                                                       list[str]]:
+    """Check the flags, find the checkpoint to resume (adopting the flags it saved) and check them again:
+    (run folder, resume path, checkpoint, warnings, notes)."""
+    check_args(args, ctx.world_size)
+    experiment_dir, resume_path, checkpoint, warnings, notes = find_checkpoint(args, ctx)
+    if checkpoint is not None:
+        check_args(args, ctx.world_size)
+    if args.resume is not None:  # left to here by parse_args: with the checkpoint's flags, or a new run's own
+        check_ignored_flags(args, build_parser())
+    return experiment_dir, resume_path, checkpoint, warnings, notes
+
+
 #################################################################################
 #                                  Training Loop                                #
 #################################################################################
 
 @catches_stop_signals  # SIGTERM/SIGUSR1/SIGINT stop the run after a step with a checkpoint, or before the first
 def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
-    """Train; returns final metrics, paths and the (unwrapped) model and EMA. A stop signal ends the run
-    after a checkpoint with :class:`Preempted` (exit status 75); one during setup, before the first step and
-    without one."""
+    """Train; returns final metrics, paths and the (unwrapped) model and EMA. A stop signal ends the run after a
+    checkpoint with :class:`Preempted` (exit status 75); one during setup, before the first step and without one."""
     ctx = setup_distributed()
-    check_args(args, ctx.world_size)
-    experiment_dir, resume_path, checkpoint, warnings, notes = find_checkpoint(args, ctx)  # adopts saved flags
-    if checkpoint is not None:
-        check_args(args, ctx.world_size)
-    if args.resume is not None:  # left to here by parse_args: with the checkpoint's flags, or a new run's own
-        check_ignored_flags(args, build_parser())
+    experiment_dir, resume_path, checkpoint, warnings, notes = resolve_run(args, ctx)  # adopts saved flags
     seed = args.global_seed * ctx.world_size + ctx.rank
     generator = seed_everything(seed, ctx.device)
 
@@ -361,14 +415,10 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
         finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, saved=False)
 
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
-    progress = tqdm(total=max_steps, initial=train_steps, disable=not (ctx.is_main and args.progress),
-                    desc=experiment_name(args), dynamic_ncols=True, position=args.progress_position)
-    k = args.grad_accum_steps
+    progress = progress_bar(args, ctx, train_steps, max_steps)
     # running: FM loss, ANM loss, grad norm summed since the last log row (restored on resume, as log_steps)
     checked_step, start_time, run_start = train_steps, time.time() - log_seconds, time.time() - elapsed
-    agreement = StepAgreement(stop, ctx.world_size, ctx.rank, ctx.device, train_steps,
-                              args.ckpt_every_minutes * 60 if args.ckpt_every_minutes else None,
-                              args.stop_sync_seconds)
+    agreement = step_agreement(stop, ctx, train_steps, args)
     stopped = False
     while train_steps < max_steps and not stopped:
         data.sampler.set_position(epoch, epoch_step)
@@ -381,12 +431,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                 with torch.no_grad():  # posterior *sample*, as the reference
                     x = encode_images(data.vae, x, data.scaling, generator=generator)
             opt.zero_grad(set_to_none=True)
-            for i, (xs, ys, ns, ts) in enumerate(micro_batches((x, y, noise, t), k)):
-                with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
-                    fm = transport.training_losses(model, xs, dict(y=ys), t=ts, noise=ns)["loss"].mean()
-                    anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=train_steps)
-                    ((fm + anm_loss) / k).backward()
-                running[:2] += torch.stack([fm.detach().float(), anm_loss.detach().float()]) / k
+            forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args)
             if args.max_grad_norm is not None:
                 running[2] += nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm).float()
             opt.step()
@@ -400,16 +445,12 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             row: dict[str, Any] = {}
             if train_steps % args.log_every == 0 or train_steps == max_steps:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
-                row.update(training_metrics(running, log_steps, time.time() - start_time, args, anm_model, ctx))
-                logger.info(f"(step={train_steps:07d}) FM loss {row['fm_loss']:.4f}, ANM loss {row['anm_loss']:.4f}, "
-                            f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
-                progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}")
+                row.update(log_training(logger, progress, train_steps, running, log_steps, start_time, args,
+                                        anm_model, ctx))
                 running.zero_()
                 log_steps, start_time = 0, time.time()
             if data.heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
-                row.update(heldout_losses(raw, ema, transport, data.heldout, args, ctx))
-                logger.info(f"(step={train_steps:07d}) held-out FM loss {row['heldout_fm_loss']:.4f} "
-                            f"(EMA {row['heldout_fm_loss_ema']:.4f})")
+                row.update(log_heldout(logger, train_steps, raw, ema, transport, data.heldout, args, ctx))
             if row:
                 row = dict(step=train_steps, epoch=epoch, **row, elapsed_s=time.time() - run_start)
                 metrics.write(row)
@@ -426,8 +467,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                                                      anm_model, generator, args, config, len(data.dataset), ctx,
                                                      log_state=log_state, latent_scaling=data.scaling)
                 agreement.saved()
-                logger.info(f"Saved checkpoint to {last['checkpoint']}")
-                log_pruned(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
+                log_saved(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
             if train_steps >= max_steps or stopped:
                 break
         if batches_this_epoch == 0:  # a guard: an empty epoch would otherwise loop forever
