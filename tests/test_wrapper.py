@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from numerics import assert_same_sums
 from torch import nn
 from toy_models import ToyDiT, make_batch, reference_anm
 
@@ -16,6 +17,7 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.orders
 @pytest.mark.parametrize("site", ["update", "output"])
 @pytest.mark.parametrize("reduce", ["l2", "rms"])
 def test_gradients_equal_hook_free_reference(site, reduce):
@@ -37,7 +39,7 @@ def test_gradients_equal_hook_free_reference(site, reduce):
     got = {k.removeprefix("model."): v for k, v in grads(model).items()}
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+        assert_same_sums(got[name], expected[name], msg=name)  # another summation order (tests/numerics.py)
 
 
 def test_returns_exactly_what_the_model_returns():

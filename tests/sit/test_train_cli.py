@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import train
+from numerics import assert_same_adam_training
 
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "sit" / "train.py"
 # Label dropout draws from each process's own stream; without it a step's numbers depend only on the batch.
@@ -52,6 +53,7 @@ def test_report_to_defaults_to_csv_and_keeps_the_old_flag() -> None:
     assert train.parse_args(["--report-to", "csv", "wandb"]).report_to == ["csv", "wandb"]
 
 
+@pytest.mark.orders
 def test_grad_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
     """K micro-batches of b/K accumulate to the step of one batch b: same weights, loss and grad norm."""
     common = [*TINY, "--global-batch-size", "8", "--max-steps", "3", "--log-every", "1", "--max-grad-norm", "1e6",
@@ -61,8 +63,9 @@ def test_grad_accumulation_matches_the_full_batch(tmp_path: Path) -> None:
                                          "--grad-accum-steps", "2"]))
     init = train.SiT(**full["model_config"])
     assert not torch.equal(init.final_layer.linear.weight, full["model"].final_layer.linear.weight)
-    for key, value in full["model"].state_dict().items():
-        torch.testing.assert_close(accum["model"].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    # The micro-batches sum the gradient in another order: equal to float32 rounding, except where Adam
+    # normalises a gradient element that is itself rounding noise (tests/numerics.py).
+    assert_same_adam_training(accum["model"].state_dict(), full["model"].state_dict(), lr=1e-4, steps=3)
     for a, b in zip(read_rows(Path(full["log_csv"])), read_rows(Path(accum["log_csv"])), strict=True):
         for key in ("fm_loss", "anm_loss", "grad_norm"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5), (a["step"], key)
@@ -103,6 +106,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.orders
 @pytest.mark.slow  # two torchrun launches plus a reference run
 def test_two_nodes_train_like_one_process(tmp_path: Path) -> None:
     """torchrun --nnodes 2 (one process per "node", gloo on CPU) ends at the weights of one process with the
@@ -122,5 +126,4 @@ def test_two_nodes_train_like_one_process(tmp_path: Path) -> None:
     two = torch.load(tmp_path / "nodes" / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert two["world_size"] == 2
     for part, module in (("model", single["model"]), ("ema", single["ema"])):
-        for key, value in module.state_dict().items():
-            torch.testing.assert_close(two[part][key], value, rtol=1e-5, atol=1e-6)
+        assert_same_adam_training(two[part], module.state_dict(), lr=1e-4, steps=3)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from modeling.models import SiT, SiT_models, SiTBlock, create_model, get_2d_sincos_pos_embed, load_official_checkpoint
+from numerics import assert_same_sums
 
 # Parameter counts with learn_sigma=True (8 output channels), as the reference configs give them.
 EXPECTED_PARAMS = {
@@ -316,6 +317,7 @@ def test_load_official_checkpoint_wrappers_and_file(tmp_path):
 # ----------------------------------------------------------------------------- grad checkpointing
 
 
+@pytest.mark.orders
 def test_grad_checkpointing_same_gradients():
     model = randomize_(tiny_sit(class_dropout_prob=0.0), seed=4).train()
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
@@ -329,7 +331,7 @@ def test_grad_checkpointing_same_gradients():
     plain, ckpt = grads(False), grads(True)
     assert plain.keys() == ckpt.keys()
     for name in plain:
-        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5)
+        assert_same_sums(ckpt[name], plain[name], msg=name)  # recomputed blocks may sum in another order
     assert any(g.abs().max() > 0 for g in plain.values())
 
 
