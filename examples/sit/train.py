@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from data.errors import DataError
-from data.streams import seed_everything
+from data.streams import cpu_seeded, seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.generation import generate
@@ -139,8 +139,7 @@ def anm_layers(spec: str) -> str | list[str]:
 def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
     wrapper or None, AdamW)."""
-    with torch.random.fork_rng(devices=[]):  # one initialisation for every rank and any number of processes
-        torch.manual_seed(args.global_seed)
+    with cpu_seeded(args.global_seed):  # one initialisation for every rank and any number of processes
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
     requires_grad(ema, False)

@@ -30,7 +30,7 @@ from data.errors import DataError
 from data.heldout_split import HELDOUT_SEED, spread_indices, without
 from data.image_folder import ImageFolderDataset, to_tensor
 from data.latents import LatentDataset
-from data.streams import SeededItems, StreamSampler
+from data.streams import SeededItems, StreamSampler, cpu_seeded
 
 __all__ = ["data_kwargs", "TrainData", "load_data", "build_heldout", "latent_scaling"]
 
@@ -154,8 +154,7 @@ def heldout_item(dataset: Dataset, index: int, generator: torch.Generator) -> tu
         return to_tensor(dataset.load_array(index)), dataset.labels[index]
     if "generator" in inspect.signature(type(dataset).__getitem__).parameters:
         return dataset.__getitem__(index, generator=generator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(HELDOUT_SEED + index)
+    with cpu_seeded(HELDOUT_SEED + index):
         return dataset[index]
 
 
