@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import time
-from collections import OrderedDict
 from copy import deepcopy
 from typing import Any
 
@@ -35,6 +34,7 @@ from data.errors import DataError
 from data.streams import cpu_seeded, seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
+from modeling.ema import ema_parameters, update_ema
 from modeling.generation import generate
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
@@ -77,14 +77,6 @@ import anm
 #################################################################################
 #                             Training Helper Functions                         #
 #################################################################################
-
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
-    """Step the EMA model towards the current model: ema = decay * ema + (1 - decay) * model."""
-    ema_params = OrderedDict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
-
 
 def requires_grad(model: nn.Module, flag: bool = True) -> None:
     """Set requires_grad for all parameters of a model."""
@@ -402,6 +394,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     del checkpoint
     model.train()
     ema.eval()
+    ema_params, raw_params = ema_parameters(ema, raw)  # once: the EMA update and the clipping take these lists
 
     transport = create_transport(args.path_type, args.prediction)
     t0, t1 = transport.interval()
@@ -432,9 +425,9 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args)
             if args.max_grad_norm is not None:
-                running[2] += nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm).float()
+                running[2] += nn.utils.clip_grad_norm_(raw_params, args.max_grad_norm).float()
             opt.step()
-            update_ema(ema, raw, args.ema_decay)
+            update_ema(ema_params, raw_params, args.ema_decay)
 
             train_steps += 1
             epoch, epoch_step = (epoch + 1, 0) if epoch_step + 1 == steps_per_epoch else (epoch, epoch_step + 1)
