@@ -145,7 +145,9 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
                             objective=args.anm_objective, granularity=args.anm_granularity, nonfinite="propagate")
         model = anm_model
     if ctx.world_size > 1:
-        model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        # The gradients become views of the all-reduce buckets: no copy from the buckets back into them.
+        model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                          gradient_as_bucket_view=True)
     if args.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
