@@ -134,6 +134,9 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     loader = DataLoader(
         SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
         num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
+        # Workers start once per run, not per epoch. Safe: set_position reaches the sampler in this process, and
+        # every item draws from its own seed, not from the worker's.
+        persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
         worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the training loop, not its workers
     )
