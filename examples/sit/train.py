@@ -26,15 +26,15 @@ import logging
 import os
 import re
 import time
-from collections import OrderedDict
 from copy import deepcopy
 from typing import Any
 
 import torch
 from data.errors import DataError
-from data.streams import seed_everything
+from data.streams import cpu_seeded, seed_everything
 from data.train_data import TrainData, load_data
 from evaluation.heldout import HeldoutSet, fm_loss
+from modeling.ema import ema_parameters, update_ema
 from modeling.generation import generate
 from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
@@ -77,14 +77,6 @@ import anm
 #################################################################################
 #                             Training Helper Functions                         #
 #################################################################################
-
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
-    """Step the EMA model towards the current model: ema = decay * ema + (1 - decay) * model."""
-    ema_params = OrderedDict(ema_model.named_parameters())
-    for name, param in model.named_parameters():
-        ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
-
 
 def requires_grad(model: nn.Module, flag: bool = True) -> None:
     """Set requires_grad for all parameters of a model."""
@@ -139,8 +131,7 @@ def anm_layers(spec: str) -> str | list[str]:
 def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
     wrapper or None, AdamW)."""
-    with torch.random.fork_rng(devices=[]):  # one initialisation for every rank and any number of processes
-        torch.manual_seed(args.global_seed)
+    with cpu_seeded(args.global_seed):  # one initialisation for every rank and any number of processes
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
     requires_grad(ema, False)
@@ -154,7 +145,9 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
                             objective=args.anm_objective, granularity=args.anm_granularity, nonfinite="propagate")
         model = anm_model
     if ctx.world_size > 1:
-        model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        # The gradients become views of the all-reduce buckets: no copy from the buckets back into them.
+        model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                          gradient_as_bucket_view=True)
     if args.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -403,6 +396,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     del checkpoint
     model.train()
     ema.eval()
+    ema_params, raw_params = ema_parameters(ema, raw)  # once: the EMA update and the clipping take these lists
 
     transport = create_transport(args.path_type, args.prediction)
     t0, t1 = transport.interval()
@@ -433,9 +427,9 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args)
             if args.max_grad_norm is not None:
-                running[2] += nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm).float()
+                running[2] += nn.utils.clip_grad_norm_(raw_params, args.max_grad_norm).float()
             opt.step()
-            update_ema(ema, raw, args.ema_decay)
+            update_ema(ema_params, raw_params, args.ema_decay)
 
             train_steps += 1
             epoch, epoch_step = (epoch + 1, 0) if epoch_step + 1 == steps_per_epoch else (epoch, epoch_step + 1)

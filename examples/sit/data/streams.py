@@ -7,8 +7,10 @@ micro-batches, or where the run was interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from runtime.cli import UsageError
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["rng_state", "set_rng_state", "seed_everything", "StreamSampler", "SeededItems"]
+__all__ = ["rng_state", "set_rng_state", "seed_everything", "cpu_seeded", "StreamSampler", "SeededItems"]
 
 
 def rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -50,7 +52,10 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
 
 
 def seed_everything(seed: int, device: torch.device) -> torch.Generator:
-    """Seed python, numpy and torch with this rank's seed; returns the generator of the VAE posterior samples."""
+    """Seed python, numpy and torch (the CPU generator and every CUDA device's) with this rank's seed; returns
+    the generator of the VAE posterior samples. Nothing later in the setup reseeds the CUDA generators (see
+    :func:`cpu_seeded`), so label dropout, drawn on the model's device, differs between ranks on GPUs as on
+    the CPU."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the reference trains in fp32 with TF32
         torch.backends.cudnn.allow_tf32 = True
@@ -58,6 +63,16 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     np.random.seed(seed % 2**32)
     random.seed(seed)
     return torch.Generator(device).manual_seed(seed)
+
+
+@contextlib.contextmanager
+def cpu_seeded(seed: int) -> Iterator[None]:
+    """Inside: torch's CPU generator seeded with ``seed``; afterwards: as it was before. The CUDA generators
+    are left alone: ``torch.manual_seed`` would reseed those of every device too, and ``fork_rng(devices=[])``
+    would not undo it, leaving every rank's CUDA stream where the same seed put it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 class StreamSampler(Sampler):
@@ -121,8 +136,7 @@ class SeededItems(Dataset):
         # Datasets that draw from the global RNGs (e.g. a random flip): seed them per item, then restore
         # the training process's own streams (with num_workers=0 this runs in the main process).
         py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with cpu_seeded(seed):
             random.seed(seed)
             np.random.seed(seed % 2**32)
             try:

@@ -30,7 +30,7 @@ from data.errors import DataError
 from data.heldout_split import HELDOUT_SEED, spread_indices, without
 from data.image_folder import ImageFolderDataset, to_tensor
 from data.latents import LatentDataset
-from data.streams import SeededItems, StreamSampler
+from data.streams import SeededItems, StreamSampler, cpu_seeded
 
 __all__ = ["data_kwargs", "TrainData", "load_data", "build_heldout", "latent_scaling"]
 
@@ -134,6 +134,9 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     loader = DataLoader(
         SeededItems(dataset, (in_channels, input_size, input_size)), batch_size=local_batch, sampler=sampler,
         num_workers=args.num_workers, pin_memory=ctx.device.type == "cuda", drop_last=True,
+        # Workers start once per run, not per epoch. Safe: set_position reaches the sampler in this process, and
+        # every item draws from its own seed, not from the worker's.
+        persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # keeps the DataLoader off the global RNG
         worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the training loop, not its workers
     )
@@ -154,8 +157,7 @@ def heldout_item(dataset: Dataset, index: int, generator: torch.Generator) -> tu
         return to_tensor(dataset.load_array(index)), dataset.labels[index]
     if "generator" in inspect.signature(type(dataset).__getitem__).parameters:
         return dataset.__getitem__(index, generator=generator)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(HELDOUT_SEED + index)
+    with cpu_seeded(HELDOUT_SEED + index):
         return dataset[index]
 
 

@@ -47,7 +47,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                             "the sample grids, loaded only with --sample-every > 0, checked against meta.json, "
                             "and recorded for sample.py) (default: latents: the VAE meta.json names; "
                             "imagenet: stabilityai/sd-vae-ft-ema)")
-    group.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
+    group.add_argument("--num-workers", type=int, default=4,
+                       help="DataLoader worker processes per rank (started once per run, kept across epochs)")
     group = parser.add_argument_group("model")
     group.add_argument("--model", type=str, default="SiT-XL/2", help=f"SiT-<{'|'.join(SIT_SIZES)}>/<patch size>")
     group.add_argument("--hidden-size", type=int, default=None, help="override the named size's width")
