@@ -31,6 +31,7 @@ def one_rank_group(tmp_path: Path):
         dist.destroy_process_group()
 
 
+@pytest.mark.orders
 def test_ddp_gradients_are_views_of_its_buckets_and_the_step_is_unchanged(one_rank_group) -> None:
     """build_models wraps DDP (it does for world size > 1) with gradient_as_bucket_view; two steps of 2 micro-batches
     (no_sync on the first), clipping and zero_grad(set_to_none=True) end at the weights of the same steps without

@@ -29,6 +29,7 @@ def loop_update(ema: SiT, model: SiT, decay: float) -> None:
             ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
+@pytest.mark.orders
 @pytest.mark.parametrize("decay", [0.9999, 0.5, 0.0])
 def test_the_fused_update_is_the_loop_bit_for_bit(decay: float) -> None:
     model, ema = perturbed_pair()
