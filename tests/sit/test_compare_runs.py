@@ -211,6 +211,10 @@ def test_missing_folders_files_and_short_logs_are_refused(tmp_path: Path) -> Non
     short = make_run(tmp_path, "short", ANM, value=lambda step, shift: 1.0 if step <= 20 else "")
     with pytest.raises(UsageError, match="has 1 logged value"):
         compare([short], [base], tmp_path / "out")
+    # train.py always writes the held-out columns; without --eval-every they stay empty.
+    blank = make_run(tmp_path, "blank", ANM, value=lambda step, shift: "")
+    with pytest.raises(UsageError, match="has 0 logged value.*only with --eval-every > 0"):
+        compare([blank], [base], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -91,6 +91,10 @@ def _read_args(path: str) -> dict[str, Any]:
     return args
 
 
+def _heldout_hint(metric: str) -> str:
+    return " (train.py logs held-out losses only with --eval-every > 0)" if metric.startswith("heldout") else ""
+
+
 def _read_column(path: str, metric: str) -> Curve:
     log_csv = os.path.join(path, "log.csv")
     if not os.path.isfile(log_csv):
@@ -101,8 +105,8 @@ def _read_column(path: str, metric: str) -> Curve:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if metric not in columns:
-            hint = " (train.py logs held-out losses only with --eval-every > 0)" if metric.startswith("heldout") else ""
-            raise UsageError(f"{log_csv} has no column {metric!r}{hint}; its columns: {', '.join(columns)}")
+            raise UsageError(f"{log_csv} has no column {metric!r}{_heldout_hint(metric)}; its columns: "
+                             f"{', '.join(columns)}")
         for row in reader:
             step, cell = (row.get("step") or "").strip(), (row.get(metric) or "").strip()
             if not step.isdigit() or not cell:  # a row cut short by a kill, or another cadence's row
@@ -123,8 +127,10 @@ def load_run(path: str, metric: str) -> Run:
                          "holding args.json and log.csv)")
     run = Run(path, _read_args(path), _read_column(path, metric))
     if len(run.curve) < MIN_VALUES:
-        raise UsageError(f"{path}/log.csv has {len(run.curve)} logged value(s) of {metric} at steps > 0; a "
-                         f"speed-up needs at least {MIN_VALUES}: let the run log more (or lower its cadence)")
+        fix = _heldout_hint(metric) if len(run.curve) == 0 else ""
+        raise UsageError(f"{path}/log.csv has {len(run.curve)} logged value(s) of {metric} at steps > 0{fix}; a "
+                         f"speed-up needs at least {MIN_VALUES}: let the run train and log longer, or pick another "
+                         "--metric")
     return run
 
 
