@@ -52,12 +52,19 @@ def test_rms_arm_is_the_matched_l2_arm_up_to_scale():
 # ----------------------------------------------------------------------------- steps to baseline
 
 
-def test_steps_to_reach():
-    steps = [0, 10, 20, 30]
-    assert ablate_report.steps_to_reach(steps, [1.0, 0.6, 0.5, 0.4], 0.5) == 20  # equality counts
-    assert ablate_report.steps_to_reach(steps, [1.0, 0.6, 0.55, 0.51], 0.5) is None
-    assert ablate_report.steps_to_reach(steps, [float("nan"), 0.4, 0.3, 0.2], 0.5) == 10
-    assert ablate_report.steps_to_reach(steps, [0.9, 0.4, 0.6, 0.7], 0.5) == 10  # first crossing, not the last
+def test_seed_speedup_interpolates_in_log_steps():
+    base = dict(steps=[0, 10, 20, 40], heldout=[1.0, 0.8, 0.6, 0.5])
+    # The arm crosses the baseline's final 0.5 halfway (in value) between steps 10 and 20: at 10·√2.
+    arm = dict(steps=[0, 10, 20, 40], heldout=[1.0, 0.6, 0.4, 0.3])
+    result = ablate_report.seed_speedup(arm, base)
+    assert result["steps"] == pytest.approx(10 * math.sqrt(2)) and result["baseline_steps"] == 40
+    assert result["speedup"] == pytest.approx(40 / (10 * math.sqrt(2))) and result["speedup_bound"] is None
+    # The baseline never gets to the arm's final 0.3 within its 40 steps: no ratio, a lower bound.
+    assert result["equiv"] is None and result["equiv_ratio"] is None
+    assert result["equiv_bound"] == dict(relation=">", factor=1.0)
+    # NaN evaluations are skipped, and step 0 (no log scale) is never a crossing.
+    nan_arm = dict(steps=[0, 10, 20, 40], heldout=[0.1, float("nan"), 0.6, 0.45])
+    assert ablate_report.seed_speedup(nan_arm, base)["steps"] == pytest.approx(20 * 2 ** (0.1 / 0.15))
 
 
 def test_speedup_stats():
@@ -70,21 +77,30 @@ def test_speedup_stats():
         1: dict(steps=[0, 50, 100], heldout=[1.0, 0.8, 0.6]),
     }
     stats = ablate_report.speedup_stats(arm, base)
-    assert stats["per_seed"][0] == dict(steps=50, baseline_steps=100, speedup=2.0, equiv=None, equiv_ratio=None)
-    assert stats["per_seed"][1] == dict(steps=None, baseline_steps=50, speedup=None, equiv=50, equiv_ratio=0.5)
+    # Seed 0 meets the baseline's final 0.5 at its first evaluation after step 0: the crossing is at step 50
+    # or before, so the speed-up is at least 100 / 50.
+    assert stats["per_seed"][0] == dict(steps=50.0, baseline_steps=100, speedup=2.0,
+                                        speedup_bound=dict(relation=">=", factor=2.0), equiv=None,
+                                        equiv_ratio=None, equiv_bound=dict(relation=">", factor=1.0))
+    assert stats["per_seed"][1] == dict(steps=None, baseline_steps=100, speedup=None,
+                                        speedup_bound=dict(relation="<", factor=1.0), equiv=50.0,
+                                        equiv_ratio=0.5, equiv_bound=dict(relation="<=", factor=0.5))
     assert stats["reached"] == 1 and stats["seeds"] == 2
     assert stats["speedup_mean"] == stats["speedup_min"] == stats["speedup_max"] == 2.0
     assert stats["equiv_ratio_mean"] is None  # seed 0 is ahead of the whole baseline curve
-    # A slower arm: the baseline got to its final loss in half the steps (seed 0) or at once (seed 1: no progress).
+    # A slower arm: the baseline got to its final loss in half the steps (seed 0). Seed 1 made no progress:
+    # step 0 is not used, so the baseline's first evaluation (50) bounds it: ratio <= 0.5 (it was 0 / 100
+    # when step 0 counted).
     slow = {
         0: dict(steps=[0, 50, 100], heldout=[1.0, 0.9, 0.7]),
         1: dict(steps=[0, 50, 100], heldout=[1, 1, 1]),
     }
     stats = ablate_report.speedup_stats(slow, base)
     assert stats["reached"] == 0 and stats["speedup_mean"] is None
-    assert (stats["equiv_ratio_mean"], stats["equiv_ratio_min"]) == (0.25, 0.0)
-    # The baseline against itself is a speed-up of exactly 1.
-    assert ablate_report.speedup_stats(base, base)["speedup_mean"] == 1.0
+    assert (stats["equiv_ratio_mean"], stats["equiv_ratio_min"]) == (0.5, 0.5)
+    assert stats["per_seed"][1]["equiv_bound"] == dict(relation="<=", factor=0.5)
+    # A baseline that improves to its last evaluation, against itself, is a speed-up of exactly 1.
+    assert ablate_report.speedup_stats({0: base[0]}, {0: base[0]})["speedup_mean"] == 1.0
 
 
 # ----------------------------------------------------------------------------- the grid

@@ -29,7 +29,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
 
 def test_smoke_run_writes_every_output(smoke) -> None:
     out, results, printed = smoke
-    for name in ("samples.png", "norms.png", "loss.png", "comparison.md", "metrics.json"):
+    for name in ("samples.png", "norms.png", "loss.png", "comparison.md", "metrics.json", "speedup/speedup.json",
+                 "speedup/speedup.md", "speedup/curves.png"):
         assert (out / name).stat().st_size > 0, name
     samples = Image.open(out / "samples.png")
     assert samples.size[0] > 2 * samples.size[1]  # three grids side by side
@@ -111,6 +112,31 @@ def test_comparison_table_lists_both_runs_and_the_noise_floor(tmp_path: Path) ->
     assert "| FM loss on fresh sinusoids (never trained on), EMA | 0.3 | 0.3 | – |" in text
     assert "tokens with ‖Δh‖ < α = 16.5" in text and "neither for nor against" in text
     assert (tmp_path / "comparison.md").read_text() == text
+
+
+def test_the_speed_up_in_steps_compares_the_two_runs_logs(smoke) -> None:
+    out = smoke[0]  # read from disk: another test reruns the demo in this folder
+    speedup = json.loads((out / "speedup" / "speedup.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    (arm,) = speedup["arms"]
+    assert speedup["metric"] == metrics["speedup"]["metric"] == "fm_loss"
+    assert [r["path"] for r in speedup["baseline"]["runs"]] == [str(out / "runs" / "baseline")]
+    assert arm["label"].startswith("anm (anm_alpha=16.4992")
+    assert arm["curve"]["step"] == metrics["anm"]["curves"]["step"]  # a log.csv row at every checkpoint
+    assert metrics["speedup"]["summary"] == arm["summary"]
+    assert "Speed-up in steps (`compare_runs.py`" in (out / "comparison.md").read_text()
+
+
+def test_the_speed_up_lines_state_both_factors() -> None:
+    def entry(step, value, reached_at, factor, bound=None) -> dict:
+        return dict(step=step, value=value, reached_at=reached_at, factor=factor, bound=bound)
+
+    summary = dict(arm_reaches_baseline=entry(5000, 0.166, None, None, dict(relation="<", factor=1.0)),
+                   baseline_reaches_arm=entry(5000, 0.175, 4330.2, 0.866))
+    text = " ".join(demo_report.speedup_lines(dict(metric="fm_loss", folder="speedup", summary=summary)))
+    assert "ANM does not reach the baseline's final value, 0.166 at step 5000, within its logged steps: factor < 1.00" \
+        in text
+    assert "the baseline reaches the final value of ANM, 0.175 at step 5000, at step 4330: ×0.87" in text
 
 
 def test_tile_lays_images_out_in_rows() -> None:

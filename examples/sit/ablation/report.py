@@ -1,12 +1,14 @@
 """The ablation's numbers: speed-up against the baseline, the summary over seeds, tables.md and runs.csv.
 
-Speed-up is measured on the held-out FM loss curves: the first logged step at which an arm reaches the
-same seed's baseline final loss, against the step at which the baseline itself first got there; and, in
-reverse, the step at which the baseline first reached the arm's final loss (works even when the arm
-never catches up).
+Speed-up is measured on the held-out FM loss curves with evaluation/speedup.py (the rule compare_runs.py
+uses): the step at which an arm first reaches the same seed's baseline final loss, interpolated linearly in
+log(step) between evaluations, and the speed-up = the baseline's final step / that step; and, in reverse,
+the step at which the baseline first reached the arm's final loss, over the arm's final step (the
+"baseline-equivalent ratio", which exists even when the arm never catches up).
 
-    >>> steps_to_reach([0, 10, 20], [1.0, 0.5, 0.4], 0.5)
-    10
+    >>> speedup_stats({0: dict(steps=[0, 10, 20], heldout=[1.0, 0.6, 0.4])},
+    ...               {0: dict(steps=[0, 10, 20], heldout=[1.0, 0.55, 0.5])})["per_seed"][0]["steps"]
+    14.142135623730955
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+from evaluation.speedup import Crossing, arm_reaches_baseline, baseline_reaches_arm, clean_curve
 from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
 from runtime.atomic import atomic_write
 
 from ablation.arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, Arm, Budget, arm_name
 
-__all__ = ["steps_to_reach", "speedup_stats", "summarize", "write_tables", "write_csv"]
+__all__ = ["seed_speedup", "speedup_stats", "summarize", "write_tables", "write_csv"]
 
 
 #################################################################################
@@ -29,40 +32,34 @@ __all__ = ["steps_to_reach", "speedup_stats", "summarize", "write_tables", "writ
 #################################################################################
 
 
-def steps_to_reach(steps: list[int], values: list[float], target: float) -> int | None:
-    """The first logged step at which ``values`` is at or below ``target``; None if never.
+def _bound(entry: Crossing) -> dict | None:
+    return None if entry.bound is None else dict(relation=entry.bound.relation, factor=entry.bound.factor)
 
-    Example: steps_to_reach([0, 10, 20], [1.0, 0.5, 0.4], 0.5) == 10
+
+def seed_speedup(run: dict, base: dict) -> dict:
+    """One seed: where the arm first reaches the baseline's final held-out loss and where the baseline first
+    reached the arm's (interpolated steps, None if never), the speed-up and the baseline-equivalent ratio.
+
+    A record's step-0 evaluation is not used (no log scale); a value met at the first evaluation after it
+    gives that step, and the bound says on which side the true crossing lies.
     """
-    for step, value in zip(steps, values, strict=True):
-        if value is not None and math.isfinite(value) and value <= target:
-            return step
-    return None
+    base_curve, arm_curve = clean_curve(base["steps"], base["heldout"]), clean_curve(run["steps"], run["heldout"])
+    reach = arm_reaches_baseline(base_curve, arm_curve)[-1]
+    equiv = baseline_reaches_arm(base_curve, arm_curve)[-1]
+    return dict(steps=reach.reached_at, baseline_steps=reach.step, speedup=reach.factor, speedup_bound=_bound(reach),
+                equiv=equiv.reached_at, equiv_ratio=equiv.factor, equiv_bound=_bound(equiv))
 
 
 def speedup_stats(arm_runs: dict[int, dict], base_runs: dict[int, dict]) -> dict:
     """Per-seed steps at which an arm reaches its seed's baseline final held-out loss, and the speed-up.
 
-    speed-up = (steps the baseline needs to reach its own final loss) / (steps the arm needs); > 1 is faster.
-    Seeds where the arm never gets there count as 'not reached' (no speed-up number for that seed). The
-    reverse view works even then: 'equiv' = the steps the baseline needed to reach the arm's final loss,
-    and equiv_ratio = equiv / the arm's steps (< 1: the arm is slower; None if the arm ends below the
-    baseline's whole curve, i.e. it is ahead).
+    speed-up = the baseline's final step / the (interpolated) step at which the arm first reaches the
+    baseline's final loss; > 1 is faster. Seeds where the arm never gets there count as 'not reached' (no
+    speed-up number for that seed). The reverse view works even then: 'equiv' = the step at which the
+    baseline first reached the arm's final loss, and equiv_ratio = equiv / the arm's final step (< 1: the arm
+    is slower; None if the arm ends below the baseline's whole curve, i.e. it is ahead).
     """
-    per_seed = {}
-    for seed, run in arm_runs.items():
-        base = base_runs.get(seed)
-        if base is None:
-            continue
-        target = base["heldout"][-1]
-        base_reach = steps_to_reach(base["steps"], base["heldout"], target)
-        arm_reach = steps_to_reach(run["steps"], run["heldout"], target)
-        speed = None if arm_reach is None else base_reach / max(arm_reach, 1)
-        equiv = steps_to_reach(base["steps"], base["heldout"], run["heldout"][-1])
-        ratio = None if equiv is None else equiv / max(run["steps"][-1], 1)
-        per_seed[seed] = dict(
-            steps=arm_reach, baseline_steps=base_reach, speedup=speed, equiv=equiv, equiv_ratio=ratio
-        )
+    per_seed = {seed: seed_speedup(run, base_runs[seed]) for seed, run in arm_runs.items() if seed in base_runs}
     speeds = [v["speedup"] for v in per_seed.values() if v["speedup"] is not None]
     ratios = [v["equiv_ratio"] for v in per_seed.values() if v["equiv_ratio"] is not None]
     return dict(
@@ -138,12 +135,12 @@ def speed_cells(speed: dict) -> tuple[str, str, str]:
     if not speed:
         return "– []", "–", ""
     per_seed = speed["per_seed"].values()
-    steps = ", ".join("–" if v["steps"] is None else str(v["steps"]) for v in per_seed)
+    steps = ", ".join("–" if v["steps"] is None else f"{v['steps']:.0f}" for v in per_seed)
     reach = f"{speed['reached']}/{speed['seeds']} [{steps}]"
     sp = "–"
     if speed["speedup_mean"] is not None:
         sp = f"{speed['speedup_mean']:.2f} ({speed['speedup_min']:.2f}–{speed['speedup_max']:.2f})"
-    equiv = ", ".join("ahead" if v["equiv"] is None else str(v["equiv"]) for v in per_seed)
+    equiv = ", ".join("ahead" if v["equiv"] is None else f"{v['equiv']:.0f}" for v in per_seed)
     if speed["equiv_ratio_mean"] is not None:
         equiv += (f" (×{speed['equiv_ratio_mean']:.2f}, {speed['equiv_ratio_min']:.2f}–"
                   f"{speed['equiv_ratio_max']:.2f})")
@@ -195,12 +192,15 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
         f"batch {b.batch}, {b.steps} steps, AdamW lr {b.lr}, seeds {list(b.seeds)}. Mean ± sample std over "
         "seeds. 'Δ vs baseline' is the per-seed relative change of the final held-out FM loss (negative = "
         "better). 'reach baseline final' counts seeds whose held-out FM loss reaches the same seed's baseline "
-        f"final value at a logged step (every {b.eval_every} steps); speed-up = baseline steps / arm steps over "
-        "those seeds. 'baseline-equivalent steps' = the step at which the same seed's baseline first reached "
-        "the arm's final loss, and its ratio to the arm's steps (< 1 = slower; 'ahead' = below the whole "
-        "baseline curve). frac < α and ‖Δh‖ are held-out at the end (frac at the arm's own site/reduce/α). "
-        "'matched' = α·√(D/1152). sinusoid FD: Fréchet distance of the fitted sinusoid parameters of the "
-        "samples vs real images (real-vs-real floor and validity rate in summary.json).",
+        f"final value within the run (evaluated every {b.eval_every} steps), at the step given (interpolated "
+        "linearly in log(step) between evaluations, evaluation/speedup.py); speed-up = the baseline's final step "
+        "/ that step over those seeds. 'baseline-equivalent steps' = the step at which the same seed's baseline "
+        "first reached the arm's final loss (interpolated the same way), and its ratio to the arm's steps (< 1 "
+        "= slower; 'ahead' = below the whole baseline curve). A value already met at the first evaluation "
+        "after step 0 counts at that step (the crossing may have come earlier). frac < α and ‖Δh‖ are "
+        "held-out at the end (frac at the arm's own site/reduce/α). 'matched' = α·√(D/1152). sinusoid FD: "
+        "Fréchet distance of the fitted sinusoid parameters of the samples vs real images (real-vs-real floor "
+        "and validity rate in summary.json).",
         "",
     ]
     for dataset in summary:

@@ -1,4 +1,5 @@
-"""What demo.py shows: the three image grids side by side, the norm and loss curves, and the comparison table."""
+"""What demo.py shows: the three image grids side by side, the norm and loss curves, and the comparison table
+with the speed-up in steps."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,9 @@ import math
 import numpy as np
 from runtime.atomic import atomic_write
 
-__all__ = ["plot_samples", "plot_norms", "plot_losses", "comparison_rows", "write_table"]
+from evaluation.speedup_report import headline
+
+__all__ = ["plot_samples", "plot_norms", "plot_losses", "comparison_rows", "speedup_lines", "write_table"]
 
 
 def _pyplot():
@@ -110,6 +113,18 @@ def _cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
+def speedup_lines(speedup: dict) -> list[str]:
+    """The speed-up in steps of the ANM run, in both directions, as measured by compare_runs.py."""
+    summary = speedup["summary"]
+    return [
+        f"Speed-up in steps (`compare_runs.py` on the runs' `log.csv`, column `{speedup['metric']}`; factor = "
+        "baseline step / ANM step, above 1 ANM is faster, interpolated in log(step) between logged steps): "
+        f"{headline('ANM', summary, 'arm_reaches_baseline')}; {headline('ANM', summary, 'baseline_reaches_arm')}. "
+        f"Tables and curves: `{speedup['folder']}/`.",
+        "",
+    ]
+
+
 def write_table(rows: list, results: dict, path: str) -> str:
     """comparison.md: the table, what was run, and what the comparison does and does not mean; returns it."""
     config, timing = results["config"], results["timing"]
@@ -128,6 +143,7 @@ def write_table(rows: list, results: dict, path: str) -> str:
         f"two sets of real images of the same size (its noise floor). Took {timing['wall_s']:.0f} s wall, "
         f"{timing['cpu_s']:.0f} s CPU.",
         "",
+        *(speedup_lines(results["speedup"]) if "speedup" in results else []),
         "One seed of a tiny model that learns a small training set by heart: this shows what the demo measures; "
         "it is evidence neither for nor against a speed-up from ANM (see docs/results.md for the ablation).",
         "",
