@@ -83,7 +83,7 @@ class ActivationCollector:
         self._select = select
         self.layers = select_layers(model, layers)
         self.names = [name for name, _ in self.layers]
-        if training_only:
+        if training_only and not keep_activations:  # a reader of hidden states adds no ANM term
             _refuse_second_regularizer(self.layers)
         # Looked up once here so that the hook itself is plain Python that torch.compile traces.
         self._arg_names = [positional_names(type(module)) for _, module in self.layers]
@@ -132,6 +132,28 @@ class ActivationCollector:
         for index, activation in self._activations:
             grouped[self.names[index]].append(activation)
         return grouped
+
+    def hidden_states(self) -> list[Tensor]:
+        """The kept activation tensors since the last clear, in call order (one per hooked call), with their
+        autograd graphs: with ``site="output"`` each hooked block's output hidden state, for a loss on the
+        representations themselves (e.g. a dispersive or alignment term). Needs ``keep_activations=True``.
+
+        A collector that keeps activations reads hidden states and adds no ANM term of its own, so it may share
+        blocks with a regulariser (``anm.ANM`` / :func:`anm.attach`) even with ``training_only=True``.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from anm import ActivationCollector
+            >>> net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+            >>> with ActivationCollector(net, layers="1", site="output", keep_activations=True) as collector:
+            ...     _ = net(torch.randn(2, 5, 8))
+            ...     [tuple(h.shape) for h in collector.hidden_states()]
+            [(2, 5, 8)]
+        """
+        if not self.keep_activations:
+            raise ANMError("activations were not kept: create the collector with keep_activations=True.")
+        return [activation for _, activation in self._activations]
 
     def pop(self) -> list[tuple[int, Tensor]]:
         """Return the ``(layer index, norms)`` records and forget them."""
@@ -305,7 +327,8 @@ def _refuse_second_regularizer(layers: list[tuple[str, nn.Module]]) -> None:
     for name, module in layers:
         for hook in module._forward_hooks.values():
             other = hook.collector if isinstance(hook, _Hook) else None
-            if other is not None and other.training_only and other.active and other._handles:
+            if (other is not None and other.training_only and other.active and other._handles
+                    and not other.keep_activations):
                 raise ANMError(
                     f"layer {name!r} already carries the hooks of another ANM regulariser: call .detach() "
                     "(or .close()) on the first one before attaching again, or keep using it."

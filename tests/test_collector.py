@@ -125,3 +125,29 @@ def test_invalid_arguments():
         ActivationCollector(ToyDiT(), reduce="l1")
     with pytest.raises(anm.ANMError, match="keep_activations=True"):
         _ = ActivationCollector(ToyDiT()).activations
+
+
+def test_hidden_states_carry_gradients_and_share_blocks_with_a_regulariser():
+    """keep_activations=True gives each hooked block's output with its graph; such a reader may hook the
+    blocks an ANM regulariser already hooks (two regularisers on one block are still refused)."""
+    model = ToyDiT(depth=3)
+    reg = anm.attach(model, alpha=1.0)
+    reader = ActivationCollector(model, layers="blocks.1", site="output", keep_activations=True, training_only=True)
+    x, t = make_batch()
+    model(x, t)
+    (hidden,) = reader.hidden_states()
+    h, c = model.embed(x), model.cond(t[:, None])
+    torch.testing.assert_close(hidden, model.blocks[1](model.blocks[0](h, c), c))
+    hidden.pow(2).sum().backward()
+    assert model.blocks[0].mlp[0].weight.grad is not None  # through the hidden state, not a norm
+    reader.clear()
+    assert reader.hidden_states() == []
+    with torch.no_grad():  # training_only: no record without autograd
+        model(x, t)
+    assert reader.hidden_states() == []
+    with pytest.raises(anm.ANMError, match="already carries"):
+        anm.attach(model, alpha=1.0)
+    with pytest.raises(anm.ANMError, match="keep_activations=True"):
+        ActivationCollector(model).hidden_states()
+    reader.remove()
+    reg.detach()

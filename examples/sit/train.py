@@ -40,6 +40,7 @@ from modeling.models import SIT_SIZES, SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
 from modeling.vae import decode_to_uint8, encode_images
+from regularizers import dispersive
 from runtime import train_args
 from runtime.checkpoints import (
     check_finite,
@@ -73,6 +74,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import anm
+
+RUNNING_SLOTS = 4  # loss sums between log rows: FM, ANM, grad norm, Dispersive
 
 #################################################################################
 #                             Training Helper Functions                         #
@@ -130,7 +133,7 @@ def anm_layers(spec: str) -> str | list[str]:
 
 def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
-    wrapper or None, AdamW)."""
+    wrapper or None, AdamW, the Dispersive Loss term or None)."""
     with cpu_seeded(args.global_seed):  # one initialisation for every rank and any number of processes
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
@@ -144,6 +147,7 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
                             site=args.anm_site, layers=anm_layers(args.anm_layers), reduce=args.anm_reduce,
                             objective=args.anm_objective, granularity=args.anm_granularity, nonfinite="propagate")
         model = anm_model
+    disp = dispersive.build_dispersive(args, raw)  # hooks on the bare model, before DDP / compile too
     if ctx.world_size > 1:
         # The gradients become views of the all-reduce buckets: no copy from the buckets back into them.
         model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
@@ -152,7 +156,7 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
         model = torch.compile(model)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             fused=ctx.device.type == "cuda")
-    return raw, ema, anm_model, model, ddp, opt
+    return raw, ema, anm_model, model, ddp, opt, disp
 
 
 def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
@@ -195,9 +199,11 @@ def sample_grid_inputs(args: argparse.Namespace, data: TrainData,
 def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args: argparse.Namespace,
                      anm_model: anm.ANM | None, ctx: DistContext) -> dict[str, float]:
     """The log row of the steps since the last one: mean losses (over ranks), speed, grad norm, ANM stats."""
-    fm, anm_term, grad_norm = (all_mean(running, ctx.world_size) / log_steps).tolist()
-    row = dict(fm_loss=fm, anm_loss=anm_term, loss=fm + anm_term, steps_per_sec=log_steps / elapsed,
+    fm, anm_term, grad_norm, disp = (all_mean(running, ctx.world_size) / log_steps).tolist()
+    row = dict(fm_loss=fm, anm_loss=anm_term, loss=fm + anm_term + disp, steps_per_sec=log_steps / elapsed,
                img_per_sec=log_steps * args.global_batch_size / elapsed)
+    if args.dispersive:
+        row["dispersive_loss"] = disp
     if args.max_grad_norm is not None:
         row["grad_norm"] = grad_norm
     if anm_model is not None:
@@ -238,9 +244,11 @@ def log_training(logger: logging.Logger, progress: tqdm, step: int, running: tor
                  ctx: DistContext) -> dict[str, float]:
     """The training row of the steps since the last one, said in log.txt and the progress bar."""
     row = training_metrics(running, log_steps, time.time() - start_time, args, anm_model, ctx)
+    disp = {"dispersive": f"{row['dispersive_loss']:.4f}"} if "dispersive_loss" in row else {}
     logger.info(f"(step={step:07d}) FM loss {row['fm_loss']:.4f}, ANM loss {row['anm_loss']:.4f}, "
-                f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
-    progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}")
+                + "".join(f"{name} loss {value}, " for name, value in disp.items())
+                + f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
+    progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}", **disp)
     return row
 
 
@@ -266,6 +274,7 @@ def close_run(metrics: MetricLog, anm_model: anm.ANM | None, ctx: DistContext) -
     metrics.close()
     if anm_model is not None:
         anm_model.close()
+    dispersive.detach_all()
     cleanup(ctx)
 
 
@@ -284,16 +293,26 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
 
 def forward_backward(model: nn.Module, ddp: DDP | None, anm_model: anm.ANM | None, transport: Transport,
                      batch: tuple[torch.Tensor, ...], step: int, running: torch.Tensor, autocast: dict,
-                     args: argparse.Namespace) -> None:
+                     args: argparse.Namespace, disp: dispersive.DispersiveTerm | None = None) -> None:
     """The gradients of one optimizer step, over --grad-accum-steps micro-batches of (x, y, noise, t): FM loss
-    + ANM term, each divided by the micro-batch count; their means are added to running[:2] (no host sync)."""
+    + ANM term + Dispersive term (each micro-batch's own), each divided by the micro-batch count; their means
+    are added to running[0, 1, 3] (no host sync)."""
     k = args.grad_accum_steps
     for i, (xs, ys, ns, ts) in enumerate(micro_batches(batch, k)):
         with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
             fm = transport.training_losses(model, xs, dict(y=ys), t=ts, noise=ns)["loss"].mean()
             anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=step)
-            ((fm + anm_loss) / k).backward()
-        running[:2] += torch.stack([fm.detach().float(), anm_loss.detach().float()]) / k
+            disp_loss = fm.new_zeros(()) if disp is None else disp.loss()  # fp32 inside, over this rank's batch
+            ((fm + anm_loss + disp_loss) / k).backward()
+        running[[0, 1, 3]] += torch.stack([fm.detach().float(), anm_loss.detach().float(),
+                                           disp_loss.detach().float()]) / k
+
+
+def restore_running(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
+    """restore_log_state with its loss sums widened to RUNNING_SLOTS (a checkpoint from before the Dispersive
+    term has three: its fourth sum starts at zero)."""
+    running, *rest = restore_log_state(checkpoint, device)
+    return (torch.cat([running, running.new_zeros(RUNNING_SLOTS - len(running))]), *rest)
 
 
 def log_saved(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
@@ -347,6 +366,7 @@ def stop_in_setup(stop: StopSignals, ctx: DistContext, experiment_dir: str, step
             write_stopped(experiment_dir, signal_name(stop), step, resume_path, EXIT_PREEMPTED)
     if anm_model is not None:
         anm_model.close()
+    dispersive.detach_all()
     cleanup(ctx)
     exit_preempted("train.py", message, ctx.is_main)
 
@@ -382,7 +402,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     steps_per_epoch = data.sampler.steps_per_epoch
     max_steps = total_steps(args, steps_per_epoch)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
-    raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
+    raw, ema, anm_model, model, ddp, opt, disp = build_models(args, config, ctx)
     if any_rank(stop.requested, ctx):  # a signal during the setup so far: no step to save, no folder yet
         stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model)
     warnings += open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
@@ -391,7 +411,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
     log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, [*warnings, *data.notes], notes)
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
-    running, log_steps, log_seconds, elapsed = restore_log_state(checkpoint, ctx.device)
+    running, log_steps, log_seconds, elapsed = restore_running(checkpoint, ctx.device)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
     model.train()
@@ -410,7 +430,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
 
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
     progress = progress_bar(args, ctx, train_steps, max_steps)
-    # running: FM loss, ANM loss, grad norm summed since the last log row (restored on resume, as log_steps)
+    # running: FM, ANM loss, grad norm, Dispersive loss summed since the last log row (restored, as log_steps)
     checked_step, start_time, run_start = train_steps, time.time() - log_seconds, time.time() - elapsed
     agreement = step_agreement(stop, ctx, train_steps, args)
     stopped = False
@@ -425,7 +445,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                 with torch.no_grad():  # posterior *sample*, as the reference
                     x = encode_images(data.vae, x, data.scaling, generator=generator)
             opt.zero_grad(set_to_none=True)
-            forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args)
+            forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args,
+                             disp)
             if args.max_grad_norm is not None:
                 running[2] += nn.utils.clip_grad_norm_(raw_params, args.max_grad_norm).float()
             opt.step()

@@ -216,3 +216,19 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="is a file, not a folder; choose another --out"):
         ablate.main(ablate.parse_args(["--budget", "smoke", "--out", str(out)]))
     assert out.read_text() == "kept"
+
+
+def test_dispersive_arms_train_in_lockstep_and_get_their_table(tmp_path):
+    """Dispersive Loss alone and beside the default ANM arm: same initial weights and data as the baseline,
+    a training the term changes, and a table of their own in tables.md."""
+    names = ["baseline", "dispersive", "dispersive+anm"]
+    arms = {a.name: a for a in ablate_arms.select_arms(names)}
+    assert arms["dispersive"].dispersive and not arms["dispersive"].anm and arms["dispersive+anm"].anm
+    summary = _run(tmp_path, arms=names, no_plots=True)
+    base, disp, both = (_record(tmp_path, name) for name in names)
+    assert base["init_checksum"] == disp["init_checksum"] == both["init_checksum"]
+    assert base["data_checksum"] == disp["data_checksum"] == both["data_checksum"] != 0
+    assert base["heldout"][0] == disp["heldout"][0] and disp["heldout"][-1] != base["heldout"][-1]
+    assert disp["anm_loss"][-1] < 0  # the regulariser column holds lambda * L_disp (<= 0) for this arm
+    assert set(summary["sinusoid"]) == set(names)
+    assert "Beside Dispersive Loss" in (tmp_path / "tables.md").read_text()

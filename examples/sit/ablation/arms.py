@@ -2,7 +2,8 @@
 
 The arms are the supplement's Tab. 3 alpha grid and Tab. 4 lambda grid, each at the raw alpha and at the
 width-matched alpha (see modeling/alpha_scaling.py), plus a form study that changes one factor at a time from
-the default (matched alpha = 70, lambda = 10, per-token hinge on the residual update, 10% warm-up).
+the default (matched alpha = 70, lambda = 10, per-token hinge on the residual update, 10% warm-up), and Dispersive
+Loss (regularizers/dispersive.py) alone and beside the default ANM arm.
 
     >>> [arm.name for arm in build_arms()][:3]
     ['baseline', 'raw_a10_l10', 'raw_a50_l10']
@@ -14,8 +15,8 @@ from dataclasses import asdict, dataclass, replace
 
 from modeling.alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matched_alpha
 
-__all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "Budget", "BUDGETS", "Arm", "build_arms",
-           "arm_name", "select_arms"]
+__all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "DISPERSIVE_ARM", "Budget", "BUDGETS", "Arm",
+           "build_arms", "arm_name", "select_arms"]
 
 ALPHA_GRID = (10.0, 50.0, 70.0, 100.0, 300.0)  # supplement Tab. 3 (lambda = 10)
 LAMBDA_GRID = (2.0, 5.0, 10.0, 15.0, 20.0)  # supplement Tab. 4 (alpha = 70)
@@ -93,6 +94,9 @@ class Arm:
     site: str = "update"
     objective: str = "hinge"
     granularity: str = "token"
+    dispersive: bool = False  # add Dispersive Loss (InfoNCE-L2) on the middle block's output
+    disp_lambda: float = 0.5  # its weight (the paper's default)
+    disp_tau: float = 0.5  # its temperature
 
     @property
     def reduce(self) -> str:
@@ -118,6 +122,7 @@ def arm_name(scaling: str, alpha: float, lam: float) -> str:
 
 
 DEFAULT_ARM = arm_name("matched", PAPER_ALPHA, PAPER_LAMBDA)
+DISPERSIVE_ARM = "dispersive"  # InfoNCE-L2, lambda 0.5, tau 0.5, middle block; "+anm": with DEFAULT_ARM too
 
 
 def build_arms() -> list[Arm]:
@@ -139,6 +144,8 @@ def build_arms() -> list[Arm]:
         replace(default, name=DEFAULT_ARM + "_obj-exp", objective="exp"),
         replace(default, name=DEFAULT_ARM + "_wu0", warmup_frac=0.0),
         replace(default, name=DEFAULT_ARM + "_wu50", warmup_frac=0.5),
+        Arm(DISPERSIVE_ARM, anm=False, dispersive=True),
+        replace(default, name=DISPERSIVE_ARM + "+anm", dispersive=True),
     ]
     return arms
 

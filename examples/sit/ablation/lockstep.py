@@ -23,6 +23,7 @@ from evaluation.sinusoid_metric import SinusoidMetric
 from modeling.models import SiT
 from modeling.samplers import Sampler
 from modeling.transport import create_transport
+from regularizers.dispersive import DispersiveTerm, dispersive_layers
 from torch import nn
 
 import anm
@@ -140,6 +141,7 @@ class ArmRun:
     alpha_used: float  # the baseline's is the default arm's: where its frac below alpha is counted
     log: ArmLog
     since_eval: LossMeans = field(default_factory=LossMeans)
+    disp: DispersiveTerm | None = None  # the arm's Dispersive Loss, hooked on net
 
     @property
     def active(self) -> bool:
@@ -171,9 +173,11 @@ def start_arm(arm: Arm, base: SiT, budget: Budget) -> ArmRun:
     if arm.anm:
         model = anm.ANM(net, alpha=alpha_used, lam=arm.lam, warmup=arm.warmup_steps(budget.steps), site=arm.site,
                         reduce=arm.reduce, objective=arm.objective, granularity=arm.granularity)
+    disp = (DispersiveTerm(net, dispersive_layers(net, None), lam=arm.disp_lambda, tau=arm.disp_tau)
+            if arm.dispersive else None)
     opt = torch.optim.AdamW(net.parameters(), lr=budget.lr, weight_decay=0.0)
     log = ArmLog(init_checksum=checksum(net.state_dict().values()))
-    return ArmRun(arm=arm, net=net, model=model, opt=opt, alpha_used=alpha_used, log=log)
+    return ArmRun(arm=arm, net=net, model=model, opt=opt, alpha_used=alpha_used, log=log, disp=disp)
 
 
 def evaluate(run: ArmRun, heldout: HeldoutSet, transport, step: int) -> None:
@@ -200,6 +204,8 @@ def train_step(run: ArmRun, transport, batch: tuple[torch.Tensor, ...], step: in
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
     fm = transport.training_losses(run.model, x, dict(y=y), t=t, noise=noise)["loss"].mean()
     reg = run.model.loss(step=step) if run.arm.anm else torch.zeros((), device=x.device)
+    if run.disp is not None:  # the regulariser column (anm_loss) then holds ANM + Dispersive
+        reg = reg + run.disp.loss()
     fm_value, reg_value = torch.stack([fm.detach(), reg.detach()]).tolist()  # one sync per arm
     if not math.isfinite(fm_value + reg_value):
         run.log.diverged_at = step
@@ -278,6 +284,8 @@ def train_group(job: Job) -> list[str]:
     for run in runs:
         if run.arm.anm:
             run.model.close()
+        if run.disp is not None:
+            run.disp.close()
     timing["sample_s"] = time.time() - tick
     wall_s = time.time() - start
     written = [write_record(job.out_dir, record_of(run, job, base_sum, wall_s, timing)) for run in runs]

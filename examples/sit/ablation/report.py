@@ -179,6 +179,8 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
 
     def label(name: str) -> str:
         a = by_name[name]
+        if a.dispersive:
+            return f"{name} (L_disp λ={a.disp_lambda:g}, τ={a.disp_tau:g}" + (", + ANM default)" if a.anm else ")")
         return "baseline (no ANM)" if not a.anm else f"{name} (α={a.alpha:g}, λ={a.lam:g}, {a.scaling})"
 
     b = budget
@@ -208,6 +210,8 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
             (f"Tab. 3 shape — effect of α (λ=10), {dataset}", ["baseline"] + alpha_names),
             (f"Tab. 4 shape — effect of λ (α=70), {dataset}", ["baseline"] + lam_names),
             (f"Form study (matched α=70, λ=10; one factor at a time), {dataset}", ["baseline"] + form_names),
+            (f"Beside Dispersive Loss (InfoNCE-L2, middle block), {dataset}",
+             ["baseline", DEFAULT_ARM] + [a.name for a in arms if a.dispersive]),
         ):
             lines += [f"## {title}", "", TABLE_HEADER] + table_rows(summary, dataset, names, label, b.steps) + [""]
     with atomic_write(path) as f:

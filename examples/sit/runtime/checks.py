@@ -136,6 +136,10 @@ def check_ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
     if not args.anm:
         ignored += [f"--{name.replace('_', '-')} (ANM is off: add --anm)" for name in sorted(vars(args))
                     if name.startswith("anm_") and getattr(args, name) != parser.get_default(name)]
+    if not getattr(args, "dispersive", True):
+        ignored += [f"--{name.replace('_', '-')} (Dispersive Loss is off: add --dispersive)"
+                    for name in sorted(vars(args))
+                    if name.startswith("dispersive_") and getattr(args, name) != parser.get_default(name)]
     if ignored:
         raise UsageError(f"{ignored[0]} would be ignored: drop it")
 

@@ -29,6 +29,7 @@ RUN_DEFINING = frozenset({
     "global_batch_size", "global_seed", "lr", "weight_decay", "max_grad_norm", "ema_decay", "precision",
     "anm", "anm_alpha", "anm_lambda", "anm_warmup", "anm_site", "anm_layers", "anm_reduce", "anm_objective",
     "anm_granularity",
+    "dispersive", "dispersive_lambda", "dispersive_tau", "dispersive_block", "dispersive_distance",
     "eval_samples",  # the held-out set behind log.csv's held-out curve
 })
 LOCATIONS = frozenset({"data_path", "eval_data_path", "vae"})

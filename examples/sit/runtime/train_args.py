@@ -96,6 +96,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--anm-objective", choices=["hinge", "exp"], default="hinge", help="penalty shape")
     group.add_argument("--anm-granularity", choices=["token", "sample", "batch"], default="token",
                        help="where the penalty applies")
+    group = parser.add_argument_group("Dispersive Loss (Wang & He 2025; regularizers/dispersive.py)")
+    group.add_argument("--dispersive", action=argparse.BooleanOptionalAction, default=False,
+                       help="add lambda * L_disp of one block's hidden states (repulsion within each rank's batch)")
+    group.add_argument("--dispersive-lambda", type=float, default=0.5, help="weight of the dispersive term")
+    group.add_argument("--dispersive-tau", type=float, default=0.5, help="temperature tau (> 0)")
+    group.add_argument("--dispersive-block", type=str, default=None,
+                       help="block index (negative from the end) or module glob (default: the middle block, "
+                            "index depth // 2)")
+    group.add_argument("--dispersive-distance", choices=["l2", "cosine"], default="l2",
+                       help="InfoNCE-L2 (squared L2 per feature) or InfoNCE-cosine")
     group = parser.add_argument_group("logging, evaluation, checkpoints")
     group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
     group.add_argument("--ckpt-every", type=int, default=50_000,

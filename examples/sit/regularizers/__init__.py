@@ -1,0 +1,1 @@
+"""Representation regularisers trained beside the flow-matching loss (and ANM): Dispersive Loss."""

@@ -1,0 +1,71 @@
+"""REPA's pieces against independent computations, with a small randomly initialised DINOv2 saved to tmp (no
+download): the loss, the encoder's input, the token grid, the one-line refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from regularizers import repa
+from runtime.cli import UsageError
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("dinov2")
+    transformers.Dinov2Model(config).save_pretrained(path)
+    return path
+
+
+def test_the_loss_is_the_mean_negative_cosine_of_the_projected_tokens() -> None:
+    torch.manual_seed(0)
+    hidden, target = torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    projector = repa.Projector(8, 5, hidden=16)
+    want = 0.0
+    with torch.no_grad():
+        for n in range(2):
+            for t in range(3):
+                z = projector(hidden[n, t]).double()
+                y = target[n, t].double()
+                want -= float(z @ y / (z.norm() * y.norm())) / 6
+    assert repa.repa_loss(hidden, target, projector).item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        repa.repa_loss(hidden, target[:, :2], projector)
+
+
+def test_the_encoder_sees_the_batch_images_preprocessed_and_matches_the_grid(encoder_dir: Path) -> None:
+    encoder = repa.load_encoder(str(encoder_dir))
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    images = torch.rand(3, 1, 8, 8) * 2 - 1  # grey images in [-1, 1], like Fashion-MNIST
+    seen = []
+    encoder.embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    tokens = repa.encoder_tokens(encoder, images, grid=4)
+    x = F.interpolate(((images + 1) / 2).repeat(1, 3, 1, 1), size=(28, 28), mode="bicubic", antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(seen[0], (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
+    assert tokens.shape == (3, 16, 16)  # the encoder's 2x2 patch grid, interpolated to the model's 4x4
+    same_grid = repa.encoder_tokens(encoder, images, grid=2)
+    torch.testing.assert_close(same_grid, encoder(pixel_values=seen[0]).last_hidden_state[:, 1:])
+
+
+def test_a_missing_or_wrong_encoder_is_one_line(tmp_path: Path, encoder_dir: Path) -> None:
+    with pytest.raises(UsageError, match="config.json missing") as error:
+        repa.load_encoder(str(tmp_path / "nowhere"))
+    assert "\n" not in str(error.value)
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UsageError, match="not DINOv2"):
+        repa.load_encoder(str(other))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((encoder_dir / "config.json").read_text())
+    with pytest.raises(UsageError, match="do not load"):
+        repa.load_encoder(str(broken))
