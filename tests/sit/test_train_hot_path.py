@@ -48,9 +48,9 @@ def test_ddp_gradients_are_views_of_its_buckets_and_the_step_is_unchanged(one_ra
              torch.randn(8, 3, 8, 8, generator=gen), torch.rand(8, generator=gen))
     transport, autocast = create_transport(), dict(device_type="cpu", dtype=torch.bfloat16, enabled=False)
     for step in range(2):
-        for raw, _, anm_model, model, ddp_or_none, opt in (wrapped, plain):
+        for raw, _, anm_model, model, ddp_or_none, opt, _ in (wrapped, plain):
             opt.zero_grad(set_to_none=True)
-            train.forward_backward(model, ddp_or_none, anm_model, transport, batch, step, torch.zeros(3), autocast,
+            train.forward_backward(model, ddp_or_none, anm_model, transport, batch, step, torch.zeros(4), autocast,
                                    args)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm)
             opt.step()
