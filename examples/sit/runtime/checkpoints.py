@@ -3,7 +3,8 @@ a checkpoint into the models, optimizer and RNG streams, and saving one (in the 
 stop and the last step: runtime/checkpoint_writer.py). :func:`check_finite` stops the run before a NaN or
 infinite loss or weight can reach a checkpoint.
 
-Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, samples/, log.csv, log.txt}.
+Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, samples/, log.csv, log.txt},
+and after a stop signal stopped.json (removed when the run starts again) and stops.jsonl (every stop, kept).
 
 Rank 0 alone reads the checkpoints to pick one, creates the folder and writes the checkpoints; the other
 ranks wait for it on the long-wait group (runtime/distributed.py), whose timeout no file system's pace
@@ -46,9 +47,11 @@ from runtime.run_log import LOGGER_NAME
 
 __all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "find_checkpoint", "open_experiment",
            "lock_run_folder", "restore", "restore_log_state", "check_finite", "save_checkpoint", "when_written",
-           "WriteStats", "prune_checkpoints", "is_milestone", "write_stopped", "STOPPED_FILE"]
+           "WriteStats", "prune_checkpoints", "is_milestone", "write_stopped", "previous_stop", "STOPPED_FILE",
+           "STOPS_FILE"]
 
 STOPPED_FILE = "stopped.json"  # written when a signal stopped the run, removed when it starts again
+STOPS_FILE = "stops.jsonl"  # one line per stop, appended, never removed: the run's history of stops
 ROLLING_FILE = "rolling.json"  # the checkpoints --keep-last may delete, oldest first
 _writer = CheckpointWriter()  # rank 0's checkpoint writes (at most one in the background)
 
@@ -97,17 +100,31 @@ def find_checkpoint(args: argparse.Namespace, ctx: DistContext
     if ctx.is_main:
         try:
             resume_path, loaded, warnings = plan_resume(args, experiment_dir)
-            decision = (resume_path, warnings)
+            decision = (resume_path, warnings, previous_stop(experiment_dir))
         except UsageError as error:
             decision = str(error)
     decision = broadcast_object(decision, long_wait=True)  # rank 0 may have read several checkpoints
     if isinstance(decision, str):
         raise UsageError(decision)
-    resume_path, warnings = decision
+    resume_path, warnings, stop_note = decision
     if args.resume == "auto" and resume_path is not None:
         checkpoint = loaded if loaded is not None else load_checkpoint(resume_path)
         notes = adopt_saved_args(args, checkpoint["args"], resume_path)
-    return experiment_dir, resume_path, checkpoint, warnings, notes
+    return experiment_dir, resume_path, checkpoint, warnings, notes + ([stop_note] if stop_note else [])
+
+
+def previous_stop(experiment_dir: str) -> str | None:
+    """A log line on the stop that <experiment_dir>/stopped.json records, which a start removes (stops.jsonl
+    keeps it); None when there is none."""
+    try:
+        with open(os.path.join(experiment_dir, STOPPED_FILE)) as f:
+            record = json.load(f)
+        when = f"after step {int(record['step']):,}" if record.get("checkpoint") else "before its first step"
+        what = f"{record['signal']} {when}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (f"This run was stopped by {what} ({STOPPED_FILE}); the marker is removed as the run goes on, "
+            f"{STOPS_FILE} keeps every stop")
 
 
 def open_experiment(args: argparse.Namespace, ctx: DistContext, experiment_dir: str, checkpoint: dict | None,
@@ -314,10 +331,16 @@ def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last:
 
 def write_stopped(experiment_dir: str, signal_name: str, step: int, checkpoint: str | None, exit_status: int) -> str:
     """<experiment_dir>/stopped.json: which signal stopped the run at which step, and its checkpoint (None: a
-    stop before the first step of a new run). A
-    requeue script tests it where the exit status is lost (torchrun's agent exits 1 after a signal)."""
+    stop before the first step of a new run). A requeue script tests it where the exit status is lost
+    (torchrun's agent exits 1 after a signal); the next start removes it. The same record, with the time, is
+    appended to <experiment_dir>/stops.jsonl, which stays: every stop of the run, oldest first."""
     path = os.path.join(experiment_dir, STOPPED_FILE)
     record = dict(signal=signal_name, step=step, checkpoint=checkpoint, exit_status=exit_status)
     with atomic_write(path) as f:
         f.write(json.dumps(record, indent=1).encode())
+    stamped = dict(record, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with open(os.path.join(experiment_dir, STOPS_FILE), "a") as f:  # a torn last line is skipped by readers
+        f.write(json.dumps(stamped) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path
