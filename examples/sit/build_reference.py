@@ -10,13 +10,16 @@ Inception network (evaluation/inception.py). The output holds
     mu, sigma  mean (2048,) and covariance (2048, 2048) of their pool_3 features (FID)
     mu_s, sigma_s  the same of the mixed_6/conv spatial features (2023,) (sFID)
 
-computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in float64.
+computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in float64, shard by shard
+(evaluation/running_stats.py): equal to np.cov of all features up to float rounding, without holding them.
 
 --num-images N takes a seeded uniform random subset of the folder (across all its classes). The work is
 split in shards of --shard-size consecutive chosen images; shard s belongs to rank s % world size
 (torchrun), is written to <out>.parts/ atomically, and a killed run resumes by skipping finished shards
 (with any number of processes): the result is identical. When all shards exist, rank 0 writes --out and
-removes <out>.parts/. An existing --out is never overwritten. SIGTERM, SIGUSR1 or SIGINT stop every rank
+removes <out>.parts/: after leaving the process group (no rank waits for it in a collective), one shard at a
+time (arr_0 streamed into the .npz: memory holds one shard, whatever --num-images). An existing --out is
+never overwritten. SIGTERM, SIGUSR1 or SIGINT stop every rank
 after its current batch (the ranks compare stop flags every few seconds) with exit status 75; the same
 command resumes.
 
@@ -43,9 +46,10 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.image_folder import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E402
-from data.npz import choose_subset, save_npz, scan_images  # noqa: E402
+from data.npz import choose_subset, scan_images  # noqa: E402
+from data.npz_stream import npz_writer  # noqa: E402
 from evaluation.inception import Activations, InceptionFeatures, file_sha256, inception_weights_path  # noqa: E402
-from evaluation.statistics import compute_stats  # noqa: E402
+from evaluation.running_stats import RunningStats  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.checks import check_device  # noqa: E402
 from runtime.cli import HelpFormatter, UsageError, run  # noqa: E402
@@ -203,19 +207,27 @@ def network_id(factory: ExtractorFactory) -> str:
 
 
 def write_reference(args: argparse.Namespace, num_shards: int) -> None:
-    """Assemble the shards into --out (arr_0 + statistics), then remove the parts folder."""
+    """Assemble the shards into --out (arr_0 + statistics), then remove the parts folder. One shard is in
+    memory at a time: its images go into arr_0 as they are read, its features into the running statistics."""
     parts = parts_folder(args.out)
-    shards = []
-    for shard in range(num_shards):
-        with np.load(shard_path(parts, shard)) as data:
-            shards.append((data["images"], Activations(data["pool"], data["spatial"])))
-    images = np.concatenate([images for images, _ in shards])
-    acts = Activations.concatenate([acts for _, acts in shards])
-    pool, spatial = compute_stats(acts.pool), compute_stats(acts.spatial)
-    save_npz(images, args.out, mu=pool.mu, sigma=pool.sigma, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    with open(os.path.join(parts, "meta.json")) as f:
+        num_images = json.load(f)["num_images"]
+    shape = (num_images, args.image_size, args.image_size, 3)
+    pool, spatial = RunningStats(), RunningStats()
+    with npz_writer(args.out) as npz:
+        with npz.stream("arr_0", shape, np.uint8) as arr_0:
+            for shard in range(num_shards):
+                with np.load(shard_path(parts, shard)) as data:
+                    arr_0.write(data["images"])
+                    pool.update(data["pool"])
+                    spatial.update(data["spatial"])
+        pool_stats, spatial_stats = pool.stats(), spatial.stats()
+        for key, value in (("mu", pool_stats.mu), ("sigma", pool_stats.sigma), ("mu_s", spatial_stats.mu),
+                           ("sigma_s", spatial_stats.sigma)):
+            npz.add(key, value)
     shutil.rmtree(parts)
-    print(f"wrote {args.out}: {len(images)} images {images.shape[1:]}, mu/sigma {pool.mu.shape}, mu_s/sigma_s "
-          f"{spatial.mu.shape}", flush=True)
+    print(f"wrote {args.out}: {num_images} images {shape[1:]}, mu/sigma {pool_stats.mu.shape}, mu_s/sigma_s "
+          f"{spatial_stats.mu.shape}", flush=True)
 
 
 #################################################################################
@@ -296,7 +308,7 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
                 os.makedirs(parts, exist_ok=True)
                 with atomic_write(os.path.join(parts, "meta.json")) as f:
                     f.write(json.dumps(meta, indent=1).encode())
-        barrier()
+        barrier(long_wait=True)  # rank 0's folder work, at the file system's pace
 
         num_shards = meta["num_shards"]
         mine = range(ctx.rank, num_shards, ctx.world_size)
@@ -313,6 +325,10 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
             exit_preempted("build_reference.py", f"stopped by {stop.first or 'a signal to another rank'}: {done} of "
                            f"{num_shards} shards are in {parts}; exit status {EXIT_PREEMPTED}: rerun the same command "
                            "to resume", ctx.is_main)
+        # Every rank's shards are on disk (run_until_stopped's last check waited for all ranks). Rank 0 writes
+        # --out alone, which reads every shard: after leaving the process group, so that no rank waits for it
+        # in a collective (NCCL's watchdog ends a wait longer than the group's timeout); the others are done.
+        cleanup(ctx)
         if ctx.is_main:
             missing = [s for s in range(num_shards) if not os.path.exists(shard_path(parts, s))]
             if missing:
@@ -320,7 +336,6 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
                       "to resume)", flush=True)
             else:
                 write_reference(args, num_shards)
-        barrier()
     finally:
         cleanup(ctx)
 

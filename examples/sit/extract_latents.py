@@ -242,7 +242,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
         check_resume(args.out, meta)  # every rank: a mismatch stops all of them before any work
         if ctx.is_main:
             write_meta(args, dataset, meta)
-        barrier()
+        barrier(long_wait=True)  # rank 0's labels and metadata, at the file system's pace
 
         num_chunks = math.ceil(len(dataset) / args.chunk_size)
         mine = range(ctx.rank, num_chunks, ctx.world_size)

@@ -9,8 +9,10 @@ Sample many images in parallel (e.g. 50,000 for FID) and pack them into an ADM-f
 
 Sample i draws its label, starting noise and SDE Brownian noise from generators seeded by (global seed, i)
 alone, so the images do not depend on the number of processes or the per-process batch size.
-Writes <sample-dir>/<folder>/{000000..}.png, <sample-dir>/<folder>/manifest.json and <sample-dir>/<folder>.npz
-(arr_0: uint8 N x H x W x 3). The manifest records the checkpoint's SHA-256 and every setting that changes
+Writes <sample-dir>/<folder>/{000000..}.png (encoded and written by --png-threads threads while sampling goes
+on), <sample-dir>/<folder>/manifest.json and <sample-dir>/<folder>.npz (arr_0: uint8 N x H x W x 3), which
+rank 0 packs from the PNGs after every rank is done and has left the process group (the others exit), reading
+a chunk of PNGs at a time. The manifest records the checkpoint's SHA-256 and every setting that changes
 the images (the sampler's options and the VAE factors included): rerunning the same command resumes
 (finished PNGs are kept, only gaps are filled); a run whose checkpoint content or settings differ is refused
 instead of mixing its samples with the old ones. An adaptive ODE solver (--sampling-method dopri5) picks its
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from data.npz import save_npz
+from data.npz_stream import npz_writer
 from modeling.generation import generate, make_sample_fn
 from modeling.latent_scaling import SD_SCALING, LatentScaling
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
@@ -40,7 +42,8 @@ from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
-from runtime.distributed import DistContext, barrier, broadcast_object, cleanup, setup_distributed
+from runtime.distributed import DistContext, broadcast_object, cleanup, setup_distributed
+from runtime.png_writer import PngWriter
 from runtime.preemption import (
     EXIT_PREEMPTED,
     SYNC_SECONDS,
@@ -66,6 +69,7 @@ from tqdm.auto import tqdm
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 DEFAULT_STEPS = dict(ode=250, sde=250)
+PACK_CHUNK = 1000  # PNGs read at a time while packing the .npz (196 MB at 256 px)
 
 #################################################################################
 #                                 Helpers                                       #
@@ -91,12 +95,6 @@ def sample_inputs(indices: range, global_seed: int, num_classes: int, shape: tup
 def png_path(folder: str, index: int) -> str:
     """Sample index's PNG: the exact name, so temp files (.<name>.tmp-<pid>) never count as samples."""
     return os.path.join(folder, f"{index:06d}.png")
-
-
-def save_png(image: np.ndarray, path: str) -> None:
-    """Write atomically: an interrupted run or a full disk never leaves a partial PNG that resume would keep."""
-    with atomic_write(path) as f:
-        Image.fromarray(image).save(f, format="PNG")
 
 
 def file_sha256(path: str, block: int = 8 << 20) -> str:
@@ -223,22 +221,31 @@ def prepare_folder(folder: str, npz_path: str, settings: dict[str, Any], ckpt: s
     return None
 
 
-def read_samples(folder: str, num: int) -> np.ndarray:
-    """uint8 N x H x W x 3 of samples 0..num-1; an unreadable PNG raises cli.UsageError naming it."""
-    images = []
-    for i in range(num):
-        path = png_path(folder, i)
-        try:
-            with Image.open(path) as image:
-                images.append(np.array(image.convert("RGB")))
-        except (OSError, ValueError) as error:
-            raise UsageError(f"sample {path} is unreadable ({error}): delete it and rerun the same command to "
-                             "regenerate it") from error
-        if images[-1].shape != images[0].shape:  # a PNG replaced by hand
-            raise UsageError(f"sample {path} is {images[-1].shape[1]}x{images[-1].shape[0]} pixels, sample 0 is "
-                             f"{images[0].shape[1]}x{images[0].shape[0]}: delete the odd one and rerun the same "
-                             "command to regenerate it")
-    return np.stack(images)
+def read_sample(folder: str, index: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Sample index's PNG as uint8 H x W x 3; one that does not decode, or whose size differs from shape (a
+    PNG replaced by hand), raises cli.UsageError naming it."""
+    path = png_path(folder, index)
+    try:
+        with Image.open(path) as image:
+            array = np.array(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"sample {path} is unreadable ({error}): delete it and rerun the same command to "
+                         "regenerate it") from error
+    if shape is not None and array.shape != shape:
+        raise UsageError(f"sample {path} is {array.shape[1]}x{array.shape[0]} pixels, sample 0 is {shape[1]}x"
+                         f"{shape[0]}: delete the odd one and rerun the same command to regenerate it")
+    return array
+
+
+def pack_samples(folder: str, num: int, npz_path: str, chunk: int = PACK_CHUNK) -> str:
+    """Samples 0..num-1 into the ADM .npz at npz_path (arr_0: uint8 N x H x W x 3), read and written chunk PNGs
+    at a time: memory holds one chunk, not the whole array (9.8 GB for 50k samples at 256 px). An unreadable or
+    odd-sized PNG raises cli.UsageError naming it, and no .npz is left. Returns npz_path."""
+    shape = read_sample(folder, 0).shape
+    with npz_writer(npz_path) as npz, npz.stream("arr_0", (num, *shape), np.uint8) as arr_0:
+        for start in range(0, num, chunk):
+            arr_0.write(np.stack([read_sample(folder, i, shape) for i in range(start, min(num, start + chunk))]))
+    return npz_path
 
 
 def check_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,6 +256,8 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         check_folder_name(args.folder_name)
     if not 0 < args.stop_sync_seconds < math.inf:
         raise UsageError(f"--stop-sync-seconds must be > 0 and finite, got {args.stop_sync_seconds}")
+    if args.png_threads < 0:
+        raise UsageError(f"--png-threads must be >= 0 (0: write in the sampling loop), got {args.png_threads}")
     if not args.sample_dir:
         raise UsageError("--sample-dir '' names no folder: pass one (default: samples), or '.' for this one")
     if os.path.exists(args.sample_dir) and not os.path.isdir(args.sample_dir):
@@ -265,30 +274,34 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
                scaling: LatentScaling | None = None) -> bool:
     """This rank's share of the missing PNGs. Batch k holds samples [k*B, (k+1)*B); rank r takes batches
     r, r+W, r+2W, ... A stop signal to any rank ends it after the current batch's PNGs are written (on the
-    other ranks within about --stop-sync-seconds); returns whether it was stopped, the same on every rank."""
+    other ranks within about --stop-sync-seconds); returns whether it was stopped, the same on every rank.
+    The PNGs are encoded and written by --png-threads threads while the next batch samples (at most two
+    batches queued); all of this rank's are on disk before the ranks' last check."""
     agreement = BatchAgreement(stop, ctx.world_size, ctx.device, args.stop_sync_seconds)
     batch = args.per_proc_batch_size
     my_batches = range(ctx.rank, math.ceil(args.num_fid_samples / batch), ctx.world_size)
-    # disable=None: a bar only on a terminal (tqdm checks its stderr), never in a log file.
-    for k in tqdm(my_batches, disable=None if ctx.is_main else True, desc="sampling"):
-        indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
-        todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
-        if not todo:
-            continue  # finished by an earlier run (not counted: the sync interval follows batches that work)
-        if agreement.poll():
-            break
-        y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
-        # SDE Brownian noise from one generator per sample: independent of batch size and world size.
-        sde_gens = [torch.Generator(ctx.device).manual_seed(sample_seed(args.global_seed, i, stream=1))
-                    for i in indices]
-        # bf16 autocast runs the network in bf16; the sampler's state x stays fp32.
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            x = generate(model, z.to(ctx.device), y.to(ctx.device), sample_fn, cfg_scale, cfg_channels, sde_gens,
-                         guidance_interval=args.guidance_interval)
-        images = decode_to_uint8(x, vae, scaling=scaling)
-        for i, image in zip(indices, images, strict=True):
-            if i in todo:
-                save_png(image, png_path(folder, i))
+    with PngWriter(args.png_threads, max_pending=2 * batch, sync_every=batch) as writer:
+        # disable=None: a bar only on a terminal (tqdm checks its stderr), never in a log file.
+        for k in tqdm(my_batches, disable=None if ctx.is_main else True, desc="sampling"):
+            indices = range(k * batch, min((k + 1) * batch, args.num_fid_samples))
+            todo = [i for i in indices if not os.path.exists(png_path(folder, i))]
+            if not todo:
+                continue  # finished by an earlier run (not counted: the sync interval follows batches that work)
+            if agreement.poll():
+                break
+            y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
+            # SDE Brownian noise from one generator per sample: independent of batch size and world size.
+            sde_gens = [torch.Generator(ctx.device).manual_seed(sample_seed(args.global_seed, i, stream=1))
+                        for i in indices]
+            # bf16 autocast runs the network in bf16; the sampler's state x stays fp32.
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                x = generate(model, z.to(ctx.device), y.to(ctx.device), sample_fn, cfg_scale, cfg_channels,
+                             sde_gens, guidance_interval=args.guidance_interval)
+            images = decode_to_uint8(x, vae, scaling=scaling)
+            for i, image in zip(indices, images, strict=True):
+                if i in todo:
+                    writer.submit(image, png_path(folder, i))
+        writer.flush()  # this rank's PNGs on disk, the stopped batch's too
     return agreement.finish()  # every rank waits here for the others to stop or finish
 
 
@@ -314,7 +327,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
         vae, scaling = load_checked_vae(args, info, ctx.device, announce=ctx.is_main)
 
         # Rank 0 hashes the checkpoint and owns the folder; the others follow its verdict, so that a
-        # refused run stops every rank instead of leaving them waiting at a barrier.
+        # refused run stops every rank instead of leaving them waiting at a barrier. They wait for it on the
+        # long-wait group: hashing 10 GB on a network file system outlasts NCCL's timeout.
         verdict = None
         if ctx.is_main:
             settings = run_settings(args, info, cfg_scale, cfg_channels, ctx.device, file_sha256(args.ckpt), sampler,
@@ -326,7 +340,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
             except (UsageError, OSError) as error:  # e.g. a full disk: stop the other ranks too
                 verdict = (folder, f"cannot prepare {folder} ({error}): free space or fix the permissions, or "
                                    "choose another --sample-dir")
-        folder, error = broadcast_object(verdict)
+        folder, error = broadcast_object(verdict, long_wait=True)
         if error is not None:
             raise UsageError(error)
         npz_path = f"{folder}.npz"
@@ -343,10 +357,13 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
             exit_preempted("sample_ddp.py", f"stopped by {stop.first or 'a signal to another rank'}: {done:,} of "
                            f"{args.num_fid_samples:,} samples are in {folder}; exit status {EXIT_PREEMPTED}: rerun "
                            "the same command to finish them", ctx.is_main)
+        # Every rank's PNGs are on disk (sample_all's last check waited for all ranks). Rank 0 packs them alone,
+        # which takes minutes for 50k samples: after leaving the process group, so that no rank waits for it in
+        # a collective (NCCL's watchdog ends a wait longer than the group's timeout); the others are done.
+        cleanup(ctx)
         if ctx.is_main:
-            save_npz(read_samples(folder, args.num_fid_samples), npz_path)  # ADM format: arr_0, uint8 NxHxWx3
+            pack_samples(folder, args.num_fid_samples, npz_path)  # ADM format: arr_0, uint8 NxHxWx3
             print(f"Saved {npz_path}")
-        barrier()
         return npz_path
     finally:
         cleanup(ctx)
@@ -377,6 +394,9 @@ def get_parser() -> argparse.ArgumentParser:
                         help="bf16: the network under bf16 autocast (faster on GPUs; images differ slightly) "
                              "(default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (default: off)")
+    parser.add_argument("--png-threads", type=int, default=4,
+                        help="threads that encode and write the PNGs while sampling goes on; 0 writes them in the "
+                             "sampling loop; the images are the same (default: %(default)s)")
     parser.add_argument("--stop-sync-seconds", type=float, default=SYNC_SECONDS,
                         help="seconds between the ranks' checks for a stop signal: every rank stops within this "
                              "plus one batch of a signal to any rank (default: %(default)s)")

@@ -43,6 +43,7 @@ from modeling.vae import decode_to_uint8, encode_images
 from regularizers import dispersive
 from runtime import train_args
 from runtime.checkpoints import (
+    WriteStats,
     check_finite,
     experiment_name,
     find_checkpoint,
@@ -53,6 +54,7 @@ from runtime.checkpoints import (
     restore,
     restore_log_state,
     save_checkpoint,
+    when_written,
     write_stopped,
 )
 from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
@@ -213,7 +215,11 @@ def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args
 
 def save_sample_grid(experiment_dir: str, step: int, ema: nn.Module, transport: Transport, data: TrainData,
                      args: argparse.Namespace) -> str:
-    """<experiment_dir>/samples/<step>.png: EMA samples from the run's fixed noise and labels (Heun ODE)."""
+    """<experiment_dir>/samples/<step>.png: EMA samples from the run's fixed noise and labels (Heun ODE).
+
+    Rank 0's alone, while the others wait in the next step's gradient all-reduce: work bounded by --sample-grid
+    and --sample-num-steps, not by data or a disk (a grid far larger than the default may need a longer
+    SIT_DIST_TIMEOUT_MINUTES)."""
     noise, labels = sample_grid_inputs(args, data, next(ema.parameters()).device)
     path = os.path.join(experiment_dir, "samples", f"{step:07d}.png")
     fn = FlowSampler(transport).sample_ode(num_steps=args.sample_num_steps, method="heun")
@@ -317,13 +323,17 @@ def restore_running(checkpoint: dict | None, device: torch.device) -> tuple[torc
 
 def log_saved(logger: logging.Logger, ctx: DistContext, saved: str, step: int, total: int,
               args: argparse.Namespace) -> None:
-    """Say where the checkpoint went; then --keep-last: rank 0 removes rolling checkpoints (time cadence, stops)
-    beyond the newest K, after the new one is on disk; the step cadence's and the last step's stay."""
-    logger.info(f"Saved checkpoint to {saved}")
-    if ctx.is_main:
-        rolling = not (is_milestone(step, args.ckpt_every) or step == total)
-        for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
-            logger.info(f"Removed {path} (--keep-last {args.keep_last})")
+    """Once the checkpoint is on disk (a background write's end: in its thread), say where it went, with its
+    write rate; then --keep-last: rank 0 removes rolling checkpoints (time cadence, stops) beyond the newest K;
+    the step cadence's and the last step's stay."""
+    def on_disk(stats: WriteStats | None) -> None:
+        logger.info(f"Saved checkpoint to {saved}" + (f" ({stats.describe()})" if stats is not None else ""))
+        if ctx.is_main:
+            rolling = not (is_milestone(step, args.ckpt_every) or step == total)
+            for path in prune_checkpoints(os.path.dirname(saved), saved, rolling, args.keep_last):
+                logger.info(f"Removed {path} (--keep-last {args.keep_last})")
+
+    when_written(saved, on_disk)
 
 
 def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int,
@@ -480,7 +490,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                                  elapsed_s=time.time() - run_start)
                 last["checkpoint"] = save_checkpoint(checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt,
                                                      anm_model, generator, args, config, len(data.dataset), ctx,
-                                                     log_state=log_state, latent_scaling=data.scaling)
+                                                     log_state=log_state, latent_scaling=data.scaling,
+                                                     background=not stopped and train_steps < max_steps)
                 agreement.saved()
                 log_saved(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
             if train_steps >= max_steps or stopped:

@@ -299,3 +299,31 @@ def test_a_signal_to_one_of_two_ranks_stops_both_then_a_rerun_finishes(tmp_path)
     expected = build(plain, tmp_path / "expected.npz", "--shard-size", "2", "--batch-size", "1")
     assert np.array_equal(arrays(out)["arr_0"], arrays(expected)["arr_0"])
     assert np.array_equal(arrays(out)["sigma"], arrays(expected)["sigma"])
+
+
+def test_the_reference_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
+    """write_reference concatenated every shard's images and features before np.savez copied them (250 GB for
+    the ImageNet train set at 256 px); it now streams arr_0 into the .npz and merges the statistics shard by
+    shard. The result is the same reference."""
+    import tracemalloc
+
+    real, peaks = build_reference.write_reference, []
+
+    def measured(*args, **kwargs):
+        tracemalloc.start()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(build_reference, "write_reference", measured)
+    root = write_image_folder(tmp_path / "images", sizes=((40, 40),) * 60)  # 120 images, 48x48 crops: 829 KB
+    out = build(root, tmp_path / "ref.npz", "--image-size", "48", "--shard-size", "10")
+    [peak] = peaks
+    data = arrays(out)
+    assert data["arr_0"].shape == (120, 48, 48, 3)
+    assert peak < data["arr_0"].nbytes / 2, f"peak {peak} bytes for {data['arr_0'].nbytes} bytes of images"
+    acts = StubFeatures()(data["arr_0"])
+    assert np.allclose(data["sigma"], np.cov(acts.pool.astype(np.float64), rowvar=False), rtol=0, atol=1e-12)
+    assert np.allclose(data["mu_s"], acts.spatial.astype(np.float64).mean(0), rtol=0, atol=1e-12)

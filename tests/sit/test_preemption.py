@@ -283,9 +283,10 @@ def test_ctrl_c_during_setup_exits_before_the_run_folder(tmp_path: Path, monkeyp
         train.main(train.parse_args(argv))
     assert stopped.value.code == EXIT_PREEMPTED
     run_dir = tmp_path / "run"
-    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["stopped.json"]  # no run files
+    assert sorted(p.name for p in run_dir.iterdir() if p.name != ".lock") == ["stopped.json", "stops.jsonl"]
     assert json.loads((run_dir / "stopped.json").read_text()) == dict(signal="SIGINT", step=0, checkpoint=None,
                                                                        exit_status=EXIT_PREEMPTED)
+    assert json.loads((run_dir / "stops.jsonl").read_text())["signal"] == "SIGINT"  # no run files, a stop's record
     assert "train.py: stopped by SIGINT during setup, before step 1; nothing to save" in capsys.readouterr().err
     monkeypatch.undo()
     out = train.main(train.parse_args(argv))  # the same command, not refused: the run starts

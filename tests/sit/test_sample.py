@@ -19,6 +19,7 @@ from modeling.models import SiT
 from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.images import save_grid
+from runtime.png_writer import save_png
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
@@ -291,7 +292,7 @@ def test_png_write_on_a_full_disk_leaves_nothing(tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(Image.Image, "save", full_disk)
     with pytest.raises(UsageError, match="no space left"):
-        sample_ddp.save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "000000.png"))
+        save_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "000000.png"))
     with pytest.raises(UsageError, match="no space left"):
         save_grid(np.zeros((2, 4, 4, 3), np.uint8), str(tmp_path / "grid.png"))
     assert os.listdir(tmp_path) == []
@@ -407,3 +408,54 @@ def test_two_ranks_both_stop_on_a_refused_folder(ckpt: str, tmp_path: Path) -> N
     assert [p.returncode for p in procs] == [2, 2], errors
     for err in errors:
         assert "Traceback" not in err and "cfg_scale 1.0 there, 0.5 now" in err.strip().splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- PNG writes, packing the .npz
+
+
+def test_png_threads_write_the_same_bytes_as_the_sampling_loop(ckpt: str, tmp_path: Path) -> None:
+    """--png-threads 0 writes in the sampling loop, as sample_ddp.py always did; the pool's PNGs are the same."""
+    folders = {}
+    for threads in ("0", "3"):
+        sample_ddp.main(ddp_args(ckpt, tmp_path / threads, "--num-fid-samples", "7", "--per-proc-batch-size", "2",
+                                 "--png-threads", threads))
+        folders[threads] = tmp_path / threads / "s"
+    names = sorted(p.name for p in folders["0"].glob("*.png"))
+    assert names == [f"{i:06d}.png" for i in range(7)] == sorted(p.name for p in folders["3"].glob("*.png"))
+    assert all((folders["0"] / n).read_bytes() == (folders["3"] / n).read_bytes() for n in names)
+    with np.load(tmp_path / "0" / "s.npz") as a, np.load(tmp_path / "3" / "s.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_packing_reads_the_pngs_in_bounded_chunks(tmp_path: Path) -> None:
+    """read_samples stacked every PNG into one array before np.savez copied it (9.8 GB twice for 50k samples at
+    256 px); pack_samples holds one chunk of PNGs."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (200, 48, 48, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i:06d}.png")
+    tracemalloc.start()
+    try:
+        sample_ddp.pack_samples(str(tmp_path), 200, str(tmp_path / "s.npz"), chunk=20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < images.nbytes / 2, f"peak {peak} bytes for {images.nbytes} bytes of images"
+    with np.load(tmp_path / "s.npz") as npz:
+        assert np.array_equal(npz["arr_0"], images)
+
+
+def test_packing_names_an_odd_png_and_leaves_no_npz(tmp_path: Path) -> None:
+    from runtime.cli import UsageError
+
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i:06d}.png")
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(tmp_path / "000002.png")
+    with pytest.raises(UsageError, match=r"000002\.png is 8x6 pixels, sample 0 is 8x8"):
+        sample_ddp.pack_samples(str(tmp_path), 3, str(tmp_path / "s.npz"), chunk=2)
+    (tmp_path / "000001.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(UsageError, match=r"000001\.png is unreadable"):
+        sample_ddp.pack_samples(str(tmp_path), 3, str(tmp_path / "s.npz"), chunk=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(3)]

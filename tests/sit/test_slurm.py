@@ -24,7 +24,8 @@ FAKE_TORCHRUN = f"""#!{sys.executable}
 import json, os, signal, sys
 marker = os.path.join("res", "exp", "stopped.json")
 record = dict(argv=sys.argv[1:], usr1_ignored=signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,
-              marker_at_start=os.path.exists(marker))
+              marker_at_start=os.path.exists(marker),
+              shutdown_timeout=os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"))
 with open(os.environ["FAKE_TORCHRUN_LOG"], "w") as f:
     json.dump(record, f)
 if os.environ.get("FAKE_WRITE_STOPPED"):
@@ -83,6 +84,18 @@ def test_torchrun_command_line(fake_cluster: Path) -> None:
     assert argv[10:] == ["examples/sit/train.py", "--results-dir", "res", "--exp-name", "exp", "--resume", "auto",
                          "--model", "SiT-XL/2", "--anm"]
     assert torchrun["usr1_ignored"]  # the agent survives --signal's SIGUSR1
+    # torchrun's own 30 s between SIGTERM and SIGKILL would cut a stop's save short of KillWait.
+    assert int(torchrun["shutdown_timeout"]) >= 300
+
+
+def test_the_signal_lead_is_the_one_the_docs_size() -> None:
+    """docs/sit.md sizes the stop budget from benchmarks/checkpoint_write.py's record: it names the lead the
+    script sets, so the two cannot drift apart."""
+    import re
+
+    lead = int(re.search(r"^#SBATCH --signal=USR1@(\d+)$", SBATCH.read_text(), re.M)[1])
+    docs = (SBATCH.parents[3] / "docs" / "sit.md").read_text()
+    assert f"--signal=USR1@{lead}" in docs and lead >= 120
 
 
 @pytest.mark.parametrize("rc, write_stopped, stale, skew, requeued", [

@@ -1,6 +1,7 @@
 """The VAE of latent-space models: loading a diffusers AutoencoderKL, decoding latents to uint8 images."""
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -20,6 +21,11 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module
     >>> vae = load_vae("/models/sd-vae-ft-ema")  # doctest: +SKIP
     """
     from diffusers.models import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
+
+    # diffusers' default low_cpu_mem_usage=True needs accelerate; without it diffusers prints a multi-line
+    # notice on every load (every rank) and loads the normal way, as asking for that does silently.
+    load = functools.partial(AutoencoderKL.from_pretrained, low_cpu_mem_usage=is_accelerate_available())
 
     local = os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if local and not os.path.isdir(name_or_path):
@@ -34,9 +40,9 @@ def load_vae(name_or_path: str, device: torch.device | str = "cpu") -> nn.Module
         subfolder = "vae"
     try:
         if local:
-            vae = AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder)
+            vae = load(name_or_path, subfolder=subfolder)
         else:  # a hub id: the cache first, and no retries when the hub cannot be reached
-            vae = fetch_from_hub(AutoencoderKL.from_pretrained, name_or_path, "the VAE",
+            vae = fetch_from_hub(load, name_or_path, "the VAE",
                                  "pass --vae PATH, a local diffusers AutoencoderKL folder (save_pretrained)")
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__

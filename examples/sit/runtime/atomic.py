@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from runtime.cli import UsageError
 
-__all__ = ["atomic_write", "remove_stale_temps", "check_writable", "temp_path", "pid_alive"]
+__all__ = ["atomic_write", "remove_stale_temps", "check_writable", "temp_path", "pid_alive", "fsync_folder"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
@@ -39,10 +39,13 @@ def temp_path(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str) -> Iterator[BinaryIO]:
+def atomic_write(path: str, sync_folder: bool = True) -> Iterator[BinaryIO]:
     """Open a binary temp file; on a clean exit it becomes ``path`` (fsynced), on an error it is removed.
 
     A full disk raises :class:`cli.UsageError` naming the path instead of a library's cryptic message.
+    ``sync_folder=False`` leaves the folder's fsync (which makes the rename survive a power loss) to the
+    caller, who then calls :func:`fsync_folder` once for many files: the file itself is still complete under
+    its name, or absent.
     """
     tmp = temp_path(path)
     try:
@@ -51,7 +54,8 @@ def atomic_write(path: str) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_folder(os.path.dirname(os.path.abspath(path)))
+        if sync_folder:
+            fsync_folder(os.path.dirname(os.path.abspath(path)))
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -101,7 +105,8 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
+    """Make the renames in ``folder`` durable (a no-op where a folder cannot be opened)."""
     with contextlib.suppress(OSError):  # not every file system lets a folder be opened
         fd = os.open(folder, os.O_RDONLY)
         try:

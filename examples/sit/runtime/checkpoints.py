@@ -1,8 +1,14 @@
 """A run's folder and its checkpoints: picking the checkpoint to resume from, creating the folder, loading
-a checkpoint into the models, optimizer and RNG streams, and saving one. :func:`check_finite` stops the run
-before a NaN or infinite loss or weight can reach a checkpoint.
+a checkpoint into the models, optimizer and RNG streams, and saving one (in the background, or at once for a
+stop and the last step: runtime/checkpoint_writer.py). :func:`check_finite` stops the run before a NaN or
+infinite loss or weight can reach a checkpoint.
 
-Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, samples/, log.csv, log.txt}.
+Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/<step>.pt, samples/, log.csv, log.txt},
+and after a stop signal stopped.json (removed when the run starts again) and stops.jsonl (every stop, kept).
+
+Rank 0 alone reads the checkpoints to pick one, creates the folder and writes the checkpoints; the other
+ranks wait for it on the long-wait group (runtime/distributed.py), whose timeout no file system's pace
+reaches, instead of in a collective that NCCL's watchdog ends.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import json
 import logging
 import os
 import re
+import time
+from collections.abc import Callable
 
 import torch
 from data.streams import rng_state, set_rng_state
@@ -23,6 +31,7 @@ from torch import nn
 
 import anm
 from runtime.atomic import atomic_write, pid_alive, remove_stale_temps
+from runtime.checkpoint_writer import CheckpointWriter, WriteStats, to_host
 from runtime.checks import (
     check_resume_compatible,
     check_run_folder,
@@ -34,13 +43,17 @@ from runtime.checks import (
 from runtime.cli import UsageError
 from runtime.distributed import DistContext, all_mean, barrier, broadcast_object, gather_objects
 from runtime.run_flags import adopt_saved_args, saved_args
+from runtime.run_log import LOGGER_NAME
 
 __all__ = ["experiment_name", "plan_resume", "remove_old_checkpoint_temps", "find_checkpoint", "open_experiment",
-           "lock_run_folder", "restore", "restore_log_state", "check_finite", "save_checkpoint", "prune_checkpoints",
-           "is_milestone", "write_stopped", "STOPPED_FILE"]
+           "lock_run_folder", "restore", "restore_log_state", "check_finite", "save_checkpoint", "when_written",
+           "WriteStats", "prune_checkpoints", "is_milestone", "write_stopped", "previous_stop", "STOPPED_FILE",
+           "STOPS_FILE"]
 
 STOPPED_FILE = "stopped.json"  # written when a signal stopped the run, removed when it starts again
+STOPS_FILE = "stops.jsonl"  # one line per stop, appended, never removed: the run's history of stops
 ROLLING_FILE = "rolling.json"  # the checkpoints --keep-last may delete, oldest first
+_writer = CheckpointWriter()  # rank 0's checkpoint writes (at most one in the background)
 
 
 def experiment_name(args: argparse.Namespace) -> str:
@@ -87,17 +100,31 @@ def find_checkpoint(args: argparse.Namespace, ctx: DistContext
     if ctx.is_main:
         try:
             resume_path, loaded, warnings = plan_resume(args, experiment_dir)
-            decision = (resume_path, warnings)
+            decision = (resume_path, warnings, previous_stop(experiment_dir))
         except UsageError as error:
             decision = str(error)
-    decision = broadcast_object(decision)
+    decision = broadcast_object(decision, long_wait=True)  # rank 0 may have read several checkpoints
     if isinstance(decision, str):
         raise UsageError(decision)
-    resume_path, warnings = decision
+    resume_path, warnings, stop_note = decision
     if args.resume == "auto" and resume_path is not None:
         checkpoint = loaded if loaded is not None else load_checkpoint(resume_path)
         notes = adopt_saved_args(args, checkpoint["args"], resume_path)
-    return experiment_dir, resume_path, checkpoint, warnings, notes
+    return experiment_dir, resume_path, checkpoint, warnings, notes + ([stop_note] if stop_note else [])
+
+
+def previous_stop(experiment_dir: str) -> str | None:
+    """A log line on the stop that <experiment_dir>/stopped.json records, which a start removes (stops.jsonl
+    keeps it); None when there is none."""
+    try:
+        with open(os.path.join(experiment_dir, STOPPED_FILE)) as f:
+            record = json.load(f)
+        when = f"after step {int(record['step']):,}" if record.get("checkpoint") else "before its first step"
+        what = f"{record['signal']} {when}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (f"This run was stopped by {what} ({STOPPED_FILE}); the marker is removed as the run goes on, "
+            f"{STOPS_FILE} keeps every stop")
 
 
 def open_experiment(args: argparse.Namespace, ctx: DistContext, experiment_dir: str, checkpoint: dict | None,
@@ -126,9 +153,9 @@ def open_experiment(args: argparse.Namespace, ctx: DistContext, experiment_dir: 
                 os.remove(os.path.join(experiment_dir, STOPPED_FILE))
             with atomic_write(os.path.join(experiment_dir, "args.json")) as f:
                 f.write(json.dumps(saved_args(args), indent=1).encode())
-    if broadcast_object(failure):
+    if broadcast_object(failure, long_wait=True):  # rank 0's folder work: a slow file system's pace
         raise UsageError(failure)
-    barrier()
+    barrier(long_wait=True)
     return warnings
 
 
@@ -198,18 +225,30 @@ def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked
 def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int, raw: nn.Module, ema: nn.Module,
                     opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
                     args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext,
-                    log_state: dict | None = None, latent_scaling: LatentScaling | None = None) -> str:
+                    log_state: dict | None = None, latent_scaling: LatentScaling | None = None,
+                    background: bool = False) -> str:
     """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
     included), atomically and durably. Returns its path.
 
     log_state (``running``: this rank's loss sums since the last log row, ``log_steps``, ``log_seconds``,
-    ``elapsed_s``) lets the first log row after a resume average the same steps as a straight run's."""
+    ``elapsed_s``) lets the first log row after a resume average the same steps as a straight run's.
+
+    background: rank 0 copies the state to host memory and writes it in a thread while training goes on
+    (:func:`when_written` runs code once it is on disk); otherwise the checkpoint is on disk when this returns
+    (a stop's, the last step's). Rank 0 first ends its write in flight: it completes it, or abandons a rolling
+    one for a synchronous save, which supersedes it; that write's failure (a full disk) stops every rank
+    here."""
     path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
     rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
     if log_state is not None:  # the mean over ranks: what the next log row takes the mean of anyway
         log_state = dict(log_state, running=all_mean(log_state["running"], ctx.world_size).cpu())
     failure = ""
     if ctx.is_main:
+        failure, abandoned = _writer.wait(abandon_rolling=not background)
+        if abandoned is not None:
+            logging.getLogger(LOGGER_NAME).info(f"Abandoned the background write of {abandoned}: the checkpoint "
+                                                f"of step {step} supersedes it")
+    if ctx.is_main and not failure:
         state = {
             "model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
             "step": step, "epoch": epoch, "epoch_step": epoch_step, "num_items": num_items,  # data position
@@ -222,15 +261,28 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
             "log_state": log_state,
         }
         try:
-            with atomic_write(path) as f:
-                torch.save(state, f)
+            if background:
+                copy_start = time.monotonic()
+                host = to_host(state)  # training changes the weights in place from the next step on
+                _writer.submit(path, host, rolling=not is_milestone(step, args.ckpt_every))
+                logging.getLogger(LOGGER_NAME).info(f"Writing checkpoint {path} in the background (state copied "
+                                                    f"to host memory in {time.monotonic() - copy_start:.1f} s)")
+            else:
+                _writer.write_now(path, state)
         except UsageError as error:  # a full disk: every rank stops with the message instead of waiting
             failure = str(error)
         except OSError as error:
             failure = f"cannot write checkpoint {path} ({error}): fix the folder and resume with --resume auto"
-    if broadcast_object(failure):
+    if broadcast_object(failure, long_wait=True):  # however long rank 0's write took
         raise UsageError(failure)
     return path
+
+
+def when_written(path: str, fn: Callable[[WriteStats | None], None]) -> None:
+    """Run fn(stats) once the checkpoint at path, just saved, is on disk: at once, or (a background write on
+    this rank) in the writer thread when its write ends; stats gives its size and write time when known.
+    Nothing runs for a background write that fails or is abandoned."""
+    _writer.after(path, fn)
 
 
 def restore_log_state(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
@@ -279,10 +331,16 @@ def prune_checkpoints(checkpoint_dir: str, saved: str, rolling: bool, keep_last:
 
 def write_stopped(experiment_dir: str, signal_name: str, step: int, checkpoint: str | None, exit_status: int) -> str:
     """<experiment_dir>/stopped.json: which signal stopped the run at which step, and its checkpoint (None: a
-    stop before the first step of a new run). A
-    requeue script tests it where the exit status is lost (torchrun's agent exits 1 after a signal)."""
+    stop before the first step of a new run). A requeue script tests it where the exit status is lost
+    (torchrun's agent exits 1 after a signal); the next start removes it. The same record, with the time, is
+    appended to <experiment_dir>/stops.jsonl, which stays: every stop of the run, oldest first."""
     path = os.path.join(experiment_dir, STOPPED_FILE)
     record = dict(signal=signal_name, step=step, checkpoint=checkpoint, exit_status=exit_status)
     with atomic_write(path) as f:
         f.write(json.dumps(record, indent=1).encode())
+    stamped = dict(record, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with open(os.path.join(experiment_dir, STOPS_FILE), "a") as f:  # a torn last line is skipped by readers
+        f.write(json.dumps(stamped) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from runtime.atomic import atomic_write
 from runtime.run_flags import saved_args
 
-__all__ = ["LOG_FIELDS", "LogFile", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
+__all__ = ["LOG_FIELDS", "LOGGER_NAME", "LogFile", "TqdmHandler", "create_logger", "CSVLog", "MetricLog"]
+
+LOGGER_NAME = "sit-train"  # log.txt's logger: logging.getLogger(LOGGER_NAME) reaches it from any module
 
 LOG_FIELDS = ["step", "epoch", "fm_loss", "anm_loss", "loss", "grad_norm", "steps_per_sec", "img_per_sec",
               "heldout_fm_loss", "heldout_fm_loss_ema", "elapsed_s"]
@@ -46,7 +48,7 @@ class TqdmHandler(logging.StreamHandler):
 
 def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> logging.Logger:
     """A logger that writes plain text to the console and <logging_dir>/log.txt on rank 0, silent elsewhere."""
-    logger = logging.getLogger("sit-train")
+    logger = logging.getLogger(LOGGER_NAME)
     for handler in logger.handlers:  # main() may run several times in one process (tests, demo.py)
         handler.close()
     logger.handlers.clear()

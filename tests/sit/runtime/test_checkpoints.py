@@ -33,3 +33,26 @@ def test_time_cadence_with_keep_last_keeps_milestones_and_the_newest_rolling(tmp
                                                                 "0000008.pt", "0000009.pt"]
     log = (tmp_path / "run" / "log.txt").read_text()
     assert log.count("Saved checkpoint") == 9 and log.count("(--keep-last 2)") == 4  # 1, 2, 3, 5 removed
+
+
+def test_every_stop_stays_in_stops_jsonl_and_the_log_names_the_last_one(tmp_path: Path) -> None:
+    """stopped.json is removed when the run starts again (a requeue script tests its presence after each job);
+    stops.jsonl keeps every stop, and log.txt says which one the run continues after."""
+    from runtime.checkpoints import previous_stop, write_stopped
+
+    run = tmp_path / "run"
+    argv = ["--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
+            "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(tmp_path), "--exp-name", "run",
+            "--eval-every", "0", "--sample-every", "0", "--no-progress", "--ckpt-every", "1000"]
+    train.main(train.parse_args([*argv, "--max-steps", "2"]))
+    write_stopped(str(run), "SIGTERM", 2, str(run / "checkpoints" / "0000002.pt"), 75)
+    write_stopped(str(run), "SIGUSR1", 2, str(run / "checkpoints" / "0000002.pt"), 75)
+    assert json.loads((run / "stopped.json").read_text())["signal"] == "SIGUSR1"
+    assert "stopped by SIGUSR1 after step 2 (stopped.json)" in previous_stop(str(run))
+    train.main(train.parse_args([*argv, "--max-steps", "3", "--resume", "auto"]))
+    assert not (run / "stopped.json").exists() and previous_stop(str(run)) is None
+    history = [json.loads(line) for line in (run / "stops.jsonl").read_text().splitlines()]
+    assert [(h["signal"], h["step"], h["exit_status"]) for h in history] == [("SIGTERM", 2, 75), ("SIGUSR1", 2, 75)]
+    assert all(h["time"].endswith("Z") for h in history)
+    assert "This run was stopped by SIGUSR1 after step 2 (stopped.json); the marker is removed as the run goes " \
+           "on, stops.jsonl keeps every stop" in (run / "log.txt").read_text()
