@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .collector import ActivationCollector
 from .errors import ANMError
+from .host_flag import HostFlag
 from .layers import LayerSpec
 from .loss import anm_loss, validate_loss_args
 from .outputs import Select
@@ -94,7 +95,7 @@ class Regularizer:
         self._stale_check_warned = False
         self._width_checked = False
         self._last: dict[str, Any] | None = None
-        self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
+        self._host_flag: HostFlag | None = None  # the last loss()'s all-finite flag, on its way to the host
 
     def _release_when_dropped(self) -> None:
         # A regulariser nobody holds any more must not leave hooks behind that record forever and make
@@ -105,7 +106,7 @@ class Regularizer:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_finalizer"]
-        state["_last"], state["_pending_check"] = None, None  # detached numbers of the original's last step
+        state["_last"], state["_host_flag"] = None, None  # the original's last step; its CUDA event and buffer
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -370,11 +371,9 @@ class Regularizer:
         if all_finite.device.type == "cuda" and self.nonfinite == "raise":
             # No device sync on the training step's hot path: the flag is copied to the host in the
             # background and read by the next loss() or stats() call, which then names the layers.
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(all_finite, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._pending_check = (host, done)
+            if self._host_flag is None or self._host_flag.device != all_finite.device:
+                self._host_flag = HostFlag(all_finite.device)
+            self._host_flag.copy_from(all_finite)
             return records
         if bool(all_finite):  # free on the CPU; "skip" needs the answer now on any device
             return records
@@ -386,11 +385,9 @@ class Regularizer:
         return [record for record, ok in zip(records, finite, strict=True) if ok]
 
     def _raise_on_pending_nonfinite(self) -> None:
-        if self._pending_check is None:
+        if self._host_flag is None or not self._host_flag.pending:
             return
-        (host, done), self._pending_check = self._pending_check, None
-        done.synchronize()  # waits for the previous step's flag only, not for work queued since
-        if not bool(host):
+        if not self._host_flag.read():  # waits for the previous step's flag only, not for work queued since
             records = self._last["records"]
             raise self._nonfinite_error(records, self._finite_per_record(records), when=f" at step {self._last_step}")
 

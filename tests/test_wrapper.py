@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from fake_cuda import FakeCuda
 from torch import nn
 from toy_models import ToyDiT, make_batch, reference_anm
 
@@ -283,26 +284,24 @@ def test_copy_of_the_bare_model_does_not_record_into_the_original():
     assert model.collector.records == []
 
 
-def test_deferred_nonfinite_check_raises_on_the_next_call_naming_layer_and_step():
-    # On CUDA the check is queued without a device sync and read by the next loss()/stats(); emulate the
-    # queued flag here (the CPU path checks at once).
-    class DoneEvent:
-        def synchronize(self):
-            pass
-
-    model = ANM(ToyDiT(depth=3), warmup=0, nonfinite="propagate")
+def test_deferred_nonfinite_check_raises_on_the_next_call_naming_layer_and_step(monkeypatch):
+    # On CUDA the check is queued without a device sync and read by the next loss()/stats(); fake_cuda
+    # stands in for the GPU here (the CPU path checks at once).
+    FakeCuda().install(monkeypatch, flags_on=torch.device("cuda", 0))
+    model = ANM(ToyDiT(depth=3), warmup=0)
     with torch.no_grad():
         model.blocks[1].proj.bias.fill_(float("nan"))
     model(*make_batch())
-    model.loss(step=7)
-    model.regularizer.nonfinite = "raise"
-    model.regularizer._pending_check = (torch.tensor(False), DoneEvent())
+    model.loss(step=7)  # no error yet: the flag is on its way to the host
     with pytest.raises(anm.ANMError, match=r"at step 7 in layer\(s\) \['blocks.1'"):
         model.stats()
-    assert model.regularizer._pending_check is None
-    model.regularizer._pending_check = (torch.tensor(True), DoneEvent())  # a finite step passes and is cleared
+    assert not model.regularizer._host_flag.pending
+    with torch.no_grad():
+        model.blocks[1].proj.bias.zero_()
+    model(*make_batch())
     model.loss()
-    assert model.regularizer._pending_check is None
+    model.loss()  # a finite step passes, and its flag is read
+    assert not model.regularizer._host_flag.pending
 
 
 class NamedInputs(nn.Module):
