@@ -150,7 +150,7 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
     requires_grad(ema, False)
-    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant torch.utils.checkpoint per block
+    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant checkpoint of each block's body
     anm_model, model, ddp = None, raw, None
     if args.anm:
         # Before DDP / compile: hooks must exist before the first (compiled) call. Non-finite norms
@@ -507,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--grad-checkpointing", action="store_true",
-                       help="non-reentrant activation checkpointing, per block")
+                       help="non-reentrant activation checkpointing of each block's body (block hooks, "
+                            "ANM's, stay outside: --compile keeps one graph)")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
                             "(starts fresh if it has none); flags that define the run come from the checkpoint, "
