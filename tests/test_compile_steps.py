@@ -9,17 +9,23 @@ back to eager, silently. Counted with ``CompileCounter`` (one count per compiled
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
+from torch.torch_version import TorchVersion
 from toy_models import ToyDiT, make_batch
 
 import anm
 
-STEPS = 8
+STEPS = 10
+# Dynamo makes an int that keeps changing dynamic after one recompile (torch 2.13) or three (torch 2.4,
+# per frame): by this step every count must have stopped growing.
+SETTLED = 4
 
 
 @pytest.fixture(params=[False, True], ids=["float-dynamic", "float-specialised(torch<2.6)"])
 def specialize_float(request):
     if not hasattr(torch._dynamo.config, "specialize_float"):
         pytest.skip(f"torch {torch.__version__} has no specialize_float setting")
+    if not request.param and TorchVersion(torch.__version__) < (2, 6):
+        pytest.skip("specialize_float=False is not this torch's default (torch < 2.6 specialises floats)")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(specialize_float=request.param):
         yield request.param
@@ -55,9 +61,9 @@ def test_regularizer_loss_with_a_changing_step_compiles_no_graph_per_step(specia
 
     step_fn.counter = counter
     counts = graphs_per_step(step_fn)
-    # The first change of the int step makes it dynamic (one recompile, Dynamo's rule for any int); after
-    # that no step adds a graph.
-    assert counts[1:] == [counts[1]] * (STEPS - 1), counts
+    # The first changes of the int step make it dynamic (Dynamo's rule for any int); after that no step
+    # adds a graph.
+    assert counts[SETTLED:] == [counts[SETTLED]] * (STEPS - SETTLED), counts
 
 
 def test_anm_loss_module_with_a_changing_step_compiles_no_graph_per_step(specialize_float):
@@ -71,7 +77,7 @@ def test_anm_loss_module_with_a_changing_step_compiles_no_graph_per_step(special
 
     step_fn.counter = counter
     counts = graphs_per_step(step_fn)
-    assert counts[1:] == [counts[1]] * (STEPS - 1), counts
+    assert counts[SETTLED:] == [counts[SETTLED]] * (STEPS - SETTLED), counts
 
 
 def test_anm_loss_takes_a_tensor_weight_inside_one_graph(specialize_float):

@@ -93,3 +93,32 @@ def test_the_check_sees_the_ddp_forward_that_is_running(tmp_path):
         assert probe.seen == [ddp, None]
     finally:
         dist.destroy_process_group()
+
+
+def test_compiled_ddp_of_the_wrapper_trains_with_eager_gradients(tmp_path, monkeypatch):
+    # Real DDP (one gloo process) and this torch's own DDPOptimizer. On torch < 2.6 (CI runs 2.4.1) this
+    # is the combination that raised "DDPOptimizer backend: Found a higher order op in the graph".
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setattr(ddp_compile, "_warned", False)
+    torch._dynamo.reset()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        base, twin = ToyDiT(depth=2), ToyDiT(depth=2)
+        twin.load_state_dict(base.state_dict())
+        wrapped, eager = anm.ANM(base, alpha=3.0, warmup=0), anm.ANM(twin, alpha=3.0, warmup=0)
+        compiled = torch.compile(DistributedDataParallel(wrapped), backend="aot_eager")
+        x, t = make_batch()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            (compiled(x, t).pow(2).mean() + wrapped.loss()).backward()
+        (eager(x, t).pow(2).mean() + eager.loss()).backward()
+        for (name, p), q in zip(base.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        old_torch = TorchVersion(torch.__version__) < (2, 6)
+        assert any("optimize_ddp = False" in str(w.message) for w in caught) == old_torch
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()
