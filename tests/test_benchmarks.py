@@ -186,10 +186,11 @@ def test_compare_commits_smoke(tmp_path):
     bench = load("compare_commits")
     out = tmp_path / "compare.json"
     result = bench.main(bench.parse_args(["HEAD", "HEAD", "--steps", "1", "--repeats", "2", "--warmup", "1",
-                                          "--out", str(out)]))
+                                          "--loss-calls", "20", "--out", str(out)]))
     assert json.loads(out.read_text())["commits"] == ["HEAD", "HEAD"]
     assert set(result["paired_overhead_pct"]) == {"baseline", "control", "anm@HEAD"}
     assert result["paired_overhead_pct"]["baseline"] == 0 and len(result["cpu_ms"]["anm@HEAD"]) == 2
+    assert result["loss_call"]["aten_ops"]["HEAD"] > 0 and result["loss_call"]["cpu_us_median"]["HEAD"] > 0
 
 
 # -- results that survive a time limit -------------------------------------------------------------------
