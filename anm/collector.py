@@ -238,7 +238,8 @@ class ActivationCollector:
                     "a select= that returns the hidden state."
                 )
             minus = hidden_in
-        if torch.compiler.is_compiling():  # shapes are constants here: checked once, while tracing
+        compiling = torch.compiler.is_compiling()  # asked once per call: this runs per block and forward
+        if compiling:  # shapes are constants here: checked once, while tracing
             check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
         elif index not in self.widths:  # eager: once per layer (a dict written from a graph would recompile it)
             check_feature_layout(self.names[index], self._block_widths[index], activation, self.feature_dim)
@@ -248,14 +249,14 @@ class ActivationCollector:
         norms = norms_unchecked(activation, self.reduce, minus, self.feature_dim)
         if self._sequence_first[index] and norms.dim() == 2:
             norms = norms.transpose(0, 1)
-        if self.training_only and _replaying_for_backward():
+        if self.training_only and not compiling and _replaying_for_backward():
             # Non-reentrant checkpointing re-runs the forward inside backward: the norm op above had
             # to run again (checkpoint checks the saved tensors match), but it is not a new sample.
             return
         self.records.append((index, norms))
         if self.keep_activations:
             self._activations.append((index, activation if minus is None else activation - minus))
-        if self.training_only and not torch.compiler.is_compiling():
+        if self.training_only and not compiling:
             self._bound_pending()
 
     # -- copies --------------------------------------------------------------------------------------
@@ -336,9 +337,7 @@ def _refuse_second_regularizer(layers: list[tuple[str, nn.Module]]) -> None:
 
 
 def _replaying_for_backward() -> bool:
-    # torch.compile traces the forward once and handles recomputation itself; the private task-id
-    # query (what torch's own ModTracker uses) is only meaningful, and only traceable, in eager mode.
-    if torch.compiler.is_compiling():
-        return False
+    # Eager only (the caller checks): torch.compile traces the forward once and handles recomputation
+    # itself, and the private task-id query (what torch's own ModTracker uses) is not traceable.
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1

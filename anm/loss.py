@@ -59,10 +59,19 @@ def anm_loss(
     tensors = [tensor for tensor in tensors if tensor.numel() > 0]  # an empty batch adds no term
     if not tensors:
         return torch.zeros(())
-    values = torch.cat([_granular(n, granularity) for n in tensors])
+    return anm_term(granular_values(tensors, granularity), alpha, objective, lam * weight)
+
+
+def granular_values(norms: Sequence[Tensor], granularity: str) -> Tensor:
+    """The values the hinge looks at, one flat tensor: every token's norm, each sample's or each tensor's mean."""
+    return torch.cat([_granular(n, granularity) for n in norms])
+
+
+def anm_term(values: Tensor, alpha: float, objective: str, scale: float | Tensor) -> Tensor:
+    """``scale · mean φ(values / alpha)``: :func:`anm_loss` on checked arguments (``scale`` = λ · weight)."""
     ratio = values.to(torch.promote_types(values.dtype, torch.float32)) / alpha
     per_value = torch.relu(1.0 - ratio) if objective == "hinge" else torch.exp(-ratio)
-    return (lam * weight) * per_value.mean()
+    return scale * per_value.mean()
 
 
 def _validate_weight(weight: object) -> None:
@@ -72,8 +81,15 @@ def _validate_weight(weight: object) -> None:
                 f"weight must be a number or a one-element float tensor, got a {weight.dtype} tensor of shape "
                 f"{tuple(weight.shape)} (use warmup_weight())."
             )
-        if weight.device.type == "cpu" and not (torch.isfinite(weight).all() and (weight >= 0).all()):
-            raise ANMError(f"weight must be finite and >= 0, got {weight.item()} (use warmup_weight()).")
+        # Its value is checked where reading it is free: on the CPU, in eager code (a traced check would
+        # break the graph on a data-dependent branch).
+        if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not (torch.isfinite(weight).all() and (weight >= 0).all()):
+                raise ANMError(f"weight must be finite and >= 0, got {weight.item()} (use warmup_weight()).")
+        return
+    if torch.compiler.is_compiling():
+        # In traced code a number may be a SymFloat (the warm-up weight of a step made dynamic), whose
+        # value exists at run time only: checking it would add a guard or break the graph.
         return
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) or weight < 0:
         raise ANMError(f"weight must be a finite number >= 0, got {weight!r} (use warmup_weight()).")

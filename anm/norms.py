@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .ddp_compile import ddp_optimizer_refuses_autograd_functions
 from .errors import ANMError
 
 __all__ = ["activation_norms", "validate_feature_dim", "REDUCTIONS"]
@@ -123,6 +124,10 @@ def norms_unchecked(x: Tensor, reduce: str, minus: Tensor | None, feature_dim: i
         # The built-in norm keeps only references to x and the result for backward, and its C++
         # autograd node costs less than a Python Function's (which matters at small sizes).
         norm = torch.linalg.vector_norm(x, dim=feature_dim, dtype=torch.promote_types(x.dtype, torch.float32))
+        return norm if scale == 1.0 else norm * scale
+    if torch.compiler.is_compiling() and ddp_optimizer_refuses_autograd_functions():
+        # torch < 2.6 with DDP: no autograd.Function in the graph (see ddp_compile.py).
+        norm = torch.linalg.vector_norm(x - minus, dim=feature_dim, dtype=torch.promote_types(x.dtype, torch.float32))
         return norm if scale == 1.0 else norm * scale
     return _UpdateNorm.apply(x, minus, scale, feature_dim)
 

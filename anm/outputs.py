@@ -131,10 +131,11 @@ def hidden_input(args: tuple, kwargs: dict, arg_names: list[str]) -> tuple[str |
     ``arg_names`` are the positional parameter names of the block's ``forward`` (:func:`positional_names`),
     looked up once when the hooks are made, so the hook itself stays plain Python that compiles.
     """
-    for key in HIDDEN_KWARGS:
-        value = kwargs.get(key)
-        if isinstance(value, Tensor) and value.is_floating_point():
-            return key, value
+    if kwargs:  # most blocks get their hidden state positionally: no lookups then
+        for key in HIDDEN_KWARGS:
+            value = kwargs.get(key)
+            if isinstance(value, Tensor) and value.is_floating_point():
+                return key, value
     for index, value in enumerate(args):
         if isinstance(value, Tensor) and value.is_floating_point():
             return (arg_names[index] if index < len(arg_names) else None), value

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .collector import ActivationCollector
 from .errors import ANMError
+from .host_flag import HostFlag
 from .layers import LayerSpec
-from .loss import anm_loss, validate_loss_args
+from .loss import anm_term, granular_values, validate_loss_args
 from .outputs import Select
 from .schedule import validate_step, validate_warmup, warmup_weight
 from .steps import OptimizerStepCounter
@@ -94,7 +95,8 @@ class Regularizer:
         self._stale_check_warned = False
         self._width_checked = False
         self._last: dict[str, Any] | None = None
-        self._pending_check: tuple[Tensor, Any] | None = None  # (host flag, CUDA event) of the last loss()
+        self._last_loss: Tensor | None = None
+        self._host_flag: HostFlag | None = None  # the last loss()'s all-finite flag, on its way to the host
 
     def _release_when_dropped(self) -> None:
         # A regulariser nobody holds any more must not leave hooks behind that record forever and make
@@ -105,7 +107,8 @@ class Regularizer:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         del state["_finalizer"]
-        state["_last"], state["_pending_check"] = None, None  # detached numbers of the original's last step
+        # The original's last step; its CUDA event and pinned buffer.
+        state["_last"], state["_last_loss"], state["_host_flag"] = None, None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -143,6 +146,31 @@ class Regularizer:
             >>> reg.loss(step=5).item() > 0, reg.loss().item()   # nothing new recorded
             (True, 0.0)
         """
+        if torch.compiler.is_compiling():
+            # Called inside a compiled function: the bookkeeping is Python whose values change every step
+            # (the step, the warm-up weight, counters); traced, each new value would specialise a new graph
+            # (a float weight does on torch < 2.6) until Dynamo's recompile limit sends the frame back to
+            # eager. It runs eagerly instead (one graph break), and the weight enters the graph as a tensor.
+            records, flat, scale = _consume_eagerly(self, step)
+        else:
+            records, flat, weight = self._consume(step)
+            scale = self.lam * weight
+        if flat is None:
+            return torch.zeros((), device=self._device())
+        values = flat if self.granularity == "token" else granular_values([n for _, n in records], self.granularity)
+        loss = anm_term(values, self.alpha, self.objective, scale)
+        # An attribute of its own, not an entry of _last: compiled code that wrote into that dict would
+        # guard on everything in it, the weight included, and recompile every step.
+        self._last_loss = loss.detach()
+        return loss
+
+    def _consume(self, step: int | None) -> tuple[list[tuple[int, Tensor]], Tensor | None, float]:
+        """Everything loss() does besides the arithmetic: take the records, move the clock, check them.
+
+        Returns the records, all their norms in one flat tensor (``None`` when there are none) and the
+        warm-up weight. The flat tensor serves the finite check, the hinge (``granularity="token"``) and
+        ``stats()`` alike: one concatenation per step.
+        """
         self._raise_on_pending_nonfinite()  # the previous step's queued check, before _last is replaced
         records = self.collector.pop()
         if not records:
@@ -153,21 +181,27 @@ class Regularizer:
         step = self._resolve_step(step, recorded=bool(records))
         weight = warmup_weight(step, self.warmup, self.warmup_kind)
         self._last_step = step
-        if records and self.nonfinite != "propagate":
-            records = self._check_finite(records)
+        flat = torch.cat([norms.reshape(-1) for _, norms in records]) if records else None
+        if flat is not None and self.nonfinite != "propagate":
+            records, flat = self._check_finite(records, flat)
         if records:
             self._warn_once_if_alpha_misfits_width()
-        if not records:
-            self._last = {"weight": weight, "loss": None, "records": []}
-            return torch.zeros((), device=self._device())
-        norms = [norms for _, norms in records]
-        loss = anm_loss(norms, self.alpha, self.lam, self.objective, weight, self.granularity)
+        # Detached once, as a whole: stats() splits it per record when asked (on logging steps only).
         self._last = {
             "weight": weight,
-            "loss": loss.detach(),
-            "records": [(index, norms.detach()) for index, norms in records],
+            "flat": None if flat is None else flat.detach(),
+            "layout": [(index, norms.numel()) for index, norms in records],
         }
-        return loss
+        self._last_loss = None
+        return records, flat, weight
+
+    def _last_records(self) -> list[tuple[int, Tensor]]:
+        """The last loss()'s records, detached: views of its flat tensor."""
+        if self._last is None or self._last["flat"] is None:
+            return []
+        layout = self._last["layout"]
+        parts = self._last["flat"].split([size for _, size in layout])
+        return [(index, part) for (index, _), part in zip(layout, parts, strict=True)]
 
     def stats(self) -> dict[str, float]:
         """Detached numbers from the last :meth:`loss` call, for logging.
@@ -188,15 +222,14 @@ class Regularizer:
         if self._last is None:
             return {}
         stats = {"anm/weight": float(self._last["weight"]), "anm/step": float(self._last_step)}
-        records = self._last["records"]
+        records = self._last_records()
         if not records:
             return stats
         by_layer: dict[int, list[Tensor]] = {}
         for index, norms in records:
-            by_layer.setdefault(index, []).append(norms.reshape(-1))
-        every = torch.cat([norms.reshape(-1) for _, norms in records])
+            by_layer.setdefault(index, []).append(norms)
         summary = torch.stack(
-            [self._last["loss"].float(), (every < self.alpha).float().mean()]
+            [self._last_loss.float(), (self._last["flat"] < self.alpha).float().mean()]
             + [torch.cat(chunks).mean() for chunks in by_layer.values()]
         )
         loss_value, below, *layer_means = summary.tolist()  # one device sync for all of them
@@ -365,33 +398,32 @@ class Regularizer:
             return tensor.device
         return torch.device("cpu")
 
-    def _check_finite(self, records: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
-        all_finite = torch.isfinite(torch.cat([norms.reshape(-1) for _, norms in records]).sum())
+    def _check_finite(
+        self, records: list[tuple[int, Tensor]], flat: Tensor
+    ) -> tuple[list[tuple[int, Tensor]], Tensor | None]:
+        all_finite = torch.isfinite(flat.sum())
         if all_finite.device.type == "cuda" and self.nonfinite == "raise":
             # No device sync on the training step's hot path: the flag is copied to the host in the
             # background and read by the next loss() or stats() call, which then names the layers.
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(all_finite, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            self._pending_check = (host, done)
-            return records
+            if self._host_flag is None or self._host_flag.device != all_finite.device:
+                self._host_flag = HostFlag(all_finite.device)
+            self._host_flag.copy_from(all_finite)
+            return records, flat
         if bool(all_finite):  # free on the CPU; "skip" needs the answer now on any device
-            return records
+            return records, flat
         finite = self._finite_per_record(records)
         if self.nonfinite == "raise":
             raise self._nonfinite_error(records, finite, when="")
         bad = self._bad_layers(records, finite)
         warn(f"ANM: skipping non-finite norms of layer(s) {bad} this step.")
-        return [record for record, ok in zip(records, finite, strict=True) if ok]
+        kept = [record for record, ok in zip(records, finite, strict=True) if ok]
+        return kept, torch.cat([norms.reshape(-1) for _, norms in kept]) if kept else None
 
     def _raise_on_pending_nonfinite(self) -> None:
-        if self._pending_check is None:
+        if self._host_flag is None or not self._host_flag.pending:
             return
-        (host, done), self._pending_check = self._pending_check, None
-        done.synchronize()  # waits for the previous step's flag only, not for work queued since
-        if not bool(host):
-            records = self._last["records"]
+        if not self._host_flag.read():  # waits for the previous step's flag only, not for work queued since
+            records = self._last_records()
             raise self._nonfinite_error(records, self._finite_per_record(records), when=f" at step {self._last_step}")
 
     @staticmethod
@@ -407,6 +439,16 @@ class Regularizer:
             "model itself diverged there (lower the learning rate, check inputs / mixed precision), or pass "
             "nonfinite='skip' to leave such layers out of the ANM term for that step."
         )
+
+
+@torch.compiler.disable
+def _consume_eagerly(
+    regularizer: Regularizer, step: int | None
+) -> tuple[list[tuple[int, Tensor]], Tensor | None, Tensor]:
+    # λ · w(step) as a 0-dim CPU tensor: a graph input, never a constant baked into the graph. On the CPU
+    # because a CPU scalar tensor mixes with accelerator tensors and needs no host-to-device copy.
+    records, flat, weight = regularizer._consume(step)
+    return records, flat, torch.tensor(regularizer.lam * weight, dtype=torch.float32)
 
 
 def _release(collector: ActivationCollector, steps: OptimizerStepCounter) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import operator
 
+import torch
+
 from .errors import ANMError
 
 __all__ = ["warmup_weight", "validate_step", "WARMUP_KINDS"]
@@ -44,18 +46,25 @@ def validate_step(step: object) -> int:
     """
     if isinstance(step, bool):
         raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.")
-    if hasattr(step, "numel") and callable(step.numel) and step.numel() == 1:  # a tensor
+    if isinstance(step, (int, torch.SymInt)):
+        # Checked first: a step that torch.compile made dynamic (an int that changed between calls) is a
+        # SymInt, which traced code sees as an int and on which the tensor test below would break the graph.
+        value = step
+    else:
+        if hasattr(step, "numel") and callable(step.numel) and step.numel() == 1:  # a tensor
+            try:
+                step = step.item()
+            except (RuntimeError, NotImplementedError):  # a meta tensor has no value
+                raise ANMError(f"step must be a number, got a tensor without a value ({step!r}).") from None
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
         try:
-            step = step.item()
-        except (RuntimeError, NotImplementedError):  # a meta tensor has no value
-            raise ANMError(f"step must be a number, got a tensor without a value ({step!r}).") from None
-    if isinstance(step, float) and step.is_integer():
-        step = int(step)
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise ANMError(f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count.") from None
-    if value < 0:
+            value = operator.index(step)
+        except TypeError:
+            raise ANMError(
+                f"step must be a whole number >= 0, got {step!r}: pass the optimizer step count."
+            ) from None
+    if value < 0:  # on a dynamic step, a guard that every later step passes: no recompile
         raise ANMError(f"step must be >= 0, got {value}: pass the optimizer step count, starting at 0.")
     return value
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 from torch import Tensor, nn
 
 from .errors import ANMError
+from .hf_trainer import called_from_hf_trainer, refuse_tied_weights_under_hf_trainer
 from .layers import LayerSpec
 from .outputs import Select
 from .regularizer import NONFINITE, Regularizer
@@ -24,7 +26,9 @@ class ANM(nn.Module):
     steps. Eval and ``no_grad`` forwards record nothing. Attributes fall through to ``model``
     (``wrapped.forward_with_cfg`` works and is recorded too), and ``state_dict()`` / ``load_state_dict()``
     are exactly ``model``'s, whatever its key layout. For trainers that must see the user's own model
-    object (HF ``Trainer``, Lightning, accelerate) use :func:`anm.attach` instead.
+    object (HF ``Trainer``, Lightning, accelerate) use :func:`anm.attach` instead: handed to
+    ``transformers.Trainer``, a wrapper of a model with tied weights raises ``ANMError`` while Trainer is
+    built, since Trainer's checkpoints of it would fail.
 
     Example:
         >>> import torch
@@ -103,6 +107,11 @@ class ANM(nn.Module):
             modules = self.__dict__.get("_modules")
             if modules is None or "model" not in modules:
                 raise
+            if called_from_hf_trainer(sys._getframe(1)) and not self.__dict__.get("_trainer_checked"):
+                # transformers.Trainer reads the model's attributes while it is built, before any step:
+                # refuse there what it could not checkpoint (see hf_trainer.py).
+                refuse_tied_weights_under_hf_trainer(modules["model"])
+                self.__dict__["_trainer_checked"] = True
             return getattr(modules["model"], name)
 
     # -- the loss (see Regularizer) ------------------------------------------------------------------

@@ -9,6 +9,11 @@ there), and the modes — baseline, a second baseline ("control", the noise floo
 that repeat's baseline (paired), and the medians of those ratios are reported.
 
     python benchmarks/compare_commits.py 6ceb113 HEAD --steps 5 --repeats 40
+
+Then ``loss()`` alone, per commit (``--loss-calls``; 0 skips it): its CPU time per call, after a training
+forward of the same SiT, interleaved between the commits, and the number of aten ops one call dispatches
+(counted with a ``TorchDispatchMode``). On a GPU each of those ops is a kernel launch or an allocation on
+the step's critical path; the count does not depend on how busy the machine is.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -64,6 +70,42 @@ def train_step(model, regulariser, opt, batch) -> None:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def loss_call_costs(libraries: dict, template: SiT, batch: tuple, calls: int) -> dict:
+    """Per commit: median CPU µs of one loss() call (blocks of 20 calls, interleaved) and its aten ops."""
+    x1, noise, t, y = batch
+    xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * noise
+    wrappers = {commit: lib.ANM(copy.deepcopy(template), alpha=70.0, warmup=0) for commit, lib in libraries.items()}
+    micros = {commit: [] for commit in wrappers}
+    for block in range(max(1, calls // 20)):
+        for commit in list(wrappers)[block % len(wrappers):] + list(wrappers)[: block % len(wrappers)]:
+            wrapper, spent = wrappers[commit], 0.0
+            for _ in range(20):
+                wrapper(xt, t, y)  # a training forward: what loss() consumes (not timed)
+                start = time.process_time()
+                wrapper.loss()
+                spent += time.process_time() - start
+            micros[commit].append(spent / 20 * 1e6)
+    ops = {}
+    for commit, wrapper in wrappers.items():
+        wrapper(xt, t, y)
+        with _CountOps() as counter:
+            wrapper.loss()
+        ops[commit] = counter.ops
+    return dict(cpu_us_median={c: statistics.median(m) for c, m in micros.items()}, cpu_us=micros, aten_ops=ops)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -109,6 +151,12 @@ def main(args: argparse.Namespace) -> dict:
     spread = result["last_minus_first_pct"]
     print(f"{last} - {first}: median {spread['median']:+.2f}% of a baseline step (sd {spread['stdev']:.2f}; "
           f"costlier in {spread['last_costlier_in']} of {args.repeats} repeats)")
+    if args.loss_calls > 0:
+        # The packages stay imported after their extracted files are gone (every module loads at import).
+        result["loss_call"] = loss_call_costs(libraries, template, batch, args.loss_calls)
+        for commit in libraries:
+            print(f"loss() at {commit:<10} cpu µs/call {result['loss_call']['cpu_us_median'][commit]:8.1f}  "
+                  f"aten ops/call {result['loss_call']['aten_ops'][commit]}")
     print(f"JSON: {write_json(args.out, result)}")
     return result
 
@@ -120,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=40, help="interleaved timed blocks per mode")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--loss-calls", type=int, default=200, help="loss() calls timed per commit; 0 = skip")
     parser.add_argument("--out", default="benchmarks/results/compare_commits.json")
     return parser.parse_args(argv)
 

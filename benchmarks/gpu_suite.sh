@@ -15,6 +15,11 @@
 # is network with
 #   python -m pip download diffusers==0.42.1 --no-deps -d .whl
 # and copied along with the checkout; it is installed with --no-deps into a temp folder.
+#
+# A part stopped by its time limit keeps what it measured: every benchmark rewrites its JSON after each
+# timed repeat ("complete": false and the stage it reached until it ends) and appends each row to
+# <part>.jsonl. The suite ends with a summary of every part's file (suite.json). GPU_SUITE_LIMIT=<seconds>
+# replaces every part's limit (the tests use it).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -22,6 +27,7 @@ PYTHON=${PYTHON:-python3}
 OUT_DIR=${OUT:-benchmarks/results}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # `import anm` from the checkout
+export PYTHONUNBUFFERED=1  # the log keeps every line printed before a time limit stops a part
 
 if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
     wheel=$(ls .whl/diffusers-*.whl 2>/dev/null | head -n 1)
@@ -43,6 +49,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(overhead train_step sampling)
 status=0
+ran=()
 for part in "${parts[@]}"; do
     case $part in
         overhead)  # eager, all four modes
@@ -57,11 +64,23 @@ for part in "${parts[@]}"; do
                             --compile --check-samples 8) ;;
         *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling)" >&2; status=2; continue ;;
     esac
+    limit=${GPU_SUITE_LIMIT:-$limit}
+    ran+=("$part")
     echo "=== $part: ${cmd[*]} (limit ${limit}s) $(date -u +%FT%TZ)"
     start=$(date +%s)
-    timeout "$limit" "$PYTHON" "${cmd[@]}" --out "$OUT_DIR/$part.json" 2>&1 | tee "$OUT_DIR/$part.log"
+    # SIGTERM at the limit, SIGKILL 15 s later: either way the rows measured so far are on disk.
+    timeout -k 15 "$limit" "$PYTHON" "${cmd[@]}" --out "$OUT_DIR/$part.json" 2>&1 | tee "$OUT_DIR/$part.log"
     rc=${PIPESTATUS[0]}
-    echo "=== $part: exit $rc after $(( $(date +%s) - start ))s"
+    case $rc in
+        124|137) echo "=== $part: stopped by the ${limit}s limit after $(( $(date +%s) - start ))s (exit $rc)" ;;
+        *) echo "=== $part: exit $rc after $(( $(date +%s) - start ))s" ;;
+    esac
     [ "$rc" -ne 0 ] && status=$rc
 done
+if [ ${#ran[@]} -gt 0 ]; then
+    echo "=== results in $OUT_DIR (rows measured; a part cut short keeps those it finished):"
+    if ! "$PYTHON" benchmarks/report.py collect "$OUT_DIR" "${ran[@]}"; then
+        [ "$status" -eq 0 ] && status=1
+    fi
+fi
 exit $status

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
 from device import pick_device, sync  # noqa: E402
 from modeling.models import SiT  # noqa: E402
-from report import run_metadata, write_json  # noqa: E402
+from report import ResultFile, run_metadata  # noqa: E402
 
 import anm  # noqa: E402
 
@@ -139,7 +139,8 @@ TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_":
 MALLOC_ENV = (*TUNED_MALLOC, "LD_PRELOAD")
 
 
-def bench_case(name: str, precision: str, compile_model: bool, args, device) -> list[dict]:
+def bench_case(name: str, precision: str, compile_model: bool, args, device, results: ResultFile | None = None
+               ) -> list[dict]:
     model_kwargs, batch_size = CONFIGS[name]
     batch_size = args.batch_size or batch_size
     torch.manual_seed(0)
@@ -156,6 +157,9 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
         torch.randint(0, 1000, (batch_size,), device=device, generator=gen),
     )
     names = tuple(mode for mode in MODES if mode in args.modes)  # in MODES order: baseline first
+    case = f"{name} {precision} compile={compile_model}"
+    if results is not None:
+        results.stage(f"{case}: build, warm-up")
     modes = {mode: build(mode, template, compile_model, alpha=args.anm_alpha) for mode in names}
     memory = {mode: saved_for_backward_mib(*modes[mode][:2], batch, precision) for mode in names}
     for mode in names:  # warm-up: compilation, allocator, autotuning
@@ -168,6 +172,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
     cpu_times = {mode: [] for mode in names}
     peaks = {mode: [] for mode in names}
     faults = {mode: [] for mode in names}
+    rows = []
     for repeat in range(args.repeats):
         order = names[repeat % len(names):] + names[: repeat % len(names)]  # rotate who goes first
         for mode in order:
@@ -185,6 +190,17 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
                 faults[mode].append((minor_page_faults() - faults_start) / args.steps)
             if device.type == "cuda":
                 peaks[mode].append(torch.cuda.max_memory_allocated() / 2**30)
+        rows = summarize(name, batch_size, precision, compile_model, names, times, cpu_times, memory, peaks, faults)
+        if results is not None:  # every repeat: a run stopped by a time limit keeps the repeats it finished
+            results.stage(f"{case}: repeat {repeat + 1}/{args.repeats}")
+            for row in rows:
+                results.row((case, row["mode"]), row)
+    return rows
+
+
+def summarize(name, batch_size, precision, compile_model, names, times, cpu_times, memory, peaks, faults
+              ) -> list[dict]:
+    """The rows of one case from the blocks timed so far (medians and quartiles per mode)."""
     rows = []
     base = statistics.median(times["baseline"])
     cpu_base = statistics.median(cpu_times["baseline"])
@@ -201,6 +217,7 @@ def bench_case(name: str, precision: str, compile_model: bool, args, device) -> 
                 saved_mib=memory[mode], saved_extra_mib=memory[mode] - memory["baseline"],
                 peak_gib=max(peaks[mode]) if peaks[mode] else None,
                 page_faults_per_step=statistics.median(faults[mode]) if faults[mode] else None,
+                repeats_done=len(times[mode]),
             )
         )
     return rows
@@ -232,15 +249,17 @@ def main(args: argparse.Namespace) -> list[dict]:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     device = pick_device(args.device, args.threads)
     configs = args.configs or (["XL/2", "B/4"] if device.type == "cuda" else ["tiny"])
+    malloc_env = {name: os.environ[name] for name in MALLOC_ENV if name in os.environ}
+    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, malloc_env=malloc_env)
+    results = ResultFile(args.out, meta)  # on disk from the first row on (see report.py)
     rows = []
     for name in configs:
         for precision in args.precisions:
             for compile_model in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
-                rows.extend(bench_case(name, precision, compile_model, args, device))
+                rows.extend(bench_case(name, precision, compile_model, args, device, results))
                 print(f"done {name} {precision} compile={compile_model}", flush=True)
-    malloc_env = {name: os.environ[name] for name in MALLOC_ENV if name in os.environ}
-    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, malloc_env=malloc_env)
-    out = write_json(args.out, dict(meta=meta, rows=rows))
+    results.finish()
+    out = results.path
     print_table(rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
           f"malloc env {malloc_env or 'default'}; faults = minor page faults per step; JSON: {out}")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit")
 from device import fp32_exact, pick_device, sync  # noqa: E402
 from modeling.models import SiT  # noqa: E402
 from modeling.transport import create_transport  # noqa: E402
-from report import run_metadata, write_json  # noqa: E402
+from report import ResultFile, run_metadata  # noqa: E402
 from sample import decode_to_uint8, generate, make_sample_fn  # noqa: E402
 from sample_ddp import sample_inputs, sample_seed  # noqa: E402
 from train_step import build_vae  # noqa: E402
@@ -104,7 +104,8 @@ def compare(a: tuple, b: tuple) -> dict:
                 uint8_max_abs=int(diff.max()), uint8_mean_abs=float(diff.mean()))
 
 
-def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict | None]:
+def bench_case(name: str, args, device: torch.device, results: ResultFile | None = None
+               ) -> tuple[list[dict], dict | None]:
     model_kwargs, fast_batch, vae_name = CONFIGS[name]
     fast_batch = args.batch_size or fast_batch
     image_size = model_kwargs["input_size"] * 8
@@ -123,9 +124,12 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict 
                      device, shape)
 
     for m in args.modes:  # compilation, allocator, autotuning: the shapes of the timed batches, 2 steps
+        if results is not None:
+            results.stage(f"{name}: warm-up {m}")
         run(modes[m], warm_fn, 0)
     times = {m: [] for m in args.modes}
     peaks = {m: [] for m in args.modes}
+    rows = []
     for repeat in range(args.repeats):
         shift = repeat % len(args.modes)
         for m in args.modes[shift:] + args.modes[:shift]:  # rotate who goes first
@@ -137,23 +141,28 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict 
             times[m].append(modes[m].batch / (time.perf_counter() - start))
             if device.type == "cuda":
                 peaks[m].append(torch.cuda.max_memory_allocated() / 2**30)
-
-    medians = {m: statistics.median(times[m]) for m in args.modes}
-    rows = []
-    for m in args.modes:
-        q = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else [medians[m]] * 3
-        rows.append(dict(
-            config=name, mode=m, batch=modes[m].batch, precision=modes[m].precision,
-            compile=modes[m].compiled,
-            image_size=image_size, vae=vae_name, num_steps=args.num_steps, nfe=args.num_steps,
-            cfg_scale=args.cfg_scale, img_per_s_median=medians[m], img_per_s_q1=q[0], img_per_s_q3=q[2],
-            img_per_s_all=times[m], s_per_img=1 / medians[m],
-            speedup_vs_reference=medians[m] / medians["reference"] if "reference" in medians else None,
-            peak_gib=max(peaks[m]) if peaks[m] else None,
-        ))
+        medians = {m: statistics.median(times[m]) for m in args.modes}
+        rows = []
+        for m in args.modes:
+            q = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else [medians[m]] * 3
+            rows.append(dict(
+                config=name, mode=m, batch=modes[m].batch, precision=modes[m].precision,
+                compile=modes[m].compiled,
+                image_size=image_size, vae=vae_name, num_steps=args.num_steps, nfe=args.num_steps,
+                cfg_scale=args.cfg_scale, img_per_s_median=medians[m], img_per_s_q1=q[0], img_per_s_q3=q[2],
+                img_per_s_all=times[m], s_per_img=1 / medians[m],
+                speedup_vs_reference=medians[m] / medians["reference"] if "reference" in medians else None,
+                peak_gib=max(peaks[m]) if peaks[m] else None, repeats_done=len(times[m]),
+            ))
+        if results is not None:  # every repeat: a run stopped by a time limit keeps the batches it timed
+            results.stage(f"{name}: repeat {repeat + 1}/{args.repeats}")
+            for row in rows:
+                results.row((name, row["mode"]), row)
 
     check = None
     if args.check_samples > 0:
+        if results is not None:
+            results.stage(f"{name}: same-function check")
         n = args.check_samples
         with fp32_exact():
             ref = checked_samples(model, vae, sample_fn, n, REFERENCE_BATCH, "fp32", args, device, shape)
@@ -198,17 +207,19 @@ def main(args: argparse.Namespace) -> dict:
     if args.num_steps is None:
         args.num_steps = 250 if device.type == "cuda" else 10
     configs = args.configs or (["XL/2"] if device.type == "cuda" else ["tiny"])
+    meta = run_metadata(device, num_steps=args.num_steps, cfg_scale=args.cfg_scale, repeats=args.repeats,
+                        out=args.out)
+    results = ResultFile(args.out, meta)  # on disk from the first row on (see report.py)
     rows, checks = [], []
     for name in configs:
-        case_rows, check = bench_case(name, args, device)
+        case_rows, check = bench_case(name, args, device, results)
         rows.extend(case_rows)
         if check is not None:
             checks.append(check)
+            results.set("checks", checks)
         print(f"done {name}", flush=True)
-    meta = run_metadata(device, num_steps=args.num_steps, cfg_scale=args.cfg_scale, repeats=args.repeats,
-                        out=args.out)
-    result = dict(meta=meta, rows=rows, checks=checks)
-    write_json(args.out, result)
+    results.set("checks", checks)
+    result = results.finish()
     print_table(rows, checks, meta)
     return result
 

@@ -43,7 +43,7 @@ from device import fp32_exact, pick_device, sync  # noqa: E402
 from extract_latents import encode_moments  # noqa: E402
 from modeling.models import SiT  # noqa: E402
 from modeling.transport import create_transport  # noqa: E402
-from report import run_metadata, write_json  # noqa: E402
+from report import ResultFile, run_metadata  # noqa: E402
 from train import update_ema  # noqa: E402
 
 # diffusers AutoencoderKL configs: "sd" is the architecture of stabilityai/sd-vae-ft-ema (84M parameters,
@@ -152,7 +152,8 @@ def loss_curve(mode: Mode, initial: dict, transport, data: dict, steps: int,
     return [float(mode.step(transport, data, generator)) for _ in range(steps)]
 
 
-def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict]:
+def bench_case(name: str, args, device: torch.device, results: ResultFile | None = None
+               ) -> tuple[list[dict], dict]:
     model_kwargs, batch_size, vae_name = CONFIGS[name]
     batch_size = args.batch_size or batch_size
     image_size = model_kwargs["input_size"] * 8
@@ -169,11 +170,14 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict]
     generators = {m: torch.Generator(device).manual_seed(0) for m in args.modes}
 
     for m in args.modes:  # warm-up: compilation, allocator, autotuning
+        if results is not None:
+            results.stage(f"{name}: warm-up {m}")
         for _ in range(args.warmup):
             modes[m].step(transport, data, generators[m])
     sync(device)
     times = {m: [] for m in args.modes}
     peaks = {m: [] for m in args.modes}
+    rows = []
     for repeat in range(args.repeats):
         shift = repeat % len(args.modes)
         for m in args.modes[shift:] + args.modes[:shift]:  # rotate who goes first
@@ -187,24 +191,29 @@ def bench_case(name: str, args, device: torch.device) -> tuple[list[dict], dict]
             times[m].append((time.perf_counter() - start) / args.steps * 1e3)
             if device.type == "cuda":
                 peaks[m].append(torch.cuda.max_memory_allocated() / 2**30)
-
-    medians = {m: statistics.median(times[m]) for m in args.modes}
-    rows = []
-    for m in args.modes:
-        q = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else [medians[m]] * 3
-        rows.append(dict(
-            config=name, batch=batch_size, image_size=image_size, vae=vae_name, mode=m,
-            precision=modes[m].precision, online_vae=modes[m].online_vae, fused_adamw=modes[m].fused,
-            compile=modes[m].compiled, ema=not args.no_ema,
-            ms_median=medians[m], ms_q1=q[0], ms_q3=q[2], ms_all=times[m],
-            img_per_s=batch_size / medians[m] * 1e3,
-            speedup_vs_reference=medians["reference"] / medians[m] if "reference" in medians else None,
-            speedup_vs_ref_bf16=medians["ref-bf16"] / medians[m] if "ref-bf16" in medians else None,
-            peak_gib=max(peaks[m]) if peaks[m] else None,
-        ))
+        medians = {m: statistics.median(times[m]) for m in args.modes}
+        rows = []
+        for m in args.modes:
+            q = statistics.quantiles(times[m], n=4) if len(times[m]) > 1 else [medians[m]] * 3
+            rows.append(dict(
+                config=name, batch=batch_size, image_size=image_size, vae=vae_name, mode=m,
+                precision=modes[m].precision, online_vae=modes[m].online_vae, fused_adamw=modes[m].fused,
+                compile=modes[m].compiled, ema=not args.no_ema,
+                ms_median=medians[m], ms_q1=q[0], ms_q3=q[2], ms_all=times[m],
+                img_per_s=batch_size / medians[m] * 1e3,
+                speedup_vs_reference=medians["reference"] / medians[m] if "reference" in medians else None,
+                speedup_vs_ref_bf16=medians["ref-bf16"] / medians[m] if "ref-bf16" in medians else None,
+                peak_gib=max(peaks[m]) if peaks[m] else None, repeats_done=len(times[m]),
+            ))
+        if results is not None:  # every repeat: a run stopped by a time limit keeps the repeats it finished
+            results.stage(f"{name}: repeat {repeat + 1}/{args.repeats}")
+            for row in rows:
+                results.row((name, row["mode"]), row)
 
     check = None
     if args.check_steps > 0:
+        if results is not None:
+            results.stage(f"{name}: loss-curve check")
         fast = modes.get("fast") or Mode("fast", template, device, args.compile, ema=False)
         for m in [m for m in modes if m != "fast"]:  # free memory: XL/2 modes hold ~13 GiB each
             del modes[m]
@@ -256,20 +265,22 @@ def main(args: argparse.Namespace) -> dict:
     if args.compile is None:
         args.compile = device.type == "cuda"
     configs = args.configs or (["XL/2"] if device.type == "cuda" else ["tiny"])
+    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, warmup=args.warmup, no_ema=args.no_ema,
+                        out=args.out)
+    results = ResultFile(args.out, meta)  # on disk from the first row on (see report.py)
     rows, checks = [], []
     for name in configs:
         # Compiled code draws random numbers (the label dropout) as eager code does, so that the loss-curve
         # check sees the same label drops on both paths; the only random op is one rand(batch): no cost.
         with inductor_config.patch(fallback_random=True):
-            case_rows, check = bench_case(name, args, device)
+            case_rows, check = bench_case(name, args, device, results)
         rows.extend(case_rows)
         if check is not None:
             checks.append(check)
+            results.set("checks", checks)
         print(f"done {name}", flush=True)
-    meta = run_metadata(device, steps=args.steps, repeats=args.repeats, warmup=args.warmup, no_ema=args.no_ema,
-                        out=args.out)
-    result = dict(meta=meta, rows=rows, checks=checks)
-    write_json(args.out, result)
+    results.set("checks", checks)
+    result = results.finish()
     print_table(rows, checks, meta)
     return result
 

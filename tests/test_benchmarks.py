@@ -156,7 +156,7 @@ def test_gpu_suite_runs_end_to_end_on_tiny_configs(tmp_path):
 import os, sys
 shrink = {{"XL/2": "tiny", "250": "2", "128": "4", "30": "2", "8": "4", "7": "1", "5": "1"}}
 argv = [shrink.get(a, a) for a in sys.argv[1:] if a not in ("--compile", "on")]
-if argv and argv[0].endswith(".py"):
+if argv and argv[0].endswith(("overhead.py", "train_step.py", "sampling.py")):
     argv += ["--threads", "1"] + ([] if argv[0].endswith("sampling.py") else ["--warmup", "1"])
 os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
 """)
@@ -168,7 +168,10 @@ os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     for part in parts:
         assert f"=== {part}: exit 0" in run.stdout
-        assert json.loads((tmp_path / "out" / f"{part}.json").read_text())["rows"]
+        result = json.loads((tmp_path / "out" / f"{part}.json").read_text())
+        assert result["rows"] and result["complete"]
+    summary = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert all(summary[part]["complete"] and summary[part]["rows"] > 0 for part in parts)
     bogus = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "bogus"], env=env, capture_output=True,
                            text=True, timeout=60)
     assert bogus.returncode == 2 and "unknown part bogus" in bogus.stderr
@@ -183,7 +186,131 @@ def test_compare_commits_smoke(tmp_path):
     bench = load("compare_commits")
     out = tmp_path / "compare.json"
     result = bench.main(bench.parse_args(["HEAD", "HEAD", "--steps", "1", "--repeats", "2", "--warmup", "1",
-                                          "--out", str(out)]))
+                                          "--loss-calls", "20", "--out", str(out)]))
     assert json.loads(out.read_text())["commits"] == ["HEAD", "HEAD"]
     assert set(result["paired_overhead_pct"]) == {"baseline", "control", "anm@HEAD"}
     assert result["paired_overhead_pct"]["baseline"] == 0 and len(result["cpu_ms"]["anm@HEAD"]) == 2
+    assert result["loss_call"]["aten_ops"]["HEAD"] > 0 and result["loss_call"]["cpu_us_median"]["HEAD"] > 0
+
+
+# -- results that survive a time limit -------------------------------------------------------------------
+class Stopped(Exception):
+    """What a time limit does to a benchmark, at the worst moment: right after a row was written."""
+
+
+def stop_after_first_row(monkeypatch):
+    report = sys.modules["report"]  # the module the benchmark scripts import (benchmarks/ is on their path)
+    real = report.ResultFile.row
+
+    def row(self, key, value):
+        real(self, key, value)
+        raise Stopped
+
+    monkeypatch.setattr(report.ResultFile, "row", row)
+
+
+def assert_cut_short_with_one_row(out: Path) -> dict:
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and "repeat 1/" in result["stage"]
+    assert len(result["rows"]) == 1 and result["rows"][0]["repeats_done"] == 1
+    assert [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()] == result["rows"]
+    return result
+
+
+def test_overhead_keeps_the_rows_it_measured_when_stopped(tmp_path, monkeypatch):
+    bench = load("overhead")
+    stop_after_first_row(monkeypatch)
+    out = tmp_path / "overhead.json"
+    with pytest.raises(Stopped):
+        bench.main(bench.parse_args([
+            "--device", "cpu", "--configs", "tiny", "--precisions", "fp32", "bf16", "--batch-size", "2",
+            "--steps", "1", "--repeats", "3", "--warmup", "1", "--threads", "1", "--modes", "anm", "--out", str(out),
+        ]))
+    assert assert_cut_short_with_one_row(out)["rows"][0]["mode"] == "baseline"
+
+
+def test_train_step_keeps_the_rows_it_measured_when_stopped(tmp_path, monkeypatch):
+    needs_diffusers()
+    bench = load("train_step")
+    stop_after_first_row(monkeypatch)
+    out = tmp_path / "train_step.json"
+    with pytest.raises(Stopped):
+        bench.main(bench.parse_args([
+            "--device", "cpu", "--configs", "tiny", "--batch-size", "2", "--steps", "1", "--repeats", "2",
+            "--warmup", "1", "--check-steps", "2", "--no-compile", "--threads", "1", "--modes", "ref-bf16", "fast",
+            "--out", str(out),
+        ]))
+    assert_cut_short_with_one_row(out)
+
+
+def test_sampling_keeps_the_rows_it_measured_when_stopped(tmp_path, monkeypatch):
+    needs_diffusers()
+    bench = load("sampling")
+    stop_after_first_row(monkeypatch)
+    out = tmp_path / "sampling.json"
+    with pytest.raises(Stopped):
+        bench.main(bench.parse_args([
+            "--device", "cpu", "--configs", "tiny", "--num-steps", "2", "--batch-size", "4", "--repeats", "2",
+            "--check-samples", "4", "--threads", "1", "--out", str(out),
+        ]))
+    assert_cut_short_with_one_row(out)
+
+
+def test_a_killed_benchmark_leaves_valid_json_of_what_it_measured(tmp_path):
+    # SIGKILL, as `timeout -k` sends when SIGTERM is not enough: no handler runs, the files must already
+    # hold the rows.
+    import signal
+    import subprocess
+    import time
+
+    load("overhead")  # skips without the examples extra, like the other overhead tests
+    out = tmp_path / "overhead.json"
+    process = subprocess.Popen([
+        sys.executable, str(BENCHMARKS / "overhead.py"), "--device", "cpu", "--configs", "tiny", "--precisions",
+        "fp32", "--batch-size", "2", "--steps", "1", "--repeats", "1000", "--warmup", "1", "--threads", "1",
+        "--modes", "anm", "--out", str(out),
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            log = out.with_suffix(".jsonl")
+            if log.exists() and len(log.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the benchmark ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and {row["mode"] for row in result["rows"]} == {"baseline", "anm"}
+
+
+def test_gpu_suite_collects_what_a_part_stopped_by_its_limit_left(tmp_path):
+    # A stand-in interpreter: each benchmark command writes one row the way the scripts do, then hangs
+    # until the suite's time limit (GPU_SUITE_LIMIT) stops it.
+    import os
+    import subprocess
+
+    shim = tmp_path / "python"
+    shim.write_text(f"""#!{sys.executable}
+import os, sys, time
+argv = sys.argv[1:]
+if argv and argv[0].endswith("overhead.py"):
+    sys.path.insert(0, {str(BENCHMARKS)!r})
+    from report import ResultFile
+    results = ResultFile(argv[argv.index("--out") + 1], meta={{"argv": argv}})
+    results.stage("tiny bf16 compile=False: repeat 1/5")
+    results.row(("tiny", "baseline"), {{"mode": "baseline", "ms_median": 1.0}})
+    time.sleep(120)
+os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
+""")
+    shim.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(shim), "OUT": str(tmp_path / "out"), "GPU_SUITE_LIMIT": "5"}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), "overhead"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 124, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "=== overhead: stopped by the 5s limit" in run.stdout
+    assert "overhead            1 rows  cut short (stage: tiny bf16 compile=False: repeat 1/5)" in run.stdout
+    summary = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert summary["overhead"]["rows"] == 1 and summary["overhead"]["complete"] is False

@@ -86,11 +86,11 @@ if transformers is not None:
             super().log(logs, *args, **kwargs)
 
 
-def gpt2(seed: int = 0):
+def gpt2(seed: int = 0, tie_word_embeddings: bool = True):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie_word_embeddings,
     )
     return transformers.GPT2LMHeadModel(config)
 
@@ -150,13 +150,11 @@ def test_hf_trainer_adds_the_term_once_per_optimizer_step_with_gradient_accumula
     reg.detach()
 
 
-def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
-    # Trainer keeps only the dataset columns that model.forward names; the wrapper shows its model's
-    # signature, so input_ids and labels reach GPT-2 (with *args, **kwargs: "The batch received was empty").
-    pytest.importorskip("transformers")
-    model = anm.ANM(gpt2(), alpha=1.0, lam=1.0, warmup=WARMUP)  # GPT-2's init norms are ≈ 0.05 < α
+if transformers is not None:
 
     class WrapperTrainer(transformers.Trainer):
+        """Trainer holding an anm.ANM wrapper: the term comes from the model it is given."""
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -165,6 +163,13 @@ def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
                 loss = loss + model.loss(step=self.state.global_step)
             return (loss, outputs) if return_outputs else loss
 
+
+def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
+    # Trainer keeps only the dataset columns that model.forward names; the wrapper shows its model's
+    # signature, so input_ids and labels reach GPT-2 (with *args, **kwargs: "The batch received was empty").
+    pytest.importorskip("transformers")
+    # Untied: Trainer could not checkpoint a wrapper of tied weights, and refuses it (test below).
+    model = anm.ANM(gpt2(tie_word_embeddings=False), alpha=1.0, lam=1.0, warmup=WARMUP)  # init norms ≈ 0.05 < α
     args = hf_args(tmp_path, max_steps=3, save_strategy="no")
     trainer = WrapperTrainer(model=model, args=args, train_dataset=lm_data())
     trainer.train()
@@ -174,6 +179,46 @@ def test_hf_trainer_keeps_the_columns_of_a_model_wrapped_with_anm(tmp_path):
     assert stats["anm/weight"] == weight(2) and stats["anm/loss"] > 0
     assert {"anm/norm/transformer.h.0", "anm/norm/transformer.h.1"} <= stats.keys()
     model.close()
+
+
+def test_hf_trainer_refuses_a_wrapper_of_tied_weights_before_training_and_attach_saves_them(tmp_path):
+    # Trainer saves what is not a PreTrainedModel with safetensors.save_file, which refuses tied weights
+    # ("Some tensors share memory"): the run used to train and then crash at its first checkpoint.
+    pytest.importorskip("transformers")
+    model = gpt2()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    wrapped = anm.ANM(model, alpha=1.0, lam=1.0, warmup=WARMUP)
+    args = hf_args(tmp_path / "wrapped", max_steps=2, save_steps=1)
+    with pytest.raises(anm.ANMError, match=r"tied.*anm\.attach"):
+        WrapperTrainer(model=wrapped, args=args, train_dataset=lm_data())
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # no step ran
+    assert not list((tmp_path / "wrapped").glob("checkpoint-*"))
+    wrapped.close()
+
+    # The fix the error names: the hooks on the model itself, which Trainer saves with save_pretrained.
+    reg = anm.attach(model, alpha=1.0, lam=1.0, warmup=WARMUP)
+    trainer = ANMTrainer(model=model, args=hf_args(tmp_path / "run", max_steps=2, save_steps=1),
+                         train_dataset=lm_data(), anm_reg=reg)
+    trainer.train()
+    for step in (1, 2):
+        saved = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "run" / f"checkpoint-{step}"))
+        assert saved.lm_head.weight is saved.transformer.wte.weight  # still tied after the reload
+    assert_same_weights(saved, model)
+    reg.detach()
+
+
+def test_hf_trainer_checkpoints_a_wrapper_of_untied_weights_that_reload(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    model = gpt2(tie_word_embeddings=False)
+    wrapped = anm.ANM(model, alpha=1.0, lam=1.0, warmup=WARMUP)
+    trainer = WrapperTrainer(model=wrapped, args=hf_args(tmp_path, max_steps=2, save_steps=1), train_dataset=lm_data())
+    trainer.train()
+    fresh = gpt2(seed=1, tie_word_embeddings=False)
+    fresh.load_state_dict(load_file(str(tmp_path / "checkpoint-2" / "model.safetensors")))  # the model's own keys
+    assert_same_weights(fresh, model)
+    wrapped.close()
 
 
 @pytest.mark.orders

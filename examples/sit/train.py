@@ -140,7 +140,7 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
     requires_grad(ema, False)
-    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant torch.utils.checkpoint per block
+    raw.grad_checkpointing = args.grad_checkpointing  # non-reentrant checkpoint of each block's body
     anm_model, model, ddp = None, raw, None
     if args.anm:
         # Before DDP / compile: hooks must exist before the first (compiled) call. Non-finite norms

@@ -166,8 +166,18 @@ class SiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.grad_checkpointing = False  # set through SiT.grad_checkpointing
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # The body is checkpointed, not the module call: forward hooks on the block (ANM's) run outside
+            # the checkpointed region. Inside it, torch.compile refuses a hook's side effect (it appends to a
+            # list) and falls back to eager for SiT.forward as a whole, every block included.
+            # Non-reentrant: works with inputs that do not require grad.
+            return checkpoint(self._forward, x, c, use_reentrant=False)
+        return self._forward(x, c)
+
+    def _forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
@@ -213,7 +223,6 @@ class SiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
-        self.grad_checkpointing = False  # set True to recompute each block in backward (less memory)
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -228,6 +237,16 @@ class SiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Recompute each block's body in backward (less memory); in training forwards with autograd on only."""
+        return any(block.grad_checkpointing for block in self.blocks)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, value: bool) -> None:
+        for block in self.blocks:
+            block.grad_checkpointing = bool(value)
 
     def initialize_weights(self) -> None:
         # Transformer layers: xavier-uniform weights, zero biases.
@@ -286,13 +305,8 @@ class SiT(nn.Module):
         t = self.t_embedder(t)  # (N, D)
         y = self.y_embedder(y, self.training)  # (N, D)
         c = t + y  # (N, D)
-        use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if use_checkpoint:
-                # Non-reentrant: works with inputs that do not require grad and with module hooks.
-                x = checkpoint(block, x, c, use_reentrant=False)
-            else:
-                x = block(x, c)  # (N, T, D)
+            x = block(x, c)  # (N, T, D); checkpointed inside when grad_checkpointing is on
         x = self.final_layer(x, c)  # (N, T, p ** 2 * out_channels)
         x = self.unpatchify(x)  # (N, out_channels, H, W)
         if self.learn_sigma:

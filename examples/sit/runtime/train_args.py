@@ -78,7 +78,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--grad-checkpointing", action="store_true",
-                       help="non-reentrant activation checkpointing, per block")
+                       help="non-reentrant activation checkpointing of each block's body (block hooks, "
+                            "ANM's, stay outside: --compile keeps one graph)")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
                             "(starts fresh if it has none); flags that define the run come from the checkpoint, "

@@ -364,3 +364,35 @@ def test_residual_stream_is_token_major_contiguous():
     model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
     block_in, block_out = seen[0]
     assert block_in.is_contiguous() and block_out.is_contiguous()
+
+
+def test_compiled_anm_with_grad_checkpointing_is_one_graph_with_eager_gradients():
+    # --compile --grad-checkpointing --anm: with the block call checkpointed, ANM's hook ran inside the
+    # checkpointed region, where Dynamo refuses its side effect; SiT.forward then ran eagerly, every block.
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    import anm
+
+    torch._dynamo.reset()
+    counters.clear()
+    base = randomize_(tiny_sit(depth=3, class_dropout_prob=0.0), seed=5).train()
+    plain = randomize_(tiny_sit(depth=3, class_dropout_prob=0.0), seed=5).train()
+    base.grad_checkpointing = True
+    wrapped, reference = anm.ANM(base, alpha=5.0, warmup=0), anm.ANM(plain, alpha=5.0, warmup=0)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(wrapped, backend=counter)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    for _ in range(2):
+        base.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        loss = compiled(x, t, y).square().mean() + wrapped.loss()
+        loss.backward()
+        expected = reference(x, t, y).square().mean() + reference.loss()
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+    assert counter.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    for (name, p), q in zip(base.named_parameters(), plain.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch._dynamo.reset()
