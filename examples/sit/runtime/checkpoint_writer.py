@@ -78,6 +78,9 @@ class _Abandonable:
     def flush(self) -> None:
         self.f.flush()
 
+    def __getattr__(self, name: str) -> Any:  # the rest of the file's interface (name, fileno, ...)
+        return getattr(self.f, name)
+
 
 def write_state(path: str, state: Any, abandoned: Callable[[], bool] | None = None) -> WriteStats:
     """torch.save(state) to path, atomically and durably (fsync, rename, folder fsync); returns its size and

@@ -216,6 +216,7 @@ def check_finite(running: torch.Tensor, raw: nn.Module, world_size: int, checked
     finite = torch.isfinite(running).all() & weights_finite
     if all_mean(finite.float(), world_size).item() == 1.0:
         return step
+    _writer.wait()  # a checkpoint still being written is of a checked step: name it once it is on disk
     newest = checkpoint_paths(checkpoint_dir)
     kept = f"the newest checkpoint, {newest[0]}, is from before" if newest else "no checkpoint was saved"
     raise UsageError(f"the loss became NaN or infinite between steps {checked_step + 1} and {step}; {kept}. Lower --lr "
