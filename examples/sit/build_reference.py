@@ -10,7 +10,9 @@ Inception network (evaluation/inception.py). The output holds
     mu, sigma  mean (2048,) and covariance (2048, 2048) of their pool_3 features (FID)
     mu_s, sigma_s  the same of the mixed_6/conv spatial features (2023,) (sFID)
 
-computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in float64.
+computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in float64. A reference of fewer
+than 10,000 images is warned about (its 2048 x 2048 covariance is poorly estimated), and so are images the crop
+upsamples (a short side below --image-size).
 
 --num-images N takes a seeded uniform random subset of the folder (across all its classes). The work is
 split in shards of --shard-size consecutive chosen images; shard s belongs to rank s % world size
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any c
 from data.image_folder import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E402
 from data.npz import choose_subset, save_npz, scan_images  # noqa: E402
 from evaluation.inception import Activations, InceptionFeatures, file_sha256, inception_weights_path  # noqa: E402
+from evaluation.reference_batch import reference_warning  # noqa: E402
 from evaluation.statistics import compute_stats  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.checks import check_device  # noqa: E402
@@ -150,11 +153,12 @@ def check_resume(parts: str, meta: dict) -> bool:
     return True
 
 
-def load_crop(path: str, image_size: int) -> np.ndarray:
-    """The ADM centre crop of one image file, uint8 S x S x 3."""
+def load_crop(path: str, image_size: int) -> tuple[np.ndarray, int]:
+    """The ADM centre crop of one image file, uint8 S x S x 3, and the file's short side (a crop of a smaller
+    image is upsampled)."""
     with open(path, "rb") as f:
         image = to_rgb(Image.open(f))
-    return np.array(center_crop_arr(image, image_size))
+    return np.array(center_crop_arr(image, image_size)), min(image.size)
 
 
 class CroppedImages(torch.utils.data.Dataset):
@@ -167,11 +171,12 @@ class CroppedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, bool, int]:
         try:
-            return load_crop(self.paths[index], self.image_size), True
+            image, short_side = load_crop(self.paths[index], self.image_size)
+            return image, True, short_side
         except IMAGE_ERRORS:
-            return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+            return np.zeros((self.image_size, self.image_size, 3), np.uint8), False, 0
 
 
 def decode_error(path: str, done: int, total: int) -> UsageError:
@@ -186,8 +191,23 @@ def decode_error(path: str, done: int, total: int) -> UsageError:
                       "shards are done and kept), or delete it and remove the .parts folder to start over")
 
 
-def collate(items: list[tuple[np.ndarray, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([image for image, _ in items]), np.array([ok for _, ok in items])
+def resize_summary(short_sides: np.ndarray, image_size: int) -> str | None:
+    """The line saying how many images the crop resized: upsampling (a short side below --image-size) is warned
+    about, since an upsampled image is blurrier than a real one of that size, and FIDs against it rise."""
+    up, down = int((short_sides < image_size).sum()), int((short_sides > image_size).sum())
+    if not up and not down:
+        return None
+    text = f"resized to --image-size {image_size}: {down:,} image(s) down (the ADM centre crop)"
+    if not up:
+        return text
+    return (f"warning: {text}, {up:,} of {len(short_sides):,} up (short side {int(short_sides.min())} px at least): "
+            "upsampled images are blurrier than real images of that size, which raises every FID against this "
+            f"reference; build it at the images' own size (--image-size {int(short_sides.min())}) if the samples "
+            "can be that size")
+
+
+def collate(items: list[tuple[np.ndarray, bool, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.stack([item[i] for item in items]) for i in range(3))
 
 
 def default_extractor(device: torch.device, batch_size: int) -> InceptionFeatures:
@@ -205,10 +225,12 @@ def network_id(factory: ExtractorFactory) -> str:
 def write_reference(args: argparse.Namespace, num_shards: int) -> None:
     """Assemble the shards into --out (arr_0 + statistics), then remove the parts folder."""
     parts = parts_folder(args.out)
-    shards = []
+    shards, short_sides = [], []
     for shard in range(num_shards):
         with np.load(shard_path(parts, shard)) as data:
             shards.append((data["images"], Activations(data["pool"], data["spatial"])))
+            if "short_sides" in data:  # shards of an earlier version's interrupted run do not say
+                short_sides.append(data["short_sides"])
     images = np.concatenate([images for images, _ in shards])
     acts = Activations.concatenate([acts for _, acts in shards])
     pool, spatial = compute_stats(acts.pool), compute_stats(acts.spatial)
@@ -216,6 +238,10 @@ def write_reference(args: argparse.Namespace, num_shards: int) -> None:
     shutil.rmtree(parts)
     print(f"wrote {args.out}: {len(images)} images {images.shape[1:]}, mu/sigma {pool.mu.shape}, mu_s/sigma_s "
           f"{spatial.mu.shape}", flush=True)
+    if short_sides:
+        said = resize_summary(np.concatenate(short_sides), args.image_size)
+        if said:
+            print(said, file=sys.stderr if said.startswith("warning") else sys.stdout, flush=True)
 
 
 #################################################################################
@@ -234,18 +260,20 @@ def shard_batches(args: argparse.Namespace, todo: list[int], chosen: np.ndarray,
         loader = torch.utils.data.DataLoader(CroppedImages(shard_paths, args.image_size), batch_size=args.batch_size,
                                              num_workers=args.num_workers, collate_fn=collate,
                                              worker_init_fn=ignore_stop_signals)
-        images, parts_acts = [], []
-        for start, (batch, ok) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
+        images, parts_acts, short_sides = [], [], []
+        for start, (batch, ok, short) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
             if not ok.all():
                 done = sum(os.path.exists(shard_path(parts, s)) for s in range(num_shards))
                 raise decode_error(shard_paths[start + int(np.flatnonzero(~ok)[0])], done, num_shards)
             images.append(batch)
+            short_sides.append(short)
             parts_acts.append(extractor(batch))
             if len(images) < len(loader):
                 yield
         acts = Activations.concatenate(parts_acts)
         with atomic_write(shard_path(parts, shard)) as f:
-            np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial)
+            np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial,
+                     short_sides=np.concatenate(short_sides))
         print(f"[rank {rank}] wrote shard {shard} ({len(indices)} images)", flush=True)
         yield
 
@@ -287,6 +315,9 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
     try:
         if ctx.is_main and scan.summary():
             print(f"warning: {scan.summary()}", file=sys.stderr, flush=True)
+        weak = reference_warning(len(chosen), f"the reference {args.out}")
+        if ctx.is_main and weak:
+            print(f"warning: {weak}", file=sys.stderr, flush=True)
         resuming = check_resume(parts, meta)  # every rank: a mismatch stops all of them before any work
         barrier()
         if ctx.is_main:
