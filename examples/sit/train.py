@@ -10,6 +10,8 @@ Train SiT (flow matching) with optional Activation-Norm Maximization (ANM), with
 
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data.
 Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/, samples/, log.csv, log.txt}.
+--fid-every K adds FID-N, sFID, precision and recall of the EMA to log.csv every K steps (docs/sit.md, "Metrics
+during and after training"); training is bit-identical with and without it.
 A run resumes bit-exactly (weights, EMA, optimizer, RNG streams, data position, ANM warm-up) from a
 checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of this experiment, if any);
 it keeps the flags that define the run (left out, they come from the checkpoint; changed, they are refused).
@@ -34,6 +36,7 @@ import torch
 from data.errors import DataError
 from data.streams import seed_everything
 from data.train_data import TrainData, load_data
+from evaluation.during_training import TrainingFID
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.generation import generate
 from modeling.models import SIT_SIZES, SiT
@@ -54,7 +57,7 @@ from runtime.checkpoints import (
     save_checkpoint,
     write_stopped,
 )
-from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
+from runtime.checks import check_args, check_ignored_flags, checkpoint_paths, ema_warnings
 from runtime.cli import UsageError, run
 from runtime.distributed import DistContext, all_mean, any_rank, cleanup, setup_distributed
 from runtime.images import save_grid
@@ -388,7 +391,9 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     data = load_data(args, ctx, seed)
     steps_per_epoch = data.sampler.steps_per_epoch
     max_steps = total_steps(args, steps_per_epoch)
+    warnings += ema_warnings(args.ema_decay, max_steps)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
+    fid = TrainingFID.setup(args, ctx, data, checkpoint, stop, max_steps, warnings)  # refuses a bad --fid-ref here
     raw, ema, anm_model, model, ddp, opt = build_models(args, config, ctx)
     if any_rank(stop.requested, ctx):  # a signal during the setup so far: no step to save, no folder yet
         stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model)
@@ -410,6 +415,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
 
     if data.heldout is not None and train_steps == 0:
         metrics.write(dict(step=0, epoch=0, **heldout_losses(raw, ema, transport, data.heldout, args, ctx)))
+    fid.catch_up(train_steps, epoch, ema, metrics, logger)  # a resumed step whose FID a stop signal abandoned
     last = dict(step=train_steps)
     if any_rank(stop.requested, ctx):  # a signal since the folder was opened, before this process's first step
         finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, saved=False)
@@ -445,12 +451,13 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             row: dict[str, Any] = {}
             if train_steps % args.log_every == 0 or train_steps == max_steps:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
-                row.update(log_training(logger, progress, train_steps, running, log_steps, start_time, args,
-                                        anm_model, ctx))
+                row.update(log_training(logger, progress, train_steps, running, log_steps,
+                                        start_time + fid.pop_seconds(), args, anm_model, ctx))
                 running.zero_()
                 log_steps, start_time = 0, time.time()
             if data.heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
                 row.update(log_heldout(logger, train_steps, raw, ema, transport, data.heldout, args, ctx))
+            row.update(fid.evaluate_if_due(train_steps, ema, logger))  # --fid-every: log.csv's fid, sfid, ...
             if row:
                 row = dict(step=train_steps, epoch=epoch, **row, elapsed_s=time.time() - run_start)
                 metrics.write(row)
@@ -458,7 +465,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             if args.sample_every > 0 and train_steps % args.sample_every == 0 and ctx.is_main:
                 last["sample_grid"] = save_sample_grid(experiment_dir, train_steps, ema, transport, data, args)
             stopped, time_due = agreement.poll(train_steps)  # the same verdict on every rank
-            stopped = stopped and train_steps < max_steps  # a signal at the last step: the run is done anyway
+            stopped = (stopped or fid.stopped) and train_steps < max_steps  # at the last step the run is done anyway
             if is_milestone(train_steps, args.ckpt_every) or train_steps == max_steps or time_due or stopped:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
                 log_state = dict(running=running, log_steps=log_steps, log_seconds=time.time() - start_time,
