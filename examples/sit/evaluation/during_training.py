@@ -165,6 +165,7 @@ class TrainingFID:
             return
         logger.info(f"(step={step:07d}) log.csv has no FID of the resumed step: evaluating it before training on")
         row = self._evaluate(step, ema, logger)
+        self.seconds = 0.0  # spent before training resumes: no part of a logged interval
         if row:
             metric_log.write(dict(step=step, epoch=epoch, **row))
 
