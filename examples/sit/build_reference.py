@@ -11,7 +11,9 @@ Inception network (evaluation/inception.py). The output holds
     mu_s, sigma_s  the same of the mixed_6/conv spatial features (2023,) (sFID)
 
 computed as ADM's evaluator computes statistics (mean, np.cov(rowvar=False)), in float64, shard by shard
-(evaluation/running_stats.py): equal to np.cov of all features up to float rounding, without holding them.
+(evaluation/running_stats.py): equal to np.cov of all features up to float rounding, without holding them. A
+reference of fewer than 10,000 images is warned about (its 2048 x 2048 covariance is poorly estimated), and so
+are images the crop upsamples (a short side below --image-size).
 
 --num-images N takes a seeded uniform random subset of the folder (across all its classes). The work is
 split in shards of --shard-size consecutive chosen images; shard s belongs to rank s % world size
@@ -49,6 +51,7 @@ from data.image_folder import IMAGE_ERRORS, center_crop_arr, to_rgb  # noqa: E40
 from data.npz import choose_subset, scan_images  # noqa: E402
 from data.npz_stream import npz_writer  # noqa: E402
 from evaluation.inception import Activations, InceptionFeatures, file_sha256, inception_weights_path  # noqa: E402
+from evaluation.reference_batch import reference_warning  # noqa: E402
 from evaluation.running_stats import RunningStats  # noqa: E402
 from runtime.atomic import atomic_write, remove_stale_temps  # noqa: E402
 from runtime.checks import check_device  # noqa: E402
@@ -154,11 +157,12 @@ def check_resume(parts: str, meta: dict) -> bool:
     return True
 
 
-def load_crop(path: str, image_size: int) -> np.ndarray:
-    """The ADM centre crop of one image file, uint8 S x S x 3."""
+def load_crop(path: str, image_size: int) -> tuple[np.ndarray, int]:
+    """The ADM centre crop of one image file, uint8 S x S x 3, and the file's short side (a crop of a smaller
+    image is upsampled)."""
     with open(path, "rb") as f:
         image = to_rgb(Image.open(f))
-    return np.array(center_crop_arr(image, image_size))
+    return np.array(center_crop_arr(image, image_size)), min(image.size)
 
 
 class CroppedImages(torch.utils.data.Dataset):
@@ -171,11 +175,12 @@ class CroppedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, bool]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, bool, int]:
         try:
-            return load_crop(self.paths[index], self.image_size), True
+            image, short_side = load_crop(self.paths[index], self.image_size)
+            return image, True, short_side
         except IMAGE_ERRORS:
-            return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
+            return np.zeros((self.image_size, self.image_size, 3), np.uint8), False, 0
 
 
 def decode_error(path: str, done: int, total: int) -> UsageError:
@@ -190,8 +195,23 @@ def decode_error(path: str, done: int, total: int) -> UsageError:
                       "shards are done and kept), or delete it and remove the .parts folder to start over")
 
 
-def collate(items: list[tuple[np.ndarray, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([image for image, _ in items]), np.array([ok for _, ok in items])
+def resize_summary(short_sides: np.ndarray, image_size: int) -> str | None:
+    """The line saying how many images the crop resized: upsampling (a short side below --image-size) is warned
+    about, since an upsampled image is blurrier than a real one of that size, and FIDs against it rise."""
+    up, down = int((short_sides < image_size).sum()), int((short_sides > image_size).sum())
+    if not up and not down:
+        return None
+    text = f"resized to --image-size {image_size}: {down:,} image(s) down (the ADM centre crop)"
+    if not up:
+        return text
+    return (f"warning: {text}, {up:,} of {len(short_sides):,} up (short side {int(short_sides.min())} px at least): "
+            "upsampled images are blurrier than real images of that size, which raises every FID against this "
+            f"reference; build it at the images' own size (--image-size {int(short_sides.min())}) if the samples "
+            "can be that size")
+
+
+def collate(items: list[tuple[np.ndarray, bool, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.stack([item[i] for item in items]) for i in range(3))
 
 
 def default_extractor(device: torch.device, batch_size: int) -> InceptionFeatures:
@@ -214,6 +234,7 @@ def write_reference(args: argparse.Namespace, num_shards: int) -> None:
         num_images = json.load(f)["num_images"]
     shape = (num_images, args.image_size, args.image_size, 3)
     pool, spatial = RunningStats(), RunningStats()
+    short_sides = []
     with npz_writer(args.out) as npz:
         with npz.stream("arr_0", shape, np.uint8) as arr_0:
             for shard in range(num_shards):
@@ -221,6 +242,8 @@ def write_reference(args: argparse.Namespace, num_shards: int) -> None:
                     arr_0.write(data["images"])
                     pool.update(data["pool"])
                     spatial.update(data["spatial"])
+                    if "short_sides" in data:  # shards of an earlier version's interrupted run do not say
+                        short_sides.append(data["short_sides"])
         pool_stats, spatial_stats = pool.stats(), spatial.stats()
         for key, value in (("mu", pool_stats.mu), ("sigma", pool_stats.sigma), ("mu_s", spatial_stats.mu),
                            ("sigma_s", spatial_stats.sigma)):
@@ -228,6 +251,10 @@ def write_reference(args: argparse.Namespace, num_shards: int) -> None:
     shutil.rmtree(parts)
     print(f"wrote {args.out}: {num_images} images {shape[1:]}, mu/sigma {pool_stats.mu.shape}, mu_s/sigma_s "
           f"{spatial_stats.mu.shape}", flush=True)
+    if short_sides:
+        said = resize_summary(np.concatenate(short_sides), args.image_size)
+        if said:
+            print(said, file=sys.stderr if said.startswith("warning") else sys.stdout, flush=True)
 
 
 #################################################################################
@@ -246,18 +273,20 @@ def shard_batches(args: argparse.Namespace, todo: list[int], chosen: np.ndarray,
         loader = torch.utils.data.DataLoader(CroppedImages(shard_paths, args.image_size), batch_size=args.batch_size,
                                              num_workers=args.num_workers, collate_fn=collate,
                                              worker_init_fn=ignore_stop_signals)
-        images, parts_acts = [], []
-        for start, (batch, ok) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
+        images, parts_acts, short_sides = [], [], []
+        for start, (batch, ok, short) in zip(range(0, len(shard_paths), args.batch_size), loader, strict=True):
             if not ok.all():
                 done = sum(os.path.exists(shard_path(parts, s)) for s in range(num_shards))
                 raise decode_error(shard_paths[start + int(np.flatnonzero(~ok)[0])], done, num_shards)
             images.append(batch)
+            short_sides.append(short)
             parts_acts.append(extractor(batch))
             if len(images) < len(loader):
                 yield
         acts = Activations.concatenate(parts_acts)
         with atomic_write(shard_path(parts, shard)) as f:
-            np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial)
+            np.savez(f, images=np.concatenate(images), pool=acts.pool, spatial=acts.spatial,
+                     short_sides=np.concatenate(short_sides))
         print(f"[rank {rank}] wrote shard {shard} ({len(indices)} images)", flush=True)
         yield
 
@@ -299,6 +328,9 @@ def main(args: argparse.Namespace, extractor_factory: ExtractorFactory | None = 
     try:
         if ctx.is_main and scan.summary():
             print(f"warning: {scan.summary()}", file=sys.stderr, flush=True)
+        weak = reference_warning(len(chosen), f"the reference {args.out}")
+        if ctx.is_main and weak:
+            print(f"warning: {weak}", file=sys.stderr, flush=True)
         resuming = check_resume(parts, meta)  # every rank: a mismatch stops all of them before any work
         barrier()
         if ctx.is_main:

@@ -19,7 +19,13 @@ import argparse
 import os
 
 import torch
-from modeling.generation import generate, has_null_class, make_sample_fn
+from modeling.generation import (
+    describe_cfg_channels,
+    generate,
+    has_null_class,
+    make_sample_fn,
+    resolve_cfg_channels,
+)
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
 from modeling.transport import create_transport
 from modeling.vae import decode_to_uint8
@@ -96,12 +102,13 @@ def main(args: argparse.Namespace) -> str:
     vae, scaling = load_checked_vae(args, info, device)
 
     cfg = info["config"]
-    cfg_channels = args.cfg_channels or min(3, model.in_channels)
+    cfg_channels = resolve_cfg_channels(args.cfg_channels, model.in_channels)
     z = torch.randn(len(y), cfg["in_channels"], cfg["input_size"], cfg["input_size"], generator=gen)
     x = generate(model, z.to(device), y.to(device), sample_fn, cfg_scale, cfg_channels,
                  generator=torch.Generator(device).manual_seed(args.seed), guidance_interval=args.guidance_interval)
     save_grid(decode_to_uint8(x, vae, scaling=scaling), args.out, nrow=args.nrow)
-    print(f"Saved {len(y)} samples ({describe_sampler(settings)}, cfg {cfg_scale}) to {args.out}")
+    guidance = f" on {describe_cfg_channels(cfg_channels, model.in_channels)}" if cfg_scale > 1 else ""
+    print(f"Saved {len(y)} samples ({describe_sampler(settings)}, cfg {cfg_scale}{guidance}) to {args.out}")
     return args.out
 
 

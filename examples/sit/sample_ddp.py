@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from data.npz_stream import npz_writer
-from modeling.generation import generate, make_sample_fn
+from modeling.generation import describe_cfg_channels, make_sample_fn, resolve_cfg_channels
 from modeling.latent_scaling import SD_SCALING, LatentScaling
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
+from modeling.seeded_samples import sample_images, sample_inputs, sample_seed  # noqa: F401 (public here before)
 from modeling.transport import create_transport
-from modeling.vae import decode_to_uint8
 from PIL import Image
 from runtime.atomic import atomic_write, remove_stale_temps
 from runtime.cli import UsageError, run
@@ -74,23 +74,6 @@ PACK_CHUNK = 1000  # PNGs read at a time while packing the .npz (196 MB at 256 p
 #################################################################################
 #                                 Helpers                                       #
 #################################################################################
-
-def sample_seed(global_seed: int, index: int, stream: int = 0) -> int:
-    """A 63-bit seed that depends only on (global_seed, index, stream)."""
-    state = np.random.SeedSequence([global_seed, index, stream]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def sample_inputs(indices: range, global_seed: int, num_classes: int, shape: tuple[int, ...]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (N,) and noise (N, *shape) of the given sample indices, each from its own generator."""
-    labels, noise = [], []
-    for i in indices:
-        gen = torch.Generator().manual_seed(sample_seed(global_seed, i))
-        labels.append(torch.randint(0, num_classes, (), generator=gen))
-        noise.append(torch.randn(shape, generator=gen))
-    return torch.stack(labels), torch.stack(noise)
-
 
 def png_path(folder: str, index: int) -> str:
     """Sample index's PNG: the exact name, so temp files (.<name>.tmp-<pid>) never count as samples."""
@@ -289,15 +272,8 @@ def sample_all(args: argparse.Namespace, ctx: DistContext, model, vae, sample_fn
                 continue  # finished by an earlier run (not counted: the sync interval follows batches that work)
             if agreement.poll():
                 break
-            y, z = sample_inputs(indices, args.global_seed, model.num_classes, shape)
-            # SDE Brownian noise from one generator per sample: independent of batch size and world size.
-            sde_gens = [torch.Generator(ctx.device).manual_seed(sample_seed(args.global_seed, i, stream=1))
-                        for i in indices]
-            # bf16 autocast runs the network in bf16; the sampler's state x stays fp32.
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                x = generate(model, z.to(ctx.device), y.to(ctx.device), sample_fn, cfg_scale, cfg_channels,
-                             sde_gens, guidance_interval=args.guidance_interval)
-            images = decode_to_uint8(x, vae, scaling=scaling)
+            images = sample_images(model, indices, args.global_seed, shape, sample_fn, ctx.device, cfg_scale,
+                                   cfg_channels, args.guidance_interval, args.precision, vae, scaling)
             for i, image in zip(indices, images, strict=True):
                 if i in todo:
                     writer.submit(image, png_path(folder, i))
@@ -319,7 +295,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
                                  args.num_classes or OFFICIAL_DEFAULTS["num_classes"], use_ema=not args.no_ema)
         cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
         check_model_args(args, model, info, cfg_scale)
-        cfg_channels = args.cfg_channels or min(3, model.in_channels)
+        cfg_channels = resolve_cfg_channels(args.cfg_channels, model.in_channels)
         try:
             sample_fn = make_sample_fn(create_transport(**info["transport"]), **sampler_kwargs(sampler))
         except (ValueError, ImportError) as error:  # an SDE with an infinite score; dopri5 without torchdiffeq
@@ -350,7 +326,9 @@ def main(args: argparse.Namespace, stop: StopSignals) -> str:
         if args.compile:
             model.forward = torch.compile(model.forward)  # forward_with_cfg calls it: both halves compiled
         if ctx.is_main:
-            print(f"Sampling {args.num_fid_samples:,} images ({describe_sampler(sampler)}) into {folder} on "
+            guidance = (f", cfg {cfg_scale} on {describe_cfg_channels(cfg_channels, model.in_channels)}"
+                        if cfg_scale > 1 else "")
+            print(f"Sampling {args.num_fid_samples:,} images ({describe_sampler(sampler)}{guidance}) into {folder} on "
                   f"{ctx.world_size} process(es)")
         if sample_all(args, ctx, model, vae, sample_fn, shape, folder, cfg_scale, cfg_channels, stop, scaling):
             done = sum(os.path.exists(png_path(folder, i)) for i in range(args.num_fid_samples))

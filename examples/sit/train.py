@@ -10,6 +10,8 @@ Train SiT (flow matching) with optional Activation-Norm Maximization (ANM), with
 
 Time convention (as the reference SiT): t=0 is pure noise, t=1 is data.
 Layout of a run: <results-dir>/<exp-name>/{args.json, checkpoints/, samples/, log.csv, log.txt}.
+--fid-every K adds FID-N, sFID, precision and recall of the EMA to log.csv every K steps (docs/sit.md, "Metrics
+during and after training"); training is bit-identical with and without it.
 A run resumes bit-exactly (weights, EMA, optimizer, RNG streams, data position, ANM warm-up) from a
 checkpoint with --resume PATH, or --resume auto (newest loadable checkpoint of this experiment, if any);
 it keeps the flags that define the run (left out, they come from the checkpoint; changed, they are refused).
@@ -33,6 +35,7 @@ import torch
 from data.errors import DataError
 from data.streams import cpu_seeded, seed_everything
 from data.train_data import TrainData, load_data
+from evaluation.during_training import TrainingFID
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.ema import ema_parameters, update_ema
 from modeling.generation import generate
@@ -57,7 +60,7 @@ from runtime.checkpoints import (
     when_written,
     write_stopped,
 )
-from runtime.checks import check_args, check_ignored_flags, checkpoint_paths
+from runtime.checks import check_args, check_ignored_flags, checkpoint_paths, ema_warnings
 from runtime.cli import UsageError, run
 from runtime.distributed import DistContext, all_mean, any_rank, cleanup, setup_distributed
 from runtime.images import save_grid
@@ -258,6 +261,12 @@ def log_training(logger: logging.Logger, progress: tqdm, step: int, running: tor
     return row
 
 
+def log_state(running: torch.Tensor, log_steps: int, start_time: float, run_start: float) -> dict[str, Any]:
+    """What a checkpoint keeps of the log window (loss sums, steps, seconds) for the first row after a resume."""
+    return dict(running=running, log_steps=log_steps, log_seconds=time.time() - start_time,
+                elapsed_s=time.time() - run_start)
+
+
 def progress_bar(args: argparse.Namespace, ctx: DistContext, step: int, max_steps: int) -> tqdm:
     """The tqdm bar of rank 0 (with --progress), from the step a resume starts at."""
     return tqdm(total=max_steps, initial=step, disable=not (ctx.is_main and args.progress),
@@ -409,9 +418,10 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
 
     # Everything is validated before the run folder is created: data, model, ANM flags, resume checkpoint.
     data = load_data(args, ctx, seed)
-    steps_per_epoch = data.sampler.steps_per_epoch
-    max_steps = total_steps(args, steps_per_epoch)
+    steps_per_epoch, max_steps = data.sampler.steps_per_epoch, total_steps(args, data.sampler.steps_per_epoch)
+    warnings += ema_warnings(args.ema_decay, max_steps)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
+    fid = TrainingFID.setup(args, ctx, data, checkpoint, stop, max_steps, warnings)  # refuses a bad --fid-ref here
     raw, ema, anm_model, model, ddp, opt, disp = build_models(args, config, ctx)
     if any_rank(stop.requested, ctx):  # a signal during the setup so far: no step to save, no folder yet
         stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model)
@@ -434,6 +444,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
 
     if data.heldout is not None and train_steps == 0:
         metrics.write(dict(step=0, epoch=0, **heldout_losses(raw, ema, transport, data.heldout, args, ctx)))
+    fid.catch_up(train_steps, epoch, ema, metrics, logger)  # a resumed step whose FID a stop signal abandoned
     last = dict(step=train_steps)
     if any_rank(stop.requested, ctx):  # a signal since the folder was opened, before this process's first step
         finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, saved=False)
@@ -470,12 +481,13 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             row: dict[str, Any] = {}
             if train_steps % args.log_every == 0 or train_steps == max_steps:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
-                row.update(log_training(logger, progress, train_steps, running, log_steps, start_time, args,
-                                        anm_model, ctx))
+                row.update(log_training(logger, progress, train_steps, running, log_steps,
+                                        start_time + fid.pop_seconds(), args, anm_model, ctx))
                 running.zero_()
                 log_steps, start_time = 0, time.time()
             if data.heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
                 row.update(log_heldout(logger, train_steps, raw, ema, transport, data.heldout, args, ctx))
+            row.update(fid.evaluate_if_due(train_steps, ema, logger))  # --fid-every: log.csv's fid, sfid, ...
             if row:
                 row = dict(step=train_steps, epoch=epoch, **row, elapsed_s=time.time() - run_start)
                 metrics.write(row)
@@ -483,15 +495,13 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             if args.sample_every > 0 and train_steps % args.sample_every == 0 and ctx.is_main:
                 last["sample_grid"] = save_sample_grid(experiment_dir, train_steps, ema, transport, data, args)
             stopped, time_due = agreement.poll(train_steps)  # the same verdict on every rank
-            stopped = stopped and train_steps < max_steps  # a signal at the last step: the run is done anyway
+            stopped = (stopped or fid.stopped) and train_steps < max_steps  # at the last step the run is done anyway
             if is_milestone(train_steps, args.ckpt_every) or train_steps == max_steps or time_due or stopped:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
-                log_state = dict(running=running, log_steps=log_steps, log_seconds=time.time() - start_time,
-                                 elapsed_s=time.time() - run_start)
-                last["checkpoint"] = save_checkpoint(checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt,
-                                                     anm_model, generator, args, config, len(data.dataset), ctx,
-                                                     log_state=log_state, latent_scaling=data.scaling,
-                                                     background=not stopped and train_steps < max_steps)
+                last["checkpoint"] = save_checkpoint(
+                    checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt, anm_model, generator, args, config,
+                    len(data.dataset), ctx, log_state=log_state(running, log_steps, start_time, run_start),
+                    latent_scaling=data.scaling, background=not stopped and train_steps < max_steps)
                 agreement.saved()
                 log_saved(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
             if train_steps >= max_steps or stopped:

@@ -211,8 +211,8 @@ def test_a_symlinked_class_folder_is_read_and_files_beside_the_classes_left_out(
     paths = scan_image_folder(str(root)).paths
     assert len(paths) == 8 and sum("/dog/" in path for path in paths) == 4
     assert np.array_equal(arrays(out)["arr_0"], crops(paths))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "ignored 1 hidden entry" in warnings[0], warnings
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: image folder")]
+    assert len(warnings) == 1 and "ignored 1 hidden entry" in warnings[0], warnings  # the scan's, in one line
     assert "left out 1 image beside the class folders" in warnings[0], warnings
 
 
@@ -327,3 +327,16 @@ def test_the_reference_is_written_one_shard_at_a_time(tmp_path, monkeypatch):
     acts = StubFeatures()(data["arr_0"])
     assert np.allclose(data["sigma"], np.cov(acts.pool.astype(np.float64), rowvar=False), rtol=0, atol=1e-12)
     assert np.allclose(data["mu_s"], acts.spatial.astype(np.float64).mean(0), rtol=0, atol=1e-12)
+
+
+def test_a_weak_reference_and_upsampled_images_are_warned_about(images, tmp_path, capsys):
+    """A 12-image reference (a 2048 x 2048 covariance from 12 rows) and 32-px images upsampled to 64 px went
+    without a word."""
+    build(images, tmp_path / "ref.npz", "--image-size", "32")
+    err = capsys.readouterr().err
+    assert f"warning: the reference {tmp_path / 'ref.npz'} holds 8 images: FID compares a 2048-dimensional" in err
+    assert "rank at most 7 (a singular covariance)" in err and "Use 10,000 or more images" in err
+    assert "4 of 8 up (short side 17 px at least)" in err and "(--image-size 17)" in err  # 20x30 and 33x17, twice
+    build(images, tmp_path / "small.npz", "--image-size", "16")  # every image is larger: the usual ADM crop
+    captured = capsys.readouterr()
+    assert "up (short side" not in captured.err and "8 image(s) down (the ADM centre crop)" in captured.out

@@ -125,14 +125,16 @@ def test_sde_samples_are_batch_size_independent_too(ckpt: str, tmp_path: Path) -
 
 
 def test_bf16_sampling_runs_under_autocast_and_stays_close_to_fp32(ckpt: str, tmp_path: Path, monkeypatch) -> None:
+    from modeling import seeded_samples
+
     seen = []
-    original = sample_ddp.generate
+    original = seeded_samples.generate
 
     def spy(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sample_ddp, "generate", spy)
+    monkeypatch.setattr(seeded_samples, "generate", spy)
 
     def run(folder: str, *extra: str) -> np.ndarray:
         with np.load(sample_ddp.main(ddp_args(ckpt, tmp_path / folder, "--num-fid-samples", "3", *extra))) as npz:

@@ -110,12 +110,12 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     vae = None
     if args.data == "imagenet":
         vae = load_vae(args.vae, ctx.device)
-    elif args.data == "latents" and args.sample_every > 0:
+    elif args.data == "latents" and (args.sample_every > 0 or getattr(args, "fid_every", 0) > 0):
         try:
             vae = load_vae(args.vae, ctx.device)
         except UsageError as error:
-            raise UsageError(f"{error} (the VAE decodes the sample grids; --sample-every 0 trains without it)") \
-                from error
+            raise UsageError(f"{error} (the VAE decodes the sample grids and the FID's samples; --sample-every 0 "
+                             "trains without it, with --fid-every 0)") from error
     scaling, notes = latent_scaling(args, dataset, vae)
     notes += scan_notes(dataset)  # read here: the held-out split below wraps the data set
     in_channels, input_size = (channels, size)

@@ -45,6 +45,28 @@ def real_vs_real_floor(ref: Activations, size: int, seed: int) -> dict[str, floa
     return floors
 
 
+def adm_metrics(gen: Activations, ref: Activations, gen_stats: StatsPair | None = None,
+                ref_stats: StatsPair | None = None, k: int = 3) -> tuple[dict, dict[str, dict[str, GaussianStats]]]:
+    """
+    (metrics, statistics): FID, sFID, precision and recall as ADM's evaluator computes them, and the statistics
+    each distance used, {"samples" / "ref": {"pool" / "spatial": GaussianStats}}. evaluate.py
+    (:func:`evaluate_activations`) and the FID during and after training (evaluation/sample_metrics.py) both
+    compute their numbers here.
+
+    >>> rng = np.random.default_rng(0)
+    >>> acts = lambda n: Activations(rng.normal(size=(n, 8)), rng.normal(size=(n, 5)))
+    >>> sorted(adm_metrics(acts(40), acts(80))[0])
+    ['fid', 'precision', 'recall', 'sfid']
+    """
+    gen_resolved, ref_resolved = resolve_stats(gen, gen_stats), resolve_stats(ref, ref_stats)
+    metrics = {}
+    for kind, key in (("pool", "fid"), ("spatial", "sfid")):
+        a, b = gen_resolved[kind], ref_resolved[kind]
+        metrics[key] = frechet_distance_adm(a.mu, a.sigma, b.mu, b.sigma)
+    metrics["precision"], metrics["recall"] = precision_recall(ref.pool, gen.pool, k=k)
+    return metrics, dict(samples=gen_resolved, ref=ref_resolved)
+
+
 def evaluate_activations(
     gen: Activations,
     ref: Activations,
@@ -67,21 +89,17 @@ def evaluate_activations(
     ['fid', 'fid_floor', 'inception_score', 'inception_score_note', 'kid', 'kid_std', 'precision', 'recall',
      'sfid', 'sfid_floor']
     """
-    gen_resolved, ref_resolved = resolve_stats(gen, gen_stats), resolve_stats(ref, ref_stats)
-    distances = {}
-    for kind, key in (("pool", "fid"), ("spatial", "sfid")):
-        a, b = gen_resolved[kind], ref_resolved[kind]
-        distances[key] = frechet_distance_adm(a.mu, a.sigma, b.mu, b.sigma)
-    precision, recall = precision_recall(ref.pool, gen.pool, k=k)
+    adm, statistics = adm_metrics(gen, ref, gen_stats, ref_stats, k)
     kid, kid_std = kernel_inception_distance(gen.pool, ref.pool, kid_subsets, kid_subset_size, seed=seed)
     metrics = dict(
-        **distances,
+        fid=adm["fid"],
+        sfid=adm["sfid"],
         inception_score=None,
         inception_score_note=INCEPTION_SCORE_UNAVAILABLE,
-        precision=precision,
-        recall=recall,
+        precision=adm["precision"],
+        recall=adm["recall"],
         kid=kid,
         kid_std=kid_std,
         **real_vs_real_floor(ref, len(gen), seed),
     )
-    return metrics, dict(samples=gen_resolved, ref=ref_resolved)
+    return metrics, statistics

@@ -320,14 +320,15 @@ class SiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         cfg_scale: float,
-        cfg_channels: int = 3,
+        cfg_channels: int | None = None,
         guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Classifier-free guided forward on a doubled batch: x = [z; z], y = [labels; null labels].
 
         Returns u + cfg_scale * (c - u) (c: conditional, u: unconditional output) on the first cfg_channels
         channels, repeated for both halves. cfg_channels=3 is the reference (DiT-compatible) choice that
-        leaves channel 3 unguided; cfg_channels=4 (= in_channels) guides every channel like REPA.
+        leaves channel 3 of SD-VAE's 4 unguided; cfg_channels=in_channels guides every channel like REPA.
+        None: :func:`default_cfg_channels` (the reference's 3 for 4-channel latents, every channel otherwise).
         guidance_interval=(t_lo, t_hi) guides only samples with t_lo <= t <= t_hi (in this file's time,
         t=0 noise, t=1 data; REPA's interval [lo, hi] in its reversed time is (1 - hi, 1 - lo) here) and
         returns the conditional output elsewhere. Unguided channels keep each half's own output.
@@ -338,6 +339,7 @@ class SiT(nn.Module):
             out = model.forward_with_cfg(torch.cat([z, z]), t, torch.cat([y, null]), cfg_scale=1.5)
             v = out[:2]  # guided velocity of z
         """
+        cfg_channels = default_cfg_channels(self.in_channels) if cfg_channels is None else cfg_channels
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
@@ -350,6 +352,20 @@ class SiT(nn.Module):
             inside = ((t_half >= t_lo) & (t_half <= t_hi)).view(-1, *([1] * (half_out.ndim - 1)))
             half_out = torch.where(inside, half_out, cond)
         return torch.cat([torch.cat([half_out, half_out], dim=0), rest], dim=1)
+
+
+REFERENCE_CFG_CHANNELS = 3  # the reference SiT / DiT guide channels 0-2 of SD-VAE's 4 latent channels
+
+
+def default_cfg_channels(in_channels: int) -> int:
+    """Channels classifier-free guidance acts on by default: the reference's first 3 for 4-channel latents
+    (SD-VAE, the only VAE the reference code knew: parity with its samples), every channel for any other
+    model (a 16-channel VAE's latents, pixels), where "3" would be an accident of that code, not a choice.
+
+    >>> default_cfg_channels(4), default_cfg_channels(16), default_cfg_channels(3)
+    (3, 16, 3)
+    """
+    return REFERENCE_CFG_CHANNELS if in_channels == 4 else in_channels
 
 
 #################################################################################

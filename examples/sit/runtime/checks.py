@@ -34,9 +34,9 @@ import torch
 from runtime.checkpoint_weights import check_checkpoint_weights
 from runtime.cli import UsageError
 
-__all__ = ["check_args", "check_exp_name", "check_ignored_flags", "check_run_folder", "check_writable_path",
-           "check_device", "checkpoint_paths", "read_checkpoint", "load_checkpoint", "newest_loadable_checkpoint",
-           "check_resume_compatible", "heldout_fix", "CHECKPOINT_KEYS"]
+__all__ = ["check_args", "ema_warnings", "check_exp_name", "check_ignored_flags", "check_run_folder",
+           "check_writable_path", "check_device", "checkpoint_paths", "read_checkpoint", "load_checkpoint",
+           "newest_loadable_checkpoint", "check_resume_compatible", "heldout_fix", "CHECKPOINT_KEYS"]
 
 # What a train.py checkpoint must hold to resume from it.
 CHECKPOINT_KEYS = ("model", "ema", "opt", "step", "epoch", "epoch_step", "rng", "world_size", "args",
@@ -106,6 +106,22 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                          f"process(es) x --grad-accum-steps {args.grad_accum_steps}: use a multiple of {per_step}")
     check_exp_name(args.exp_name)
     check_loggers(args.report_to)
+
+
+def ema_warnings(decay: float, max_steps: int) -> list[str]:
+    """A warning when --ema-decay is too slow for the run's length: the EMA then still holds much of the
+    initialisation at the end (decay ** max_steps of it), and its samples, grids and FID show little of
+    the training. [] when the EMA forgets its start (decay ** steps <= 5%, i.e. (1 - decay) * steps >= ~3).
+
+    >>> ema_warnings(0.9999, 400_000), len(ema_warnings(0.9999, 2000))
+    ([], 1)
+    """
+    left = decay ** max_steps
+    if left <= 0.05:
+        return []
+    return [f"--ema-decay {decay} over {max_steps:,} steps leaves {left:.0%} of the initial weights in the EMA at the "
+            "end (decay ** steps): its samples, grids and FIDs would show mostly the initialisation; for a run this "
+            f"short use --ema-decay {1 - 3 / max_steps:.4g} or lower (1 - 3 / steps), or train longer"]
 
 
 def check_exp_name(name: str | None) -> None:

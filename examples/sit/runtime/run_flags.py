@@ -10,6 +10,11 @@ A resumed run is the same run. Every flag of train.py is in exactly one class (t
   says so. The data set's length is still checked against the checkpoint.
 - :data:`OPERATIONAL`: how this stretch of the run is carried out (logging and checkpoint cadences, workers,
   ``--max-steps``, loggers, results folder, ...). They may change; log.txt lists the changes.
+- :data:`METRIC`: the ``--fid-*`` flags of the FID during training. Left out, they come from the checkpoint (a
+  requeued job keeps evaluating); given, they are kept and log.txt lists the changes. The settings that change
+  the numbers are then checked as a whole (evaluation/during_training.py): once a run has them (args.json's
+  ``fid_settings``), a resume with others is refused, so that log.csv's fid column is one metric; the cadence
+  (``--fid-every``), the batch size and the reference's path (not its content) may change.
 
 "Given" means written on the command line, not equal to the default: :func:`given_flags` parses the
 command line again with every default suppressed.
@@ -21,7 +26,8 @@ from typing import Any
 
 from runtime.cli import UsageError
 
-__all__ = ["RUN_DEFINING", "LOCATIONS", "OPERATIONAL", "GIVEN_KEY", "given_flags", "saved_args", "adopt_saved_args"]
+__all__ = ["RUN_DEFINING", "LOCATIONS", "OPERATIONAL", "METRIC", "GIVEN_KEY", "given_flags", "saved_args",
+           "adopt_saved_args"]
 
 RUN_DEFINING = frozenset({
     "data", "data_size", "image_size",
@@ -39,6 +45,12 @@ OPERATIONAL = frozenset({
     "stop_sync_seconds", "eval_every",
     "eval_batch_size", "sample_every", "sample_grid", "sample_num_steps", "sample_cfg_scale", "report_to",
     "progress", "progress_position", "console_log",
+})
+METRIC = frozenset({
+    "fid_every", "fid_samples", "fid_ref", "fid_per_proc_batch_size", "fid_global_seed", "fid_precision",
+    "fid_mode", "fid_method", "fid_sampling_method", "fid_num_steps", "fid_atol", "fid_rtol", "fid_diffusion_form",
+    "fid_diffusion_norm", "fid_last_step", "fid_last_step_size", "fid_cfg_scale", "fid_cfg_channels",
+    "fid_guidance_interval",
 })
 GIVEN_KEY = "given_flags"  # the Namespace attribute listing the flags on the command line (never saved)
 
@@ -70,14 +82,14 @@ def _flag(key: str) -> str:
 
 
 def adopt_saved_args(args: argparse.Namespace, saved: dict[str, Any], source: str) -> list[str]:
-    """Make ``args`` the saved run's: run-defining and location flags not given are taken from ``saved``;
+    """Make ``args`` the saved run's: run-defining, location and metric flags not given are taken from ``saved``;
     a given run-defining flag with another value raises UsageError naming each one and its saved value.
-    Returns the log lines: what was restored, and each changed operational or location flag.
+    Returns the log lines: what was restored, and each changed operational, location or metric flag.
 
     Without a list of given flags (a Namespace not made by train.parse_args) every flag counts as given."""
     given = set(getattr(args, GIVEN_KEY, vars(args)))
     refused, restored, changed = [], [], []
-    for key in sorted(RUN_DEFINING | LOCATIONS):
+    for key in sorted(RUN_DEFINING | LOCATIONS | METRIC):
         if key not in saved:  # a flag newer than the checkpoint: its value now is kept
             continue
         now = getattr(args, key, None)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from modeling.generation import (
     ADAPTIVE_ODE_METHODS,
+    CFG_CHANNEL_RULES,
     DIFFUSION_FORMS,
     FIXED_STEP_METHODS,
     LAST_STEPS,
@@ -51,43 +52,64 @@ def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
                         help="our checkpoints: raw weights instead of EMA (default: EMA)")
 
 
-def add_guidance_args(parser: argparse.ArgumentParser, cfg_default_help: str) -> None:
-    """Classifier-free guidance flags (shared with sample_ddp.py)."""
-    parser.add_argument("--cfg-scale", type=float, default=None, help=cfg_default_help)
-    parser.add_argument("--cfg-channels", type=int, default=None,
-                        help="channels guided: 3 = reference (DiT), 4 = all (REPA) (default: 3, or fewer if the "
-                             "model has fewer; needs --cfg-scale > 1)")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+def cfg_channels_type(text: str) -> str | int:
+    """argparse type of --cfg-channels: auto, reference, all or a number >= 1."""
+    if text in CFG_CHANNEL_RULES:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is none of {', '.join(CFG_CHANNEL_RULES)} or a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_guidance_args(parser: argparse.ArgumentParser, cfg_default_help: str, prefix: str = "") -> None:
+    """Classifier-free guidance flags (shared with sample_ddp.py; train.py's --fid-* with prefix "fid-")."""
+    scale = f"--{prefix}cfg-scale"
+    parser.add_argument(scale, type=float, default=None, help=cfg_default_help)
+    parser.add_argument(f"--{prefix}cfg-channels", type=cfg_channels_type, default=None, metavar="RULE",
+                        help="channels guided: auto = the reference SiT's channels 0-2 for 4-channel (SD-VAE) "
+                             "latents and every channel of any other model; reference = channels 0-2 whatever the "
+                             f"VAE; all = every channel (REPA); or a number (default: auto; needs {scale} > 1)")
+    parser.add_argument(f"--{prefix}guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                         help="guide only at LO <= t <= HI (t=0 noise, t=1 data; REPA's [lo, hi] is 1-hi 1-lo "
-                             "here; needs --cfg-scale > 1) (default: every step)")
+                             f"here; needs {scale} > 1) (default: every step)")
 
 
-def add_sampler_args(parser: argparse.ArgumentParser, mode: str, method: str, steps_help: str) -> None:
+def add_sampler_args(parser: argparse.ArgumentParser, mode: str, method: str, steps_help: str,
+                     prefix: str = "") -> None:
     """The sampler's flags (shared with sample_ddp.py): --mode / --method, and the reference SiT's names
-    --sampling-method, --atol, --rtol, --diffusion-form, --diffusion-norm, --last-step, --last-step-size."""
-    group = parser.add_argument_group("sampler (the reference SiT's flags and defaults, willisma/SiT)")
-    group.add_argument("--mode", choices=["ode", "sde"], default=mode, help="sampler (default: %(default)s)")
-    group.add_argument("--method", choices=list(FIXED_STEP_METHODS), default=None,
-                       help=f"fixed-step integrator, same as --sampling-method euler|heun (default: {method})")
-    group.add_argument("--sampling-method", type=str, default=None, metavar="NAME",
+    --sampling-method, --atol, --rtol, --diffusion-form, --diffusion-norm, --last-step, --last-step-size.
+    With a prefix ("fid-": train.py's --fid-mode ...) the same flags under other names, and no
+    default_method attribute (resolve_sampler then reads an unprefixed view that carries it)."""
+    flag = lambda name: f"--{prefix}{name}"
+    group = parser.add_argument_group("sampler (the reference SiT's flags and defaults, willisma/SiT)" if not prefix
+                                      else f"sampler of the {flag('*')} evaluation (as sample_ddp.py's flags)")
+    group.add_argument(flag("mode"), choices=["ode", "sde"], default=mode, help="sampler (default: %(default)s)")
+    group.add_argument(flag("method"), choices=list(FIXED_STEP_METHODS), default=None,
+                       help=f"fixed-step integrator, same as {flag('sampling-method')} euler|heun (default: {method})")
+    group.add_argument(flag("sampling-method"), type=str, default=None, metavar="NAME",
                        help=f"ODE: {', '.join(FIXED_STEP_METHODS + ADAPTIVE_ODE_METHODS)} (the last ones adaptive, "
                             f"torchdiffeq; the reference's ODE default is dopri5); SDE: Euler or Heun "
                             f"(case-insensitive) (default: {method})")
-    group.add_argument("--num-steps", type=int, default=None, help=steps_help)
-    group.add_argument("--atol", type=float, default=None,
+    group.add_argument(flag("num-steps"), type=int, default=None, help=steps_help)
+    group.add_argument(flag("atol"), type=float, default=None,
                        help=f"adaptive ODE solvers: absolute tolerance (default: {SAMPLER_DEFAULTS['atol']})")
-    group.add_argument("--rtol", type=float, default=None,
+    group.add_argument(flag("rtol"), type=float, default=None,
                        help=f"adaptive ODE solvers: relative tolerance (default: {SAMPLER_DEFAULTS['rtol']})")
-    group.add_argument("--diffusion-form", choices=list(DIFFUSION_FORMS), default=None,
+    group.add_argument(flag("diffusion-form"), choices=list(DIFFUSION_FORMS), default=None,
                        help=f"SDE: diffusion coefficient w(t) (default: {SAMPLER_DEFAULTS['diffusion_form']})")
-    group.add_argument("--diffusion-norm", type=float, default=None,
+    group.add_argument(flag("diffusion-norm"), type=float, default=None,
                        help=f"SDE: scale of w(t) (default: {SAMPLER_DEFAULTS['diffusion_norm']})")
-    group.add_argument("--last-step", choices=[str(step) for step in LAST_STEPS], default=None,
+    group.add_argument(flag("last-step"), choices=[str(step) for step in LAST_STEPS], default=None,
                        help=f"SDE: the final jump to t=1; None = integrate to the end (default: "
                             f"{SAMPLER_DEFAULTS['last_step']})")
-    group.add_argument("--last-step-size", type=float, default=None,
+    group.add_argument(flag("last-step-size"), type=float, default=None,
                        help=f"SDE: length of the last step (default: {SAMPLER_DEFAULTS['last_step_size']})")
-    parser.set_defaults(default_method=method)
+    if not prefix:
+        parser.set_defaults(default_method=method)
 
 
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
@@ -197,7 +219,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
     seed = getattr(args, seed_flag[2:].replace("-", "_"))
     if not 0 <= seed < 2**63:  # the range that torch and numpy seeding both accept
         raise UsageError(f"{seed_flag} must be in [0, 2**63), got {seed}")
-    if args.cfg_channels is not None and args.cfg_channels < 1:
+    if isinstance(args.cfg_channels, int) and args.cfg_channels < 1:
         raise UsageError(f"--cfg-channels must be >= 1, got {args.cfg_channels}")
     if args.guidance_interval is not None:
         lo, hi = args.guidance_interval
@@ -228,5 +250,5 @@ def check_model_args(args: argparse.Namespace, model: SiT, info: dict[str, Any],
     if not guided and args.guidance_interval is not None:
         raise UsageError(f"--guidance-interval is ignored without guidance (--cfg-scale {cfg_scale} <= 1): "
                          "drop it or raise --cfg-scale")
-    if args.cfg_channels is not None and args.cfg_channels > model.in_channels:
+    if isinstance(args.cfg_channels, int) and args.cfg_channels > model.in_channels:
         raise UsageError(f"--cfg-channels {args.cfg_channels}: the model has {model.in_channels} channels")

@@ -12,6 +12,7 @@ from modeling.models import SIT_SIZES
 
 from runtime.checks import check_ignored_flags
 from runtime.cli import HelpFormatter
+from runtime.fid_flags import add_fid_args
 from runtime.preemption import SYNC_SECONDS
 from runtime.run_flags import GIVEN_KEY, given_flags
 
@@ -128,6 +129,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--sample-grid", type=int, default=16, help="images per grid")
     group.add_argument("--sample-num-steps", type=int, default=50, help="Heun steps for the grids")
     group.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG scale for the grids")
+    add_fid_args(parser)  # --fid-every, --fid-samples, --fid-ref and sample_ddp.py's sampler flags as --fid-*
+    group = parser.add_argument_group("loggers, progress")
     group.add_argument("--report-to", nargs="+", choices=["csv", "tensorboard", "wandb"], default=["csv"],
                        help="metric loggers; log.csv is always written (wandb: WANDB_MODE=offline works offline)")
     group.add_argument("--no-tensorboard", dest="report_to", action="store_const", const=["csv"],

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import train
 from runtime.cli import UsageError
-from runtime.run_flags import LOCATIONS, OPERATIONAL, RUN_DEFINING, adopt_saved_args, given_flags
+from runtime.run_flags import LOCATIONS, METRIC, OPERATIONAL, RUN_DEFINING, adopt_saved_args, given_flags
 
 
 def tiny(results: Path, *extra: str) -> list[str]:
@@ -19,7 +19,7 @@ def tiny(results: Path, *extra: str) -> list[str]:
 
 def test_every_flag_is_in_exactly_one_class() -> None:
     dests = {action.dest for action in train.build_parser()._actions if action.dest != "help"}
-    classes = (RUN_DEFINING, LOCATIONS, OPERATIONAL)
+    classes = (RUN_DEFINING, LOCATIONS, OPERATIONAL, METRIC)
     assert set().union(*classes) == dests
     assert sum(len(c) for c in classes) == len(dests)  # no flag in two classes
 
