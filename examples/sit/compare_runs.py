@@ -34,7 +34,7 @@ from runtime.cli import HelpFormatter, run
 
 def main(args: argparse.Namespace) -> dict:
     result = compare_run_folders(args.runs, args.baseline, args.metric, args.out, args.higher_is_better,
-                                 args.force, args.overwrite)
+                                 args.force, args.overwrite, args.fid_settings)
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     for arm in result["arms"]:
@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--higher-is-better", action="store_true", help="the metric improves upwards")
     parser.add_argument("--out", default="comparison", help="folder for speedup.json, speedup.md, curves.png")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous comparison in --out")
+    parser.add_argument("--fid-settings", default=None, metavar="DIGEST",
+                        help="fid/sfid/precision/recall: the settings group of evaluate_run.py's results in each "
+                             "run's eval_log.csv (default: the one measured as log.csv's --fid-every values, or the "
+                             "only one)")
     parser.add_argument("--force", action="store_true",
                         help="compare runs whose data, model, optimiser or evaluation settings differ (a warning)")
     return parser.parse_args(argv)

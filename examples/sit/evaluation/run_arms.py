@@ -29,6 +29,7 @@ from typing import Any
 from runtime.cli import UsageError
 from runtime.run_flags import GIVEN_KEY, LOCATIONS, OPERATIONAL
 
+from evaluation.eval_log_curves import EVAL_LOG, comparable_settings, differing_settings, eval_log_points
 from evaluation.speedup import Curve, clean_curve
 
 __all__ = ["COMPARABLE", "SEED", "Run", "Arm", "Grouping", "metric_settings", "load_run", "group_arms", "flag"]
@@ -44,6 +45,11 @@ COMPARABLE = frozenset({
 SAMPLE_METRICS = frozenset({"fid", "sfid", "precision", "recall", "kid", "inception"})
 MIN_VALUES = 2  # one point is no curve
 ABSENT = "(absent)"  # the value of a key an older run's args.json does not hold
+# How a run's sample metrics were measured (evaluation/eval_log_curves.py), added to its args when they are read.
+SAMPLE_SETTINGS = "sample_metric_settings"
+# --fid-* keys that do not change the numbers: the cadence, the batch (SAMPLE_SETTINGS has it where it matters:
+# an adaptive solver) and the record of them all with this run's sampling seed.
+NOT_SAMPLE_SETTINGS = frozenset({"fid_every", "fid_per_proc_batch_size", "fid_settings"})
 
 
 def flag(key: str) -> str:
@@ -58,9 +64,14 @@ def metric_settings(metric: str, keys: set[str]) -> set[str]:
     """
     if metric.startswith("heldout"):
         return {"eval_samples", "eval_data_path"} & keys
-    if re.split(r"[_/.\-]", metric.lower())[0] in SAMPLE_METRICS:
-        return {key for key in keys if key.startswith("fid_")}
+    if is_sample_metric(metric):  # the flags, and what the results' own records say (SAMPLE_SETTINGS)
+        return ({SAMPLE_SETTINGS} | {key for key in keys if key.startswith("fid_")}) - NOT_SAMPLE_SETTINGS
     return set()
+
+
+def is_sample_metric(metric: str) -> bool:
+    """Whether ``metric`` is a sample-quality column (fid, sfid, precision, recall, ...)."""
+    return re.split(r"[_/.\-]", metric.lower())[0] in SAMPLE_METRICS
 
 
 @dataclass(frozen=True)
@@ -119,13 +130,19 @@ def _read_column(path: str, metric: str) -> Curve:
     return clean_curve(steps, values)
 
 
-def load_run(path: str, metric: str) -> Run:
+def load_run(path: str, metric: str, fid_settings: str | None = None) -> Run:
     """A run folder's args.json and the usable points of ``metric`` in its log.csv (steps > 0, values
-    present and finite, the last row of a repeated step); UsageError naming the fix for anything missing."""
+    present and finite, the last row of a repeated step); UsageError naming the fix for anything missing.
+    A sample metric (fid, sfid, precision, recall) also takes evaluate_run.py's points from eval_log.csv (the
+    settings group ``fid_settings``, a digest, or the one measured as log.csv's), and records how they were
+    measured in the run's args (SAMPLE_SETTINGS) for the comparability check."""
     if not os.path.isdir(path):
         raise UsageError(f"{path}: no such folder; pass a train.py run folder (<results-dir>/<exp-name>, "
                          "holding args.json and log.csv)")
-    run = Run(path, _read_args(path), _read_column(path, metric))
+    args = _read_args(path)
+    if is_sample_metric(metric):
+        return _load_sample_metric_run(path, args, metric, fid_settings)
+    run = Run(path, args, _read_column(path, metric))
     if len(run.curve) < MIN_VALUES:
         fix = _heldout_hint(metric) if len(run.curve) == 0 else ""
         raise UsageError(f"{path}/log.csv has {len(run.curve)} logged value(s) of {metric} at steps > 0{fix}; a "
@@ -161,7 +178,8 @@ def _classes(runs: list[Run], metric: str) -> tuple[list[str], list[str]]:
     """(comparable keys, arm-defining keys) among every run's args.json keys."""
     keys = set().union(*(run.args for run in runs))
     comparable = (COMPARABLE | metric_settings(metric, keys)) & keys
-    ignored = OPERATIONAL | LOCATIONS | {SEED, GIVEN_KEY} | {key for key in keys if key.startswith("fid_")}
+    ignored = (OPERATIONAL | LOCATIONS | {SEED, GIVEN_KEY, SAMPLE_SETTINGS}
+               | {key for key in keys if key.startswith("fid_")})
     return sorted(comparable), sorted(keys - comparable - ignored)
 
 
@@ -173,6 +191,9 @@ def _first_difference(runs: list[Run], key: str) -> tuple[Run, Run] | None:
 
 def _describe(key: str, pair: tuple[Run, Run]) -> str:
     a, b = pair
+    if key == SAMPLE_SETTINGS:
+        return (f"the settings of the sample metrics (--fid-* flags, evaluate_run.py's): "
+                f"{differing_settings(str(_value(a.args, key)), str(_value(b.args, key)))} ({a.path} vs {b.path})")
     return f"{flag(key)} {_value(a.args, key)!r} ({a.path}) vs {_value(b.args, key)!r} ({b.path})"
 
 
@@ -242,3 +263,22 @@ def group_arms(runs: list[Run], baseline_runs: list[Run], metric: str, force: bo
                              "flags: pass it with --baseline")
         arms.append(Arm(arm_label(differs), _by_seed(members, "setting"), settings, differs))
     return Grouping(baseline, arms, forced)
+
+
+def _load_sample_metric_run(path: str, args: dict[str, Any], metric: str, fid_settings: str | None) -> Run:
+    """load_run for a sample metric: log.csv's points (a run trained with --fid-every) and eval_log.csv's
+    (evaluate_run.py) share a curve only when measured alike; a chosen eval_log.csv group (--fid-settings)
+    measured otherwise stands alone."""
+    trained = args.get("fid_settings")
+    trained_with = comparable_settings(trained) if isinstance(trained, dict) else None
+    steps, values, settings = eval_log_points(path, metric, fid_settings, trained_with)
+    if settings is None or settings == trained_with:  # log.csv's --fid-every points, measured alike
+        logged = _read_column(path, metric)
+        steps, values = [*logged.steps.tolist(), *steps], [*logged.values.tolist(), *values]
+        settings = settings or trained_with
+    run = Run(path, {**args, SAMPLE_SETTINGS: settings or ABSENT}, clean_curve(steps, values))
+    if len(run.curve) < MIN_VALUES:
+        raise UsageError(f"{path} has {len(run.curve)} value(s) of {metric} at steps > 0 in log.csv and "
+                         f"{EVAL_LOG}; a speed-up needs at least {MIN_VALUES}: train with --fid-every K, or run "
+                         "evaluate_run.py on the run's checkpoints")
+    return run

@@ -250,11 +250,14 @@ def write_outputs(grouping: Grouping, result: dict, out_dir: str) -> None:
 
 
 def compare_run_folders(runs: list[str], baseline: list[str], metric: str, out_dir: str,
-                        higher_is_better: bool = False, force: bool = False, overwrite: bool = False) -> dict:
+                        higher_is_better: bool = False, force: bool = False, overwrite: bool = False,
+                        fid_settings: str | None = None) -> dict:
     """Read, check and group the run folders, compute every factor, then write the three outputs; returns
-    speedup.json's content. Every refusal (UsageError) comes before anything is written."""
+    speedup.json's content. Every refusal (UsageError) comes before anything is written. ``fid_settings``:
+    the eval_log.csv settings group (digest) of a sample metric's post-training results."""
     check_out(out_dir, overwrite)
-    grouping = group_arms([load_run(p, metric) for p in runs], [load_run(p, metric) for p in baseline], metric, force)
+    grouping = group_arms([load_run(p, metric, fid_settings) for p in runs],
+                          [load_run(p, metric, fid_settings) for p in baseline], metric, force)
     result = compare_arms(grouping, metric, higher_is_better)
     write_outputs(grouping, result, out_dir)
     return result
