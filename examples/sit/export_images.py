@@ -46,9 +46,11 @@ def check_args(args: argparse.Namespace) -> None:
     if os.path.lexists(args.out):
         raise UsageError(f"--out {args.out} exists: images are never written into an existing folder; choose another "
                          "--out or delete it")
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {args.out}: folder {parent} does not exist or is not writable")
+    existing = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(existing):  # missing parents are made, under a folder that can be written
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {args.out}: cannot create folders under {existing}; choose another --out")
 
 
 def main(args: argparse.Namespace) -> str:
@@ -66,6 +68,7 @@ def main(args: argparse.Namespace) -> str:
         raise UsageError(str(error)) from error
     count = min(args.num_images or len(dataset), len(dataset))
     temp = f"{args.out.rstrip(os.sep)}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     try:
         for start in range(0, count, 256):
             items = [dataset[i] for i in range(start, min(start + 256, count))]

@@ -121,7 +121,7 @@ def ema_warnings(decay: float, max_steps: int) -> list[str]:
         return []
     return [f"--ema-decay {decay} over {max_steps:,} steps leaves {left:.0%} of the initial weights in the EMA at the "
             "end (decay ** steps): its samples, grids and FIDs would show mostly the initialisation; for a run this "
-            f"short use --ema-decay {1 - 3 / max_steps:.4g} or lower (1 - 3 / steps), or train longer"]
+            f"short use --ema-decay {max(0.0, 1 - 3 / max_steps):.4g} or lower (1 - 3 / steps), or train longer"]
 
 
 def check_exp_name(name: str | None) -> None:
