@@ -249,3 +249,47 @@ def test_the_script_ends_an_expected_error_with_one_line(tmp_path: Path) -> None
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert done.returncode == 2 and not out.exists()
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("compare_runs.py: error: the runs are not")
+
+
+def fid(step: int, shift: float = 1.0) -> float:
+    return 80.0 - 10.0 * math.log(shift * step) if step > 0 else 200.0
+
+
+def add_eval_log(run: str, settings: dict, shift: float = 1.0) -> str:
+    """evaluate_run.py's records for a run (its own writers): one settings group, FIDs at steps 50..200."""
+    from evaluation import run_metrics
+
+    folder = run_metrics.prepare_folder(run, settings, "/refs/ref.npz")
+    for step in (50, 100, 150, 200):
+        run_metrics.write_result(folder, step, dict(fid=fid(step, shift), sfid=1.0, precision=0.5, recall=0.5,
+                                                    fid_seconds=1.0), f"{run}/checkpoints/{step:07d}.pt", {})
+    run_metrics.write_eval_log(run)
+    return os.path.basename(folder)
+
+
+SETTINGS = dict(version=1, samples=10000, ref_fingerprint="abc", mode="sde", num_steps=250, cfg_scale=1.0,
+                global_seed=0, num_steps_list=None)
+
+
+def test_fid_from_evaluate_run_compares_and_settings_must_match(tmp_path: Path) -> None:
+    """Runs trained without --fid-every, scored afterwards by evaluate_run.py: compare_runs.py takes their
+    eval_log.csv's FIDs, refuses runs scored otherwise (naming the setting), and asks which group to use when
+    a run holds several."""
+    base, arm = make_run(tmp_path, "base"), make_run(tmp_path, "anm", ANM)
+    add_eval_log(base, SETTINGS)
+    add_eval_log(arm, SETTINGS, shift=2.0)
+    result = compare([arm], [base], tmp_path / "fid", metric="fid")
+    final = result["arms"][0]["summary"]["arm_reaches_baseline"]
+    assert final["reached_at"] == pytest.approx(100) and final["factor"] == pytest.approx(2.0)  # the FIDs' shift
+    other = dict(SETTINGS, num_steps=50)
+    digest = add_eval_log(arm, other, shift=2.0)
+    with pytest.raises(UsageError, match="holds results of 2 settings.*--fid-settings"):
+        compare([arm], [base], tmp_path / "two", metric="fid")
+    base_other = make_run(tmp_path, "base-other")
+    assert add_eval_log(base_other, other) == digest
+    arm_250 = make_run(tmp_path, "anm-250", ANM)
+    add_eval_log(arm_250, SETTINGS, shift=2.0)
+    with pytest.raises(UsageError, match=r"settings of the sample metrics.*num_steps=50 vs num_steps=250"):
+        compare([arm_250], [base_other], tmp_path / "other", metric="fid")
+    assert compare([arm], [base_other], tmp_path / "chosen", "--fid-settings", digest, metric="fid")["arms"]
+    assert not (tmp_path / "two").exists() and not (tmp_path / "other").exists()
