@@ -1,6 +1,6 @@
 """What every benchmark records next to its numbers, and how it writes them.
 
-A benchmark on a borrowed or rented GPU may run under a time limit (gpu_suite.sh) that may stop it at any moment. So the
+A benchmark on a rented GPU may run under a time limit (gpu_suite.sh) that stops it at any moment. So the
 results are on disk from the first row on: :class:`ResultFile` rewrites the JSON file atomically (a
 temporary file, then a rename) each time a row is measured, with ``"complete": false`` and the stage the
 run had reached, and appends each row to a JSON Lines file beside it (``<out>.jsonl``), flushed and

@@ -131,7 +131,7 @@ def test_overhead_mode_subset_always_times_the_baseline(tmp_path):
 
 
 def test_gpu_suite_commands_parse():
-    # The suite runs only on a lent GPU, with minutes of device time: a stale flag must fail here instead.
+    # The suite runs only on a GPU, often with minutes of budget: a stale flag must fail here instead.
     import re
     import shlex
 
@@ -146,7 +146,7 @@ def test_gpu_suite_commands_parse():
 
 @pytest.mark.slow  # runs all four parts at tiny size: ~1 min on 2 cores
 def test_gpu_suite_runs_end_to_end_on_tiny_configs(tmp_path):
-    # The suite itself (argument arrays, time limits, tee/exit codes, $OUT) runs nowhere but on a lent GPU;
+    # The suite itself (argument arrays, time limits, tee/exit codes, $OUT) runs nowhere but on a GPU;
     # here a stand-in interpreter shrinks every command to the tiny CPU config.
     import os
     import subprocess
