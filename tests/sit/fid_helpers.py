@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 from pathlib import Path
 
 import build_reference
@@ -52,11 +51,6 @@ def fid_rows(run: Path) -> dict[int, dict]:
     """{step: log.csv row} of the rows that hold a FID."""
     return {int(row["step"]): row for row in rows(run) if row.get("fid")}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_reference(root: Path) -> str:

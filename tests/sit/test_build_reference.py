@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from data.datasets import center_crop_arr, scan_image_folder, to_rgb
 from data.npz import list_image_paths, load_image_folder
 from image_folders import add_disk_junk, write_image_folder
 from PIL import Image
+from ports import free_port
 from runtime.cli import UsageError
 from runtime.distributed import DistContext
 from runtime.preemption import EXIT_PREEMPTED, StopSignals
@@ -148,11 +148,6 @@ def test_a_corrupt_image_is_named_and_finished_shards_stay(images, tmp_path):
     assert sorted(os.listdir(str(out) + ".parts")) == ["meta.json", "shard_000000.npz", "shard_000001.npz"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_build_the_same_reference_as_one(straight, images, tmp_path):
     out = tmp_path / "ref.npz"
@@ -271,9 +266,7 @@ def test_a_signal_to_one_of_two_ranks_stops_both_then_a_rerun_finishes(tmp_path)
     add_disk_junk(root)
     out = tmp_path / "ref.npz"
     parts = Path(str(out) + ".parts")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", STUB_DELAY_S="0.5",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")

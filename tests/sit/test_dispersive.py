@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import train
+from ports import free_port
 from regularizers.dispersive import DispersiveTerm, dispersive_loss
 from runtime.cli import UsageError
 from test_train import assert_same_tree, read_csv, tiny_args
@@ -77,9 +77,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_under_ddp_each_rank_repels_within_its_own_shard(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(port, str(tmp_path)), nprocs=2)
     net = _blocks()
     x = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(7))

@@ -14,7 +14,8 @@ import evaluate_run
 import pytest
 from evaluation import sample_metrics
 from evaluation.sample_metrics import settings_digest
-from fid_helpers import LAUNCHER, METRICS, CountingStub, fid_rows, free_port
+from fid_helpers import LAUNCHER, METRICS, CountingStub, fid_rows
+from ports import free_port
 from runtime.cli import UsageError
 from runtime.preemption import EXIT_PREEMPTED
 

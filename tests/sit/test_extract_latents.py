@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ pytest.importorskip("diffusers")
 import extract_latents  # noqa: E402
 from data.datasets import LatentDataset, build_dataset, latent_chunk_path  # noqa: E402
 from image_folders import write_image_folder  # noqa: E402
+from ports import free_port
 from runtime.cli import UsageError  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sit" / "extract_latents.py"
@@ -81,11 +81,6 @@ def cli_args(image_root, vae_dir, out) -> list[str]:
     return ["--data-path", image_root, "--vae", vae_dir, "--out", str(out), "--image-size", "32",
             "--chunk-size", "3", "--batch-size", "2", "--num-workers", "0", "--dtype", "float32"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

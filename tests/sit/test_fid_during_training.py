@@ -18,7 +18,8 @@ import torch
 import train
 from data.npz import save_npz
 from evaluation import sample_metrics
-from fid_helpers import FID, LAUNCHER, METRICS, TRAINING, CountingStub, argv, fid_rows, free_port, rows
+from fid_helpers import FID, LAUNCHER, METRICS, TRAINING, CountingStub, argv, fid_rows, rows
+from ports import free_port
 from runtime.cli import UsageError
 from runtime.preemption import EXIT_PREEMPTED
 from stub_features import StubFeatures

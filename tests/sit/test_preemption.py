@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import train
+from ports import free_port
 from runtime.preemption import EXIT_PREEMPTED
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -55,11 +55,6 @@ def logged_step(log_txt: Path) -> int:
     steps = re.findall(r"\(step=(\d+)\) FM loss", log_txt.read_text())
     return int(steps[-1]) if steps else 0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(argv: list[str], port: int) -> list[str]:

@@ -6,7 +6,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 import train
 from image_folders import write_image_folder
+from ports import free_port
 from runtime.preemption import EXIT_PREEMPTED
 from stopping import signal_when
 
@@ -151,9 +151,7 @@ def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, 
                                                                      tmp_path: Path) -> None:
     """Both ranks get SIGTERM (as from torchrun or SLURM), meet at the end, exit 75; a rerun with another
     number of processes completes the same .npz."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder = tmp_path / "s"
     procs = [subprocess.Popen(sample_cli(ckpt, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env() | dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
@@ -192,9 +190,7 @@ def torchrun_workers(agent: int) -> dict[int, int]:
 
 def torchrun_cli(argv: list[str]) -> list[str]:
     """torchrun with two CPU ranks on a free port, running argv (a script and its flags)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(port), *argv]
 

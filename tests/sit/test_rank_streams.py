@@ -6,7 +6,6 @@ with --global-seed on every rank, and every item of a dataset without a generato
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import train
 from data.datasets import build_dataset
 from data.streams import SeededItems, rng_state, seed_everything, set_rng_state
 from data.train_data import heldout_item
+from ports import free_port
 from runtime.distributed import DistContext
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -72,11 +72,6 @@ def test_a_resume_restores_each_ranks_cuda_state_on_its_own_device(monkeypatch: 
     assert fake.seeds == {0: 100, 1: 101}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_keep_their_own_cuda_streams_through_setup_and_steps(tmp_path: Path) -> None:
     """torchrun-style launch of 2 gloo ranks, each with fake CUDA generators: after a run of 2 steps (setup,
@@ -91,7 +86,7 @@ def test_two_ranks_keep_their_own_cuda_streams_through_setup_and_steps(tmp_path:
     )
     argv = [*TINY, "--results-dir", str(tmp_path), "--exp-name", "run", "--max-steps", "2", "--global-seed", "5",
             "--anm", "--anm-alpha", "5"]
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import train
 from modeling.models import SiT
 from modeling.vae import decode_to_uint8
 from PIL import Image
+from ports import free_port
 from runtime.images import save_grid
 from runtime.png_writer import save_png
 
@@ -163,14 +163,9 @@ def test_sample_seed_depends_on_seed_and_index_only() -> None:
     assert torch.equal(z1, z2[2:5]) and torch.equal(y1, y2[2:5])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 def launch_two_ranks(cli: list[str], stderr: int) -> list[subprocess.Popen]:
     """sample_ddp.py as two gloo ranks on this machine, the way torchrun starts them."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",

@@ -11,7 +11,6 @@ its broadcast or barrier with gloo's "Timed out waiting ... for recv operation".
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,17 +20,13 @@ import pytest
 import sample_ddp
 import train
 from image_folders import write_image_folder
+from ports import free_port
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 LAUNCHER = Path(__file__).resolve().parent / "slow_rank_zero.py"
 GROUP_TIMEOUT_S = 6.0
 SLOW_RANK0_S = 9.0  # past the group's timeout
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_ranks(script: str, argv: list[str], cwd: Path, slow: float = SLOW_RANK0_S, timeout: float = 300

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import train
 from numerics import assert_same_adam_training
+from ports import free_port
 from runtime import checkpoints, run_log
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
@@ -124,11 +124,6 @@ def test_model_sizes_and_overrides() -> None:
     assert train.parse_model_name("SiT-N/2") == ("N", 2) and train.SIT_SIZES["T"] == (4, 64, 4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_ddp_two_processes_end_identical(tmp_path: Path) -> None:
     """torchrun-style launch of 2 gloo ranks; both ranks must hold bit-identical weights at the end."""
@@ -144,7 +139,7 @@ def test_ddp_two_processes_end_identical(tmp_path: Path) -> None:
         "torch.save({'model': out['model'].state_dict(), 'ema': out['ema'].state_dict()}, "
         "os.path.join(sys.argv[2], 'rank%s.pt' % os.environ['RANK']))"
     )
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",

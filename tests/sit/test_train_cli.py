@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import train
 from numerics import assert_same_adam_training
+from ports import free_port
 
 TRAIN = Path(__file__).resolve().parents[2] / "examples" / "sit" / "train.py"
 # Label dropout draws from each process's own stream; without it a step's numbers depend only on the batch.
@@ -100,11 +100,6 @@ def test_optional_logger_writes_its_files(tmp_path: Path, logger: str, monkeypat
     assert len(read_rows(Path(out["log_csv"]))) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.orders
 @pytest.mark.slow  # two torchrun launches plus a reference run
@@ -113,7 +108,7 @@ def test_two_nodes_train_like_one_process(tmp_path: Path) -> None:
     same global batch."""
     argv = [*TINY, "--global-batch-size", "8", "--max-steps", "3", "--log-every", "1", "--anm", "--anm-alpha", "5",
             "--anm-warmup", "0", "--exp-name", "run"]
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
                                "1", "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint",

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from runtime import cli
 from runtime.cli import UsageError, run
 
@@ -44,11 +44,6 @@ def test_without_torchrun_every_process_prints(monkeypatch, capsys) -> None:
         run(lambda args: fail("bad"), lambda: None)
     assert capsys.readouterr().err == "sample_ddp.py: error: bad\n"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_shows_the_error_once_and_in_its_report(tmp_path: Path) -> None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 from runtime.distributed import barrier, broadcast_object, cleanup, setup_distributed
 
 SIT_DIR = Path(__file__).resolve().parents[3] / "examples" / "sit"
@@ -39,9 +39,7 @@ cleanup(ctx)
 
 @pytest.mark.slow  # sample_ddp's two-process test covers the same path in the default suite
 def test_two_gloo_processes_share_rank_zeros_object(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -93,9 +91,7 @@ cleanup(ctx)
 def test_a_long_wait_outlasts_the_group_timeout(tmp_path: Path) -> None:
     """SIT_DIST_TIMEOUT_MINUTES=0.05 (3 s): a plain barrier after 5 s of rank 0's work fails, the long-wait
     broadcast and barrier do not."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", LONG_WAIT_SCRIPT.format(sit=str(SIT_DIR))],
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 from runtime.preemption import (
     EXIT_PREEMPTED,
     BatchAgreement,
@@ -92,9 +92,7 @@ def _rank(rank: int, port: int, results: dict) -> None:
 
 
 def test_two_ranks_agree_on_the_stop_step_and_the_time_cadence_without_a_sync_per_step() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(port, results), nprocs=2, join=True)
     assert results[0] == results[1]
@@ -158,9 +156,7 @@ def _batch_rank(rank: int, port: int, results: dict) -> None:
 
 
 def test_batch_agreement_stops_every_rank_soon_after_a_signal_to_one() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_batch_rank, args=(port, results), nprocs=2, join=True)
     (uneven0, stopped0, fast0), (uneven1, stopped1, fast1) = results[0], results[1]
