@@ -319,8 +319,10 @@ def forward_backward(model: nn.Module, ddp: DDP | None, anm_model: anm.ANM | Non
             anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=step)
             disp_loss = fm.new_zeros(()) if disp is None else disp.loss()  # fp32 inside, over this rank's batch
             ((fm + anm_loss + disp_loss) / k).backward()
-        running[[0, 1, 3]] += torch.stack([fm.detach().float(), anm_loss.detach().float(),
-                                           disp_loss.detach().float()]) / k
+        # One add over every slot (the grad norm's gets 0): an index list would copy an index tensor to the
+        # device, a host sync, on every micro-batch.
+        terms = (fm, anm_loss, fm.new_zeros(()), disp_loss)
+        running += torch.stack([term.detach().float() for term in terms]) / k
 
 
 def restore_running(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
