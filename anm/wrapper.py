@@ -107,7 +107,7 @@ class ANM(nn.Module):
             modules = self.__dict__.get("_modules")
             if modules is None or "model" not in modules:
                 raise
-            if called_from_hf_trainer(sys._getframe(1)) and not self.__dict__.get("_trainer_checked"):
+            if not self.__dict__.get("_trainer_checked") and called_from_hf_trainer(sys._getframe(1)):
                 # transformers.Trainer reads the model's attributes while it is built, before any step:
                 # refuse there what it could not checkpoint (see hf_trainer.py).
                 refuse_tied_weights_under_hf_trainer(modules["model"])
