@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from data.npz_stream import npz_writer
+from evaluation.inception import file_sha256
 from modeling.generation import describe_cfg_channels, make_sample_fn, resolve_cfg_channels
 from modeling.latent_scaling import SD_SCALING, LatentScaling
 from modeling.loading import OFFICIAL_DEFAULTS, load_model
@@ -78,15 +79,6 @@ PACK_CHUNK = 1000  # PNGs read at a time while packing the .npz (196 MB at 256 p
 def png_path(folder: str, index: int) -> str:
     """Sample index's PNG: the exact name, so temp files (.<name>.tmp-<pid>) never count as samples."""
     return os.path.join(folder, f"{index:06d}.png")
-
-
-def file_sha256(path: str, block: int = 8 << 20) -> str:
-    """SHA-256 of the file's bytes, read in blocks (a 10 GB checkpoint never sits in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def later_setting_defaults(settings: dict[str, Any]) -> dict[str, Any]:

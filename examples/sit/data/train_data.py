@@ -110,7 +110,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     vae = None
     if args.data == "imagenet":
         vae = load_vae(args.vae, ctx.device)
-    elif args.data == "latents" and (args.sample_every > 0 or getattr(args, "fid_every", 0) > 0):
+    elif args.data == "latents" and (args.sample_every > 0 or args.fid_every > 0):
         try:
             vae = load_vae(args.vae, ctx.device)
         except UsageError as error:

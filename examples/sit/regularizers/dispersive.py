@@ -131,7 +131,7 @@ def dispersive_layers(model: nn.Module, block: str | None) -> str:
 
 def build_dispersive(args: argparse.Namespace, model: nn.Module) -> DispersiveTerm | None:
     """The Dispersive Loss term of train.py's flags on the bare model, or None without --dispersive."""
-    if not getattr(args, "dispersive", False):
+    if not args.dispersive:
         return None
     if not args.dispersive_tau > 0 or not math.isfinite(args.dispersive_tau):
         raise UsageError(f"--dispersive-tau must be a finite number > 0, got {args.dispersive_tau}")
