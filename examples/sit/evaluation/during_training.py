@@ -17,7 +17,6 @@ content, and a resume with others is refused, so log.csv's fid column never mixe
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from typing import Any
@@ -31,7 +30,7 @@ from runtime.distributed import DistContext, broadcast_object
 from runtime.fid_flags import check_given_without_cadence, resolve_fid_sampler, store_resolved
 from runtime.preemption import StopSignals
 from runtime.run_flags import GIVEN_KEY
-from runtime.run_log import MetricLog
+from runtime.run_log import MetricLog, read_rows
 from runtime.sampling_cli import describe_sampler, sampler_kwargs
 
 from evaluation import sample_metrics
@@ -51,9 +50,7 @@ def fid_steps(log_csv: str) -> set[int]:
     """The steps log.csv holds a FID for."""
     if not os.path.exists(log_csv):
         return set()
-    with open(log_csv, newline="") as f:
-        return {int(row["step"]) for row in csv.DictReader(f)
-                if (row.get("fid") or "") not in ("", None) and (row.get("step") or "").isdigit()}
+    return {int(row["step"]) for row in read_rows(log_csv)[1] if row.get("fid")}
 
 
 def another_metric(saved: dict[str, Any], now: dict[str, Any] | None, flags: list[str]) -> UsageError:

@@ -9,12 +9,12 @@ moved reference keeps its content); compare_runs.py refuses runs whose strings d
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from typing import Any
 
 from runtime.cli import UsageError
+from runtime.run_log import read_rows
 
 EVAL_LOG = "eval_log.csv"
 NOT_COMPARED = frozenset({"ref"})  # the reference is compared by content (ref_fingerprint): its path may move
@@ -56,12 +56,10 @@ def eval_log_groups(run: str) -> dict[str, tuple[str, list[dict[str, str]]]]:
     if not os.path.isfile(path):
         return {}
     groups: dict[str, tuple[str, list[dict[str, str]]]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            settings = {key.removeprefix("fid_"): value for key, value in row.items()
-                        if key.startswith("fid_") and key != "fid_seconds" and value is not None}
-            digest = row.get("settings") or ""
-            groups.setdefault(digest, (comparable_settings(settings), []))[1].append(row)
+    for row in read_rows(path)[1]:
+        settings = {key.removeprefix("fid_"): value for key, value in row.items()
+                    if key.startswith("fid_") and key != "fid_seconds"}
+        groups.setdefault(row.get("settings") or "", (comparable_settings(settings), []))[1].append(row)
     return groups
 
 
@@ -92,7 +90,7 @@ def eval_log_points(run: str, metric: str, digest: str | None,
     steps, values = [], []
     for row in rows:
         cell = (row.get(metric) or "").strip()
-        if cell and (row.get("step") or "").strip().isdigit():
+        if cell:
             steps.append(int(row["step"]))
             values.append(float(cell))
     return steps, values, settings

@@ -19,7 +19,6 @@ are in runtime/run_flags.py):
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any
 
 from runtime.cli import UsageError
 from runtime.run_flags import GIVEN_KEY, LOCATIONS, OPERATIONAL
+from runtime.run_log import read_rows
 
 from evaluation.eval_log_curves import EVAL_LOG, comparable_settings, differing_settings, eval_log_points
 from evaluation.speedup import Curve, clean_curve
@@ -111,22 +111,20 @@ def _read_column(path: str, metric: str) -> Curve:
     if not os.path.isfile(log_csv):
         raise UsageError(f"{path} has no log.csv: the run has logged nothing yet (train.py writes a row every "
                          "--log-every steps); wait for its first rows or pass another run")
+    columns, rows = read_rows(log_csv)  # complete rows: one cut short by a kill is left out
+    if metric not in columns:
+        raise UsageError(f"{log_csv} has no column {metric!r}{_heldout_hint(metric)}; its columns: "
+                         f"{', '.join(columns)}")
     steps, values = [], []
-    with open(log_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
-        if metric not in columns:
-            raise UsageError(f"{log_csv} has no column {metric!r}{_heldout_hint(metric)}; its columns: "
-                             f"{', '.join(columns)}")
-        for row in reader:
-            step, cell = (row.get("step") or "").strip(), (row.get(metric) or "").strip()
-            if not step.isdigit() or not cell:  # a row cut short by a kill, or another cadence's row
-                continue
-            try:
-                values.append(float(cell))
-            except ValueError:
-                raise UsageError(f"{log_csv} line {reader.line_num}: {metric} is {cell!r}, not a number") from None
-            steps.append(int(step))
+    for row in rows:
+        cell = row[metric].strip()
+        if not cell:  # another cadence's row
+            continue
+        try:
+            values.append(float(cell))
+        except ValueError:
+            raise UsageError(f"{log_csv} step {row['step']}: {metric} is {cell!r}, not a number") from None
+        steps.append(int(row["step"]))
     return clean_curve(steps, values)
 
 

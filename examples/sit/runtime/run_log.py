@@ -67,6 +67,20 @@ def create_logger(logging_dir: str | None, rank: int, console: bool = True) -> l
     return logger
 
 
+def read_rows(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    """A log CSV's columns and its complete rows (log.csv, eval_log.csv): a row cut short by a full disk or a
+    kill, or one without a step number, is left out rather than read as a bogus early step.
+
+    >>> read_rows("results/run/log.csv")  # doctest: +SKIP
+    (['step', 'epoch', 'fm_loss', ...], [{'step': '100', 'epoch': '0', 'fm_loss': '0.61', ...}, ...])
+    """
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if None not in row and None not in row.values()
+                and (row.get("step") or "").isdigit()]
+        return list(reader.fieldnames or []), rows
+
+
 class CSVLog:
     """CSV of logged metrics, one row per logged step. A row with new columns (e.g. ANM stats after the
     step-0 evaluation) rewrites the header; on resume, rows past the resumed step are dropped so the log
@@ -76,12 +90,9 @@ class CSVLog:
         self.path, self.fields = path, None
         rows: list[dict] = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = reader.fieldnames
-                # A row cut short by a full disk or a kill is dropped, not kept as a bogus early step.
-                rows = [row for row in reader if None not in row and None not in row.values()
-                        and row["step"].isdigit() and int(row["step"]) <= resume_step]
+            fields, complete = read_rows(path)
+            self.fields = fields or None
+            rows = [row for row in complete if int(row["step"]) <= resume_step]
         if self.fields is not None:
             self._rewrite(rows)
         elif os.path.exists(path):
