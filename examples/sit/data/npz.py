@@ -14,11 +14,11 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image
-from runtime.atomic import atomic_write
 from runtime.cli import UsageError
 
 from data.errors import DataError
 from data.image_folder import IMAGE_ERRORS, IMG_EXTENSIONS, ImageFolderScan, scan_image_files, to_rgb
+from data.npz_stream import npz_writer
 
 # Temp files of an interrupted write: runtime/atomic.py's ".<name>.tmp-<pid>" and older "<name>.tmp.png" / ".tmp.<pid>".
 _TEMP_NAME = re.compile(r"\.tmp([.-]|$)")
@@ -56,16 +56,15 @@ def to_uint8_nhwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
 def save_npz(images: np.ndarray | torch.Tensor, path: str, **arrays: np.ndarray) -> str:
     """
     Write images as an ADM-format npz (key arr_0, uint8 NxHxWx3, plus any further arrays such as a reference
-    batch's mu / sigma / mu_s / sigma_s) through atomic.atomic_write, so an interrupted run or a full disk
+    batch's mu / sigma / mu_s / sigma_s) through npz_stream.npz_writer, so an interrupted run or a full disk
     never leaves a truncated file that looks complete. Returns the path.
 
     >>> save_npz(np.zeros((4, 32, 32, 3), np.uint8), "/tmp/samples.npz")
     '/tmp/samples.npz'
     """
-    images = to_uint8_nhwc(images)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as f:  # a file object stops np.savez from appending its own ".npz"
-        np.savez(f, arr_0=images, **arrays)
+    with npz_writer(path) as npz:  # the streaming writer's path: the same bytes as np.savez, written atomically
+        for name, array in dict(arr_0=to_uint8_nhwc(images), **arrays).items():
+            npz.add(name, array)
     return path
 
 
