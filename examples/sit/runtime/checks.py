@@ -156,6 +156,11 @@ def check_ignored_flags(args: argparse.Namespace, parser: argparse.ArgumentParse
         ignored += [f"--{name.replace('_', '-')} (Dispersive Loss is off: add --dispersive)"
                     for name in sorted(vars(args))
                     if name.startswith("dispersive_") and getattr(args, name) != parser.get_default(name)]
+    if not getattr(args, "repa", True):
+        ignored += [f"--{name.replace('_', '-')} (REPA is off: add --repa)" for name in sorted(vars(args))
+                    if name.startswith("repa_") and getattr(args, name) != parser.get_default(name)]
+    elif args.data != "latents" and args.repa_image_path is not None:
+        ignored.append(f"--repa-image-path (--data {args.data} has its images in hand; it is for --data latents)")
     if ignored:
         raise UsageError(f"{ignored[0]} would be ignored: drop it")
 

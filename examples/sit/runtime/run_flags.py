@@ -36,9 +36,10 @@ RUN_DEFINING = frozenset({
     "anm", "anm_alpha", "anm_lambda", "anm_warmup", "anm_site", "anm_layers", "anm_reduce", "anm_objective",
     "anm_granularity",
     "dispersive", "dispersive_lambda", "dispersive_tau", "dispersive_block", "dispersive_distance",
+    "repa", "repa_depth", "repa_lambda", "repa_projector_dim", "repa_resolution",
     "eval_samples",  # the held-out set behind log.csv's held-out curve
 })
-LOCATIONS = frozenset({"data_path", "eval_data_path", "vae"})
+LOCATIONS = frozenset({"data_path", "eval_data_path", "vae", "repa_encoder", "repa_image_path"})
 OPERATIONAL = frozenset({
     "num_workers", "results_dir", "exp_name", "max_steps", "epochs", "grad_accum_steps", "compile",
     "grad_checkpointing", "resume", "log_every", "ckpt_every", "ckpt_every_minutes", "keep_last",

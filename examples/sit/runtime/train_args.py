@@ -5,6 +5,7 @@ other flags. train.py passes its docstring as the description --help shows.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from modeling.hub import absolute_if_local
@@ -108,6 +109,24 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                             "index depth // 2)")
     group.add_argument("--dispersive-distance", choices=["l2", "cosine"], default="l2",
                        help="InfoNCE-L2 (squared L2 per feature) or InfoNCE-cosine")
+    group = parser.add_argument_group("REPA (Yu et al. 2024; regularizers/repa.py)")
+    group.add_argument("--repa", action=argparse.BooleanOptionalAction, default=False,
+                       help="add lambda * REPA's alignment of one block's hidden state to a frozen DINOv2's patch "
+                            "tokens of the same images (needs --repa-encoder)")
+    group.add_argument("--repa-encoder", type=str, default=None, metavar="PATH",
+                       help="a local transformers DINOv2 folder (config.json + weights); nothing is downloaded")
+    group.add_argument("--repa-depth", type=int, default=None, metavar="K",
+                       help="align the hidden state after block K, counted from 1 (default: REPA's 8 for 24 or 28 "
+                            "blocks (SiT-L, SiT-XL), else depth // 3 (4 for SiT-S and SiT-B), at least 1)")
+    group.add_argument("--repa-lambda", type=float, default=0.5, help="weight of the alignment term")
+    group.add_argument("--repa-projector-dim", type=int, default=2048,
+                       help="hidden width of the 3-layer MLP projector")
+    group.add_argument("--repa-resolution", type=int, default=None, metavar="PX",
+                       help="the encoder's input size (default: REPA's 224 per 256 image pixels, rounded down to "
+                            "whole encoder patches)")
+    group.add_argument("--repa-image-path", type=str, default=None, metavar="PATH",
+                       help="--data latents: the ImageFolder the latents were extracted from (default: the one "
+                            "their meta.json records)")
     group = parser.add_argument_group("logging, evaluation, checkpoints")
     group.add_argument("--log-every", type=int, default=100, help="steps between log lines / log.csv rows")
     group.add_argument("--ckpt-every", type=int, default=50_000,
@@ -158,5 +177,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         args.data_size = DEFAULT_SINUSOIDS
     if args.progress is None:
         args.progress = sys.stderr.isatty()  # where tqdm draws: a bar in a log file is a line of \r-frames
+    args.repa_encoder, args.repa_image_path = (None if path is None else os.path.abspath(path)
+                                               for path in (args.repa_encoder, args.repa_image_path))
     args.vae = absolute_if_local(args.vae)  # args.json and checkpoints are read from other folders (sample.py)
     return args
