@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import time
 from copy import deepcopy
 from typing import Any
@@ -39,11 +38,14 @@ from evaluation.during_training import TrainingFID
 from evaluation.heldout import HeldoutSet, fm_loss
 from modeling.ema import ema_parameters, update_ema
 from modeling.generation import generate
-from modeling.models import SIT_SIZES, SiT
+from modeling.model_config import model_config
+from modeling.models import SiT
 from modeling.samplers import Sampler as FlowSampler
 from modeling.transport import Transport, create_transport
 from modeling.vae import decode_to_uint8, encode_images
-from regularizers import dispersive
+from regularizers.dispersive import build_dispersive
+from regularizers.repa_term import build_repa
+from regularizers.terms import Terms
 from runtime import train_args
 from runtime.checkpoints import (
     WriteStats,
@@ -80,7 +82,7 @@ from tqdm.auto import tqdm
 
 import anm
 
-RUNNING_SLOTS = 4  # loss sums between log rows: FM, ANM, grad norm, Dispersive
+RUNNING_SLOTS = 5  # loss sums between log rows: FM, ANM, grad norm, Dispersive, REPA
 
 #################################################################################
 #                             Training Helper Functions                         #
@@ -96,49 +98,17 @@ def requires_grad(model: nn.Module, flag: bool = True) -> None:
 #                                  Setup: model                                 #
 #################################################################################
 
-def parse_model_name(name: str) -> tuple[str, int]:
-    """'SiT-XL/2' -> ('XL', 2)."""
-    match = re.fullmatch(r"SiT-(\w+)/(\d+)", name)
-    if match is None or match.group(1) not in SIT_SIZES or int(match.group(2)) <= 0:
-        raise UsageError(f"unknown model {name!r}: use SiT-<{'|'.join(SIT_SIZES)}>/<patch size>, e.g. SiT-XL/2")
-    return match.group(1), int(match.group(2))
-
-
-def model_config(args: argparse.Namespace, in_channels: int, input_size: int, num_classes: int) -> dict:
-    """Keyword arguments for SiT(...): the named size, with --depth/--hidden-size/--num-heads overrides."""
-    size, patch_size = parse_model_name(args.model)
-    depth, hidden_size, num_heads = SIT_SIZES[size]
-    config = dict(
-        input_size=input_size,
-        patch_size=patch_size,
-        in_channels=in_channels,
-        hidden_size=args.hidden_size or hidden_size,
-        depth=args.depth or depth,
-        num_heads=args.num_heads or num_heads,
-        num_classes=num_classes,
-        class_dropout_prob=args.class_dropout_prob,
-        learn_sigma=False,  # velocity only; official learn_sigma checkpoints are sliced on load
-    )
-    if input_size % patch_size:
-        raise UsageError(f"{args.model}: the {input_size}x{input_size} input does not split into {patch_size}x"
-                         f"{patch_size} patches; choose a patch size dividing {input_size}")
-    if config["hidden_size"] % config["num_heads"]:
-        raise UsageError(f"hidden size {config['hidden_size']} is not divisible by {config['num_heads']} heads: "
-                         "change --hidden-size or --num-heads")
-    if config["hidden_size"] % 4:
-        raise UsageError(f"hidden size {config['hidden_size']} is not a multiple of 4, which the 2-D sin-cos "
-                         "position embedding needs: change --hidden-size")
-    return config
-
-
 def anm_layers(spec: str) -> str | list[str]:
     """--anm-layers: 'auto', a glob, or a comma-separated list of globs."""
     return spec if "," not in spec else [part.strip() for part in spec.split(",") if part.strip()]
 
 
-def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
+def build_models(args: argparse.Namespace, config: dict, ctx: DistContext, data: TrainData,
+                 checkpoint: dict | None = None):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
-    wrapper or None, AdamW, the Dispersive Loss term or None)."""
+    wrapper or None, AdamW (over the SiT and REPA's projector), the Dispersive and REPA terms). A resume's
+    projector is loaded here, so that a checkpoint aligned to another encoder is refused before the run folder
+    opens."""
     with cpu_seeded(args.global_seed):  # one initialisation for every rank and any number of processes
         raw = SiT(**config).to(ctx.device)  # the bare model: its state_dict is what checkpoints hold
     ema = deepcopy(raw).to(ctx.device)  # an exact copy, made before ANM hooks exist on `raw`
@@ -152,16 +122,23 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext):
                             site=args.anm_site, layers=anm_layers(args.anm_layers), reduce=args.anm_reduce,
                             objective=args.anm_objective, granularity=args.anm_granularity, nonfinite="propagate")
         model = anm_model
-    disp = dispersive.build_dispersive(args, raw)  # hooks on the bare model, before DDP / compile too
+    # Their hooks go on the bare model, before DDP / compile too; REPA's encoder loads (and is checked) here.
+    grid = config["input_size"] // config["patch_size"]
+    terms = Terms(build_dispersive(args, raw),
+                  build_repa(args, raw, config["hidden_size"], grid, data.image_pixels, ctx.device))
+    if checkpoint is not None:
+        terms.load_state_dict(checkpoint.get("terms") or {})
     if ctx.world_size > 1:
         # The gradients become views of the all-reduce buckets: no copy from the buckets back into them.
         model = ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                           gradient_as_bucket_view=True)
     if args.compile:
         model = torch.compile(model)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    opt = torch.optim.AdamW([*raw.parameters(), *terms.parameters()], lr=args.lr, weight_decay=args.weight_decay,
                             fused=ctx.device.type == "cuda")
-    return raw, ema, anm_model, model, ddp, opt, disp
+    model.train()
+    ema.eval()
+    return raw, ema, anm_model, model, ddp, opt, terms
 
 
 def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
@@ -177,7 +154,8 @@ def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
 #################################################################################
 
 def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, data: TrainData, config: dict,
-              raw: nn.Module, anm_model: anm.ANM | None, warnings: list[str], notes: list[str]) -> None:
+              raw: nn.Module, anm_model: anm.ANM | None, terms: Terms, warnings: list[str], notes: list[str]
+              ) -> None:
     """The first lines of log.txt: where, on what, which model, anything found wrong on disk, and the flags
     a resume restored or changed."""
     logger.info(f"Experiment directory: {experiment_dir}  (rank {ctx.rank}/{ctx.world_size}, device {ctx.device})")
@@ -188,6 +166,8 @@ def log_setup(logger: logging.Logger, experiment_dir: str, ctx: DistContext, dat
     logger.info(f"Data: {len(data.dataset):,} items, {data.sampler.steps_per_epoch:,} steps/epoch; "
                 f"SiT {config}: {sum(p.numel() for p in raw.parameters()):,} parameters; "
                 + (f"ANM {anm_model.extra_repr()}" if anm_model is not None else "no ANM"))
+    for line in terms.describe():
+        logger.info(line)
     logger.info(f"Held-out set: {data.heldout_source}"
                 + (f"; latents: {data.scaling.describe()}" if data.scaling is not None else ""))
 
@@ -202,13 +182,16 @@ def sample_grid_inputs(args: argparse.Namespace, data: TrainData,
 
 
 def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args: argparse.Namespace,
-                     anm_model: anm.ANM | None, ctx: DistContext) -> dict[str, float]:
-    """The log row of the steps since the last one: mean losses (over ranks), speed, grad norm, ANM stats."""
-    fm, anm_term, grad_norm, disp = (all_mean(running, ctx.world_size) / log_steps).tolist()
-    row = dict(fm_loss=fm, anm_loss=anm_term, loss=fm + anm_term + disp, steps_per_sec=log_steps / elapsed,
+                     anm_model: anm.ANM | None, terms: Terms, ctx: DistContext) -> dict[str, float]:
+    """The log row of the steps since the last one: mean losses (over ranks), speed, grad norm, ANM stats, REPA's
+    encoder time (this rank's, per step)."""
+    fm, anm_term, grad_norm, disp, repa = (all_mean(running, ctx.world_size) / log_steps).tolist()
+    row = dict(fm_loss=fm, anm_loss=anm_term, loss=fm + anm_term + disp + repa, steps_per_sec=log_steps / elapsed,
                img_per_sec=log_steps * args.global_batch_size / elapsed)
     if args.dispersive:
         row["dispersive_loss"] = disp
+    if args.repa:
+        row.update(repa_loss=repa, repa_encoder_ms=terms.encoder_ms() / log_steps)
     if args.max_grad_norm is not None:
         row["grad_norm"] = grad_norm
     if anm_model is not None:
@@ -249,14 +232,15 @@ def log_heldout(logger: logging.Logger, step: int, raw: nn.Module, ema: nn.Modul
 
 
 def log_training(logger: logging.Logger, progress: tqdm, step: int, running: torch.Tensor, log_steps: int,
-                 start_time: float, args: argparse.Namespace, anm_model: anm.ANM | None,
+                 start_time: float, args: argparse.Namespace, anm_model: anm.ANM | None, terms: Terms,
                  ctx: DistContext) -> dict[str, float]:
     """The training row of the steps since the last one, said in log.txt and the progress bar."""
-    row = training_metrics(running, log_steps, time.time() - start_time, args, anm_model, ctx)
-    disp = {"dispersive": f"{row['dispersive_loss']:.4f}"} if "dispersive_loss" in row else {}
+    row = training_metrics(running, log_steps, time.time() - start_time, args, anm_model, terms, ctx)
+    disp = {name: f"{row[f'{name}_loss']:.4f}" for name in ("dispersive", "repa") if f"{name}_loss" in row}
     logger.info(f"(step={step:07d}) FM loss {row['fm_loss']:.4f}, ANM loss {row['anm_loss']:.4f}, "
                 + "".join(f"{name} loss {value}, " for name, value in disp.items())
-                + f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s")
+                + f"{row['steps_per_sec']:.2f} steps/s, {row['img_per_sec']:.1f} img/s"
+                + (f" (REPA's encoder {row['repa_encoder_ms']:.1f} ms/step)" if "repa_encoder_ms" in row else ""))
     progress.set_postfix(fm=f"{row['fm_loss']:.4f}", anm=f"{row['anm_loss']:.4f}", **disp)
     return row
 
@@ -284,12 +268,12 @@ def gradient_sync(ddp: DDP | None, last: bool) -> contextlib.AbstractContextMana
     return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
 
 
-def close_run(metrics: MetricLog, anm_model: anm.ANM | None, ctx: DistContext) -> None:
-    """Flush the loggers, remove the ANM hooks (the returned model is the bare SiT), leave the process group."""
+def close_run(metrics: MetricLog, anm_model: anm.ANM | None, terms: Terms, ctx: DistContext) -> None:
+    """Flush the loggers, remove every hook (the returned model is the bare SiT), leave the process group."""
     metrics.close()
     if anm_model is not None:
         anm_model.close()
-    dispersive.detach_all()
+    terms.close()
     cleanup(ctx)
 
 
@@ -308,26 +292,28 @@ def micro_batches(tensors: tuple[torch.Tensor, ...], k: int):
 
 def forward_backward(model: nn.Module, ddp: DDP | None, anm_model: anm.ANM | None, transport: Transport,
                      batch: tuple[torch.Tensor, ...], step: int, running: torch.Tensor, autocast: dict,
-                     args: argparse.Namespace, disp: dispersive.DispersiveTerm | None = None) -> None:
-    """The gradients of one optimizer step, over --grad-accum-steps micro-batches of (x, y, noise, t): FM loss
-    + ANM term + Dispersive term (each micro-batch's own), each divided by the micro-batch count; their means
-    are added to running[0, 1, 3] (no host sync)."""
+                     args: argparse.Namespace, terms: Terms) -> None:
+    """The gradients of one optimizer step, over --grad-accum-steps micro-batches of (x, y, noise, t, images):
+    FM loss + ANM + Dispersive + REPA terms (each micro-batch's own, over this rank's share), each divided by the
+    micro-batch count; their means are added to running[0, 1, 3, 4] (no host sync). REPA's projector, outside
+    DDP, has its gradients averaged over the ranks after the last micro-batch."""
     k = args.grad_accum_steps
-    for i, (xs, ys, ns, ts) in enumerate(micro_batches(batch, k)):
+    for i, (xs, ys, ns, ts, images) in enumerate(micro_batches(batch, k)):
         with gradient_sync(ddp, last=i == k - 1), torch.autocast(**autocast):
             fm = transport.training_losses(model, xs, dict(y=ys), t=ts, noise=ns)["loss"].mean()
             anm_loss = fm.new_zeros(()) if anm_model is None else anm_model.loss(step=step)
-            disp_loss = fm.new_zeros(()) if disp is None else disp.loss()  # fp32 inside, over this rank's batch
-            ((fm + anm_loss + disp_loss) / k).backward()
+            disp_loss, repa_loss = terms.losses(fm, images)  # fp32
+            ((fm + anm_loss + disp_loss + repa_loss) / k).backward()
         # One add over every slot (the grad norm's gets 0): an index list would copy an index tensor to the
         # device, a host sync, on every micro-batch.
-        terms = (fm, anm_loss, fm.new_zeros(()), disp_loss)
-        running += torch.stack([term.detach().float() for term in terms]) / k
+        values = (fm, anm_loss, fm.new_zeros(()), disp_loss, repa_loss)
+        running += torch.stack([value.detach().float() for value in values]) / k
+    terms.sync_gradients(torch.distributed.get_world_size() if ddp is not None else 1)
 
 
 def restore_running(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
-    """restore_log_state with its loss sums widened to RUNNING_SLOTS (a checkpoint from before the Dispersive
-    term has three: its fourth sum starts at zero)."""
+    """restore_log_state with its loss sums widened to RUNNING_SLOTS (a checkpoint from before the Dispersive and
+    REPA terms has three or four: the missing sums start at zero)."""
     running, *rest = restore_log_state(checkpoint, device)
     return (torch.cat([running, running.new_zeros(RUNNING_SLOTS - len(running))]), *rest)
 
@@ -348,7 +334,8 @@ def log_saved(logger: logging.Logger, ctx: DistContext, saved: str, step: int, t
 
 
 def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int,
-                   checkpoint: str | None, metrics: MetricLog, anm_model: anm.ANM | None, saved: bool = True) -> None:
+                   checkpoint: str | None, metrics: MetricLog, anm_model: anm.ANM | None, terms: Terms,
+                   saved: bool = True) -> None:
     """After a stop signal's checkpoint (saved), or before this process's first step (not saved: checkpoint is
     the one resumed from, or None): say so in log.txt and stopped.json, end the run with exit status 75."""
     done = (f"after step {step:,}; saved {checkpoint}" if saved else
@@ -362,7 +349,7 @@ def finish_stopped(logger: logging.Logger, stop: StopSignals, ctx: DistContext, 
         logger.info(f"Ignored {', '.join(stop.later())} during the stop: {why}")
     if ctx.is_main:
         write_stopped(experiment_dir, signal_name(stop), step, checkpoint, EXIT_PREEMPTED)
-    close_run(metrics, anm_model, ctx)
+    close_run(metrics, anm_model, terms, ctx)
     exit_preempted("train.py", message, ctx.is_main)
 
 
@@ -372,7 +359,7 @@ def signal_name(stop: StopSignals) -> str:
 
 
 def stop_in_setup(stop: StopSignals, ctx: DistContext, experiment_dir: str, step: int, resume_path: str | None,
-                  anm_model: anm.ANM | None) -> None:
+                  anm_model: anm.ANM | None, terms: Terms) -> None:
     """A stop signal during setup (the folder scan, the VAE load, the held-out encoding), before the run folder
     is opened: exit status 75 at once, with no checkpoint and no run files, so the same command starts again.
     Only <run>/stopped.json is written (unless another process holds the folder), for a requeue script that
@@ -387,7 +374,7 @@ def stop_in_setup(stop: StopSignals, ctx: DistContext, experiment_dir: str, step
             write_stopped(experiment_dir, signal_name(stop), step, resume_path, EXIT_PREEMPTED)
     if anm_model is not None:
         anm_model.close()
-    dispersive.detach_all()
+    terms.close()
     cleanup(ctx)
     exit_preempted("train.py", message, ctx.is_main)
 
@@ -424,20 +411,18 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     warnings += ema_warnings(args.ema_decay, max_steps)
     config = model_config(args, data.in_channels, data.input_size, data.num_classes)
     fid = TrainingFID.setup(args, ctx, data, checkpoint, stop, max_steps, warnings)  # refuses a bad --fid-ref here
-    raw, ema, anm_model, model, ddp, opt, disp = build_models(args, config, ctx)
+    raw, ema, anm_model, model, ddp, opt, terms = build_models(args, config, ctx, data, checkpoint)
     if any_rank(stop.requested, ctx):  # a signal during the setup so far: no step to save, no folder yet
-        stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model)
+        stop_in_setup(stop, ctx, experiment_dir, checkpoint["step"] if checkpoint else 0, resume_path, anm_model, terms)
     warnings += open_experiment(args, ctx, experiment_dir, checkpoint, resume_path, config, len(data.dataset),
                                 steps_per_epoch, data.scaling)
     checkpoint_dir = os.path.join(experiment_dir, "checkpoints")
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
-    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, [*warnings, *data.notes], notes)
+    log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, terms, [*warnings, *data.notes], notes)
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
     running, log_steps, log_seconds, elapsed = restore_running(checkpoint, ctx.device)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
-    model.train()
-    ema.eval()
     ema_params, raw_params = ema_parameters(ema, raw)  # once: the EMA update and the clipping take these lists
 
     transport = create_transport(args.path_type, args.prediction)
@@ -449,7 +434,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     fid.catch_up(train_steps, epoch, ema, metrics, logger)  # a resumed step whose FID a stop signal abandoned
     last = dict(step=train_steps)
     if any_rank(stop.requested, ctx):  # a signal since the folder was opened, before this process's first step
-        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, saved=False)
+        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, resume_path, metrics, anm_model, terms, False)
 
     logger.info(f"Training for {max_steps - train_steps:,} more steps ...")
     progress = progress_bar(args, ctx, train_steps, max_steps)
@@ -462,16 +447,17 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
         batches_this_epoch = 0
         for batch in batches(data.loader):
             batches_this_epoch += 1
-            x, y, noise, u = (tensor.to(ctx.device, non_blocking=True) for tensor in batch)
+            x, y, noise, u, *pixels = (tensor.to(ctx.device, non_blocking=True) for tensor in batch)
+            images = pixels[0] if pixels else x  # REPA's encoder sees the latents' images, or the images in hand
             t = t0 + u * (t1 - t0)  # each item's time, drawn with its noise (see SeededItems)
             if data.encode:
                 with torch.no_grad():  # posterior *sample*, as the reference
                     x = encode_images(data.vae, x, data.scaling, generator=generator)
             opt.zero_grad(set_to_none=True)
-            forward_backward(model, ddp, anm_model, transport, (x, y, noise, t), train_steps, running, autocast, args,
-                             disp)
+            forward_backward(model, ddp, anm_model, transport, (x, y, noise, t, images), train_steps, running,
+                             autocast, args, terms)
             if args.max_grad_norm is not None:
-                running[2] += nn.utils.clip_grad_norm_(raw_params, args.max_grad_norm).float()
+                running[2] += nn.utils.clip_grad_norm_([*raw_params, *terms.parameters()], args.max_grad_norm).float()
             opt.step()
             update_ema(ema_params, raw_params, args.ema_decay)
 
@@ -484,7 +470,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             if train_steps % args.log_every == 0 or train_steps == max_steps:
                 checked_step = check_finite(running, raw, ctx.world_size, checked_step, train_steps, checkpoint_dir)
                 row.update(log_training(logger, progress, train_steps, running, log_steps,
-                                        start_time + fid.pop_seconds(), args, anm_model, ctx))
+                                        start_time + fid.pop_seconds(), args, anm_model, terms, ctx))
                 running.zero_()
                 log_steps, start_time = 0, time.time()
             if data.heldout is not None and (train_steps % args.eval_every == 0 or train_steps == max_steps):
@@ -503,7 +489,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
                 last["checkpoint"] = save_checkpoint(
                     checkpoint_dir, train_steps, epoch, epoch_step, raw, ema, opt, anm_model, generator, args, config,
                     len(data.dataset), ctx, log_state=log_state(running, log_steps, start_time, run_start),
-                    latent_scaling=data.scaling, background=not stopped and train_steps < max_steps)
+                    latent_scaling=data.scaling, background=not stopped and train_steps < max_steps,
+                    terms=terms.state_dict())
                 agreement.saved()
                 log_saved(logger, ctx, last["checkpoint"], train_steps, max_steps, args)
             if train_steps >= max_steps or stopped:
@@ -513,10 +500,10 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     progress.close()
     last.setdefault("checkpoint", next(iter(checkpoint_paths(checkpoint_dir)), None))  # nothing left to train
     if stopped:
-        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, last["checkpoint"], metrics, anm_model)
+        finish_stopped(logger, stop, ctx, experiment_dir, train_steps, last["checkpoint"], metrics, anm_model, terms)
 
     logger.info("Done!")
-    close_run(metrics, anm_model, ctx)
+    close_run(metrics, anm_model, terms, ctx)
     return dict(last, experiment_dir=experiment_dir, log_csv=os.path.join(experiment_dir, "log.csv"),
                 model=raw, ema=ema, model_config=config)
 

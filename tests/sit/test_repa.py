@@ -47,12 +47,43 @@ def test_the_encoder_sees_the_batch_images_preprocessed_and_matches_the_grid(enc
     seen = []
     encoder.embeddings.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     tokens = repa.encoder_tokens(encoder, images, grid=4)
-    x = F.interpolate(((images + 1) / 2).repeat(1, 3, 1, 1), size=(28, 28), mode="bicubic", antialias=True)
+    # REPA's order: to [0, 1], ImageNet normalisation, then bicubic without antialiasing to the encoder's input
+    # (8 pixels: 7 by REPA's 224-per-256 rule, raised to one whole 14-pixel patch).
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    torch.testing.assert_close(seen[0], (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
-    assert tokens.shape == (3, 16, 16)  # the encoder's 2x2 patch grid, interpolated to the model's 4x4
-    same_grid = repa.encoder_tokens(encoder, images, grid=2)
-    torch.testing.assert_close(same_grid, encoder(pixel_values=seen[0]).last_hidden_state[:, 1:])
+    x = (((images + 1) / 2).repeat(1, 3, 1, 1) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    x = F.interpolate(x, size=(14, 14), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(seen[0], x)
+    assert tokens.shape == (3, 16, 16)  # the encoder's 1x1 patch grid, resampled to the model's 4x4
+    same_grid = repa.encoder_tokens(encoder, images, grid=2, size=28)
+    torch.testing.assert_close(same_grid, encoder(pixel_values=seen[-1]).last_hidden_state[:, 1:])
+
+
+def test_the_encoder_input_follows_repa_224_per_256_pixels() -> None:
+    assert [repa.encoder_resolution(p, 14) for p in (256, 512, 128, 32, 8)] == [224, 448, 112, 28, 14]
+    assert repa.encoder_resolution(64, 16) == 48  # 56 rounded down to whole 16-pixel patches
+
+
+def test_tokens_are_area_averaged_to_a_coarser_grid_and_interpolated_to_a_finer_one() -> None:
+    tokens = torch.randn(2, 16, 3)  # a 4x4 grid of 3-wide tokens
+    grid = tokens.view(2, 4, 4, 3)
+    want = torch.stack([grid[:, i:i + 2, j:j + 2].mean((1, 2)) for i in (0, 2) for j in (0, 2)], 1)
+    torch.testing.assert_close(repa.resample_tokens(tokens, 2), want)
+    assert repa.resample_tokens(tokens, 4) is tokens
+    finer = repa.resample_tokens(torch.ones(1, 4, 2), 3)
+    torch.testing.assert_close(finer, torch.ones(1, 9, 2))  # bilinear keeps a constant field
+    with pytest.raises(ValueError, match="no square grid"):
+        repa.resample_tokens(torch.randn(1, 5, 2), 2)
+
+
+def test_the_projector_is_initialised_as_repa_does() -> None:
+    projector = repa.Projector(8, 5, hidden=16)
+    linears = [layer for layer in projector if isinstance(layer, torch.nn.Linear)]
+    assert [tuple(layer.weight.shape) for layer in linears] == [(16, 8), (16, 16), (5, 16)]
+    assert [type(layer).__name__ for layer in projector] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    for layer in linears:
+        bound = (6 / sum(layer.weight.shape)) ** 0.5  # Xavier-uniform
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > bound / 2
+        assert not layer.bias.any()
 
 
 def test_a_missing_or_wrong_encoder_is_one_line(tmp_path: Path, encoder_dir: Path) -> None:

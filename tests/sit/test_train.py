@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import train
+from modeling.models import SIT_SIZES
 from numerics import assert_same_adam_training
 from ports import free_port
 from runtime import checkpoints, run_log
@@ -121,7 +122,7 @@ def test_model_sizes_and_overrides() -> None:
     assert train.model_config(train.parse_args(["--model", "SiT-XL/2"]), 4, 32, 1000)["hidden_size"] == 1152
     with pytest.raises(train.UsageError, match="unknown model"):
         train.parse_model_name("SiT-Q/2")
-    assert train.parse_model_name("SiT-N/2") == ("N", 2) and train.SIT_SIZES["T"] == (4, 64, 4)
+    assert train.parse_model_name("SiT-N/2") == ("N", 2) and SIT_SIZES["T"] == (4, 64, 4)
 
 
 

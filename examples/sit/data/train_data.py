@@ -64,6 +64,7 @@ class TrainData:
     scaling: LatentScaling | None = None  # the factors of the model's latents (None: pixel data)
     heldout_source: str = "none (--eval-every 0)"  # what the held-out set is, for the log
     notes: tuple[str, ...] = ()  # a warning line each in the log: assumptions, what folder scans left out
+    image_pixels: int = 0  # the side of the images behind the model's input (latents: meta.json's image_size)
 
 
 def latent_scaling(args: argparse.Namespace, dataset: Dataset, vae: nn.Module | None
@@ -107,6 +108,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
     except DataError as error:
         raise UsageError(str(error)) from error
     resolve_vae(args, dataset)
+    image_pixels = dataset.meta["image_size"] if args.data == "latents" else size  # before the held-out split
     vae = None
     if args.data == "imagenet":
         vae = load_vae(args.vae, ctx.device)
@@ -141,7 +143,7 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
         worker_init_fn=ignore_stop_signals,  # a job-wide SIGTERM stops the training loop, not its workers
     )
     return TrainData(dataset, sampler, loader, vae, encode, in_channels, input_size, num_classes, heldout, scaling,
-                     source, tuple(notes))
+                     source, tuple(notes), image_pixels)
 
 
 def scan_notes(dataset: Dataset) -> list[str]:

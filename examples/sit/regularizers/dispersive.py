@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import weakref
 
 import torch
 from runtime.cli import UsageError
@@ -29,10 +28,9 @@ from torch import Tensor, nn
 
 import anm
 
-__all__ = ["DISTANCES", "dispersive_loss", "DispersiveTerm", "build_dispersive", "detach_all"]
+__all__ = ["DISTANCES", "dispersive_loss", "DispersiveTerm", "build_dispersive"]
 
 DISTANCES = ("l2", "cosine")
-_OPEN: weakref.WeakSet[DispersiveTerm] = weakref.WeakSet()  # terms whose hooks are still on a model
 
 
 def dispersive_loss(z: Tensor, tau: float = 0.5, distance: str = "l2") -> Tensor:
@@ -84,7 +82,6 @@ class DispersiveTerm:
         self.collector = anm.ActivationCollector(model, layers=layers, site="output", keep_activations=True,
                                                  training_only=True)
         self.names = self.collector.names
-        _OPEN.add(self)
 
     def loss(self) -> Tensor:
         """λ times the mean L_disp of the block outputs recorded since the last call (fp32 scalar)."""
@@ -99,16 +96,9 @@ class DispersiveTerm:
     def close(self) -> None:
         """Remove the hooks. Safe to call twice."""
         self.collector.remove()
-        _OPEN.discard(self)
 
     def __repr__(self) -> str:
         return f"DispersiveTerm(layers={self.names}, lam={self.lam:g}, tau={self.tau:g}, distance={self.distance!r})"
-
-
-def detach_all() -> None:
-    """Close every term still attached (the end of a training run, however it ends)."""
-    for term in list(_OPEN):
-        term.close()
 
 
 def dispersive_layers(model: nn.Module, block: str | None) -> str:

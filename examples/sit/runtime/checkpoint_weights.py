@@ -17,7 +17,7 @@ import torch
 
 from runtime.cli import UsageError
 
-__all__ = ["check_checkpoint_weights", "state_dict_problems", "optimizer_problems"]
+__all__ = ["check_checkpoint_weights", "term_parameter_shapes", "state_dict_problems", "optimizer_problems"]
 
 MAX_NAMED = 3  # keys named per kind of problem; the rest are counted
 
@@ -31,11 +31,19 @@ def check_checkpoint_weights(checkpoint: Mapping[str, Any], path: str, model_con
     shapes = {name: tensor.shape for name, tensor in reference.state_dict().items()}
     problems = state_dict_problems("model", checkpoint["model"], shapes)
     problems += state_dict_problems("ema", checkpoint["ema"], shapes)
-    problems += optimizer_problems(checkpoint["opt"], [p.shape for p in reference.parameters()])
+    problems += optimizer_problems(checkpoint["opt"], [p.shape for p in reference.parameters()]
+                                   + term_parameter_shapes(checkpoint))
     if problems:
         raise UsageError(f"checkpoint {path} does not fit the model it was saved with ({'; '.join(problems)}): the "
                          "file is damaged or was edited; resume from another checkpoint with --resume PATH, or "
                          "start a new --exp-name")
+
+
+def term_parameter_shapes(checkpoint: Mapping[str, Any]) -> list[torch.Size]:
+    """The shapes of the parameters the optimizer holds after the model's: REPA's projector (regularizers/terms.py),
+    in parameters() order, which is its state dict's."""
+    projector = ((checkpoint.get("terms") or {}).get("repa") or {}).get("projector") or {}
+    return [tensor.shape for tensor in projector.values() if isinstance(tensor, torch.Tensor)]
 
 
 def state_dict_problems(name: str, state: Any, shapes: Mapping[str, torch.Size]) -> list[str]:

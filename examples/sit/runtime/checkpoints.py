@@ -57,8 +57,14 @@ _writer = CheckpointWriter()  # rank 0's checkpoint writes (at most one in the b
 
 
 def experiment_name(args: argparse.Namespace) -> str:
-    """--exp-name, or <model>-<data>-<anm|baseline>."""
-    return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'anm' if args.anm else 'baseline'}"
+    """--exp-name, or <model>-<data>-<terms>: the terms on (anm, dispersive, repa, joined by '-') or 'baseline'.
+
+    >>> experiment_name(argparse.Namespace(exp_name=None, model="SiT-B/4", data="latents", anm=True,
+    ...                                    dispersive=False, repa=True))
+    'SiT-B-4-latents-anm-repa'
+    """
+    terms = [name for name in ("anm", "dispersive", "repa") if getattr(args, name, False)]
+    return args.exp_name or f"{args.model.replace('/', '-')}-{args.data}-{'-'.join(terms) or 'baseline'}"
 
 
 def plan_resume(args: argparse.Namespace, experiment_dir: str) -> tuple[str | None, dict | None, list[str]]:
@@ -187,7 +193,8 @@ def lock_run_folder(experiment_dir: str) -> None:
 def restore(checkpoint: dict | None, raw: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
             anm_model: anm.ANM | None, generator: torch.Generator, ctx: DistContext, seed: int,
             logger: logging.Logger) -> tuple[int, int, int]:
-    """Load a checkpoint (if any) into the models, optimizer and RNGs; returns (step, epoch, batch in epoch)."""
+    """Load a checkpoint (if any) into the models, optimizer and RNGs; returns (step, epoch, batch in epoch).
+    Its "terms" (REPA's projector) were loaded when they were built (train.build_models)."""
     if checkpoint is None:
         return 0, 0, 0
     raw.load_state_dict(checkpoint["model"])
@@ -227,12 +234,14 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
                     opt: torch.optim.Optimizer, anm_model: anm.ANM | None, generator: torch.Generator,
                     args: argparse.Namespace, config: dict, num_items: int, ctx: DistContext,
                     log_state: dict | None = None, latent_scaling: LatentScaling | None = None,
-                    background: bool = False) -> str:
+                    background: bool = False, terms: dict | None = None) -> str:
     """Write <checkpoint_dir>/<step>.pt: everything an exact resume needs (every rank's RNG streams
     included), atomically and durably. Returns its path.
 
     log_state (``running``: this rank's loss sums since the last log row, ``log_steps``, ``log_seconds``,
     ``elapsed_s``) lets the first log row after a resume average the same steps as a straight run's.
+
+    terms: the state of the representation terms (REPA's projector), left out of what sample.py loads.
 
     background: rank 0 copies the state to host memory and writes it in a thread while training goes on
     (:func:`when_written` runs code once it is on disk); otherwise the checkpoint is on disk when this returns
@@ -260,6 +269,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
             "vae": args.vae if args.data in ("imagenet", "latents") else None,
             "latent_scaling": latent_scaling.record() if latent_scaling is not None else None,  # decode with these
             "log_state": log_state,
+            "terms": terms or {},
         }
         try:
             if background:
