@@ -218,3 +218,25 @@ def test_refusals_are_one_line_and_create_nothing(tmp_path: Path, encoder_dir: s
         train.main(tiny_args(tmp_path, "--max-steps", "1", *flags))
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_py_loads_a_repa_checkpoint_without_the_projector(tmp_path: Path, encoder_dir: str) -> None:
+    from modeling.loading import load_model
+
+    out = train.main(tiny_args(tmp_path, "--max-steps", "1", *repa_flags(encoder_dir)))
+    model, _ = load_model(out["checkpoint"], torch.device("cpu"))
+    assert_same_tree(model.state_dict(), out["ema"].state_dict(), "ema")
+
+
+@pytest.mark.orders
+@pytest.mark.slow  # inductor compiles the tiny SiT's forward and backward
+def test_compiled_training_matches_eager_with_every_term_on(tmp_path: Path, encoder_dir: str) -> None:
+    flags = ("--max-steps", "3", "--anm", "--anm-alpha", "5", "--dispersive", *repa_flags(encoder_dir))
+    eager = train.main(tiny_args(tmp_path / "eager", *flags))
+    compiled = train.main(tiny_args(tmp_path / "compiled", "--compile", *flags))
+    _, eager_rows = read_csv(Path(eager["log_csv"]))
+    _, compiled_rows = read_csv(Path(compiled["log_csv"]))
+    for a, b in zip(eager_rows, compiled_rows, strict=True):
+        for key in ("loss", "anm_loss", "dispersive_loss", "repa_loss", "heldout_fm_loss"):
+            if a[key] != "":
+                assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (a["step"], key)
