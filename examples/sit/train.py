@@ -103,7 +103,7 @@ def anm_layers(spec: str) -> str | list[str]:
     return spec if "," not in spec else [part.strip() for part in spec.split(",") if part.strip()]
 
 
-def build_models(args: argparse.Namespace, config: dict, ctx: DistContext, data: TrainData,
+def build_models(args: argparse.Namespace, config: dict, ctx: DistContext, data: TrainData | None = None,
                  checkpoint: dict | None = None):
     """(bare SiT, its EMA, the ANM wrapper or None, the module to train (ANM/DDP/compile-wrapped), its DDP
     wrapper or None, AdamW (over the SiT and REPA's projector), the Dispersive and REPA terms). A resume's
@@ -125,7 +125,7 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext, data:
     # Their hooks go on the bare model, before DDP / compile too; REPA's encoder loads (and is checked) here.
     grid = config["input_size"] // config["patch_size"]
     terms = Terms(build_dispersive(args, raw),
-                  build_repa(args, raw, config["hidden_size"], grid, data.image_pixels, ctx.device))
+                  build_repa(args, raw, config["hidden_size"], grid, data.image_pixels if data else grid, ctx.device))
     if checkpoint is not None:
         terms.load_state_dict(checkpoint.get("terms") or {})
     if ctx.world_size > 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import train
+from modeling.model_config import parse_model_name
 from modeling.models import SIT_SIZES
 from numerics import assert_same_adam_training
 from ports import free_port
@@ -121,8 +122,8 @@ def test_model_sizes_and_overrides() -> None:
     assert [config[k] for k in ("depth", "hidden_size", "num_heads", "patch_size")] == [3, 48, 4, 4]
     assert train.model_config(train.parse_args(["--model", "SiT-XL/2"]), 4, 32, 1000)["hidden_size"] == 1152
     with pytest.raises(train.UsageError, match="unknown model"):
-        train.parse_model_name("SiT-Q/2")
-    assert train.parse_model_name("SiT-N/2") == ("N", 2) and SIT_SIZES["T"] == (4, 64, 4)
+        parse_model_name("SiT-Q/2")
+    assert parse_model_name("SiT-N/2") == ("N", 2) and SIT_SIZES["T"] == (4, 64, 4)
 
 
 

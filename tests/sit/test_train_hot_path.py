@@ -44,14 +44,15 @@ def test_ddp_gradients_are_views_of_its_buckets_and_the_step_is_unchanged(one_ra
     ddp = wrapped[4]
     assert ddp is not None and plain[4] is None and ddp.gradient_as_bucket_view
     gen = torch.Generator().manual_seed(0)
-    batch = (torch.randn(8, 3, 8, 8, generator=gen), torch.zeros(8, dtype=torch.long),
-             torch.randn(8, 3, 8, 8, generator=gen), torch.rand(8, generator=gen))
+    x = torch.randn(8, 3, 8, 8, generator=gen)
+    batch = (x, torch.zeros(8, dtype=torch.long), torch.randn(8, 3, 8, 8, generator=gen), torch.rand(8, generator=gen),
+             x)  # the images REPA would see
     transport, autocast = create_transport(), dict(device_type="cpu", dtype=torch.bfloat16, enabled=False)
     for step in range(2):
-        for raw, _, anm_model, model, ddp_or_none, opt, _ in (wrapped, plain):
+        for raw, _, anm_model, model, ddp_or_none, opt, terms in (wrapped, plain):
             opt.zero_grad(set_to_none=True)
-            train.forward_backward(model, ddp_or_none, anm_model, transport, batch, step, torch.zeros(4), autocast,
-                                   args)
+            train.forward_backward(model, ddp_or_none, anm_model, transport, batch, step, torch.zeros(5), autocast,
+                                   args, terms)
             torch.nn.utils.clip_grad_norm_(raw.parameters(), args.max_grad_norm)
             opt.step()
     grads = [p.grad for p in wrapped[0].parameters() if p.requires_grad]
