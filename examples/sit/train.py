@@ -462,7 +462,8 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
         batches_this_epoch = 0
         for batch in batches(data.loader):
             batches_this_epoch += 1
-            x, y, noise, u = (tensor.to(ctx.device, non_blocking=True) for tensor in batch)
+            # batch[4:]: with --repa and --data latents, the source images (data/latent_images.py)
+            x, y, noise, u = (tensor.to(ctx.device, non_blocking=True) for tensor in batch[:4])
             t = t0 + u * (t1 - t0)  # each item's time, drawn with its noise (see SeededItems)
             if data.encode:
                 with torch.no_grad():  # posterior *sample*, as the reference
