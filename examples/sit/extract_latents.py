@@ -6,8 +6,11 @@ mean + std * eps and a random flip at every access and applies the VAE's factors
 sees the same distribution as with on-the-fly encoding.
 
 Output folder:
-    meta.json              sizes, VAE name, its scaling_factor / shift_factor, chunking (checked when resuming)
+    meta.json              sizes, VAE name, its scaling_factor / shift_factor, chunking (checked when resuming),
+                           the image folder (image_root, absolute)
     labels.npy             int64 label of every image, in dataset order
+    image_files.json       the path of every image relative to --data-path, in dataset order: training finds
+                           the image behind each latent with it (--repa, data/latent_images.py)
     chunk_000000.npy ...   float16 moments (n, 2, 2, C, h, w): [no flip, flip] x [mean, std], unscaled
 
 Work is split in chunks of consecutive images; chunk c belongs to rank c % world_size. Every chunk is
@@ -34,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run from any cwd
 from data.errors import DataError  # noqa: E402
 from data.image_folder import IMAGE_ERRORS, ImageFolderDataset  # noqa: E402
+from data.latent_images import IMAGE_FILES, first_difference, image_files, read_image_files  # noqa: E402
 from data.latents import latent_chunk_path  # noqa: E402
 from modeling.hub import absolute_if_local  # noqa: E402
 from modeling.latent_scaling import of_vae  # noqa: E402
@@ -54,6 +58,8 @@ from runtime.preemption import (  # noqa: E402
 RESUME_KEYS = ("num_images", "image_size", "chunk_size", "latent_shape", "dtype", "classes", "vae_sha256",
                "scaling_factor", "shift_factor")
 OPTIONAL_RESUME_KEYS = ("vae_sha256", "shift_factor")  # absent from folders written before they were recorded
+# image_root is a record, not a resume key: the same images resume from wherever the folder is mounted now (its
+# image_files.json, where the folder has one, checks that they are the same).
 
 #################################################################################
 #                                  Helpers                                      #
@@ -139,8 +145,10 @@ def check_args(args: argparse.Namespace) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a file: choose a folder")
     if os.path.isdir(args.out) and not os.path.exists(os.path.join(args.out, "meta.json")):
-        # labels.npy is written just before meta.json: alone, it is an extraction stopped at its start.
-        foreign = [name for name in os.listdir(args.out) if name != "labels.npy" and not name.startswith(".")]
+        # labels.npy and image_files.json are written just before meta.json: alone, they are an extraction stopped
+        # at its start.
+        foreign = [name for name in os.listdir(args.out)
+                   if name not in ("labels.npy", IMAGE_FILES) and not name.startswith(".")]
         if foreign:
             raise UsageError(f"--out {args.out} is not empty and holds no extraction (no meta.json): choose "
                              "another --out")
@@ -178,11 +186,14 @@ def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dic
         shift_factor=of_vae(vae).shift_factor,
         dtype=args.dtype,
         layout="(n, [no flip, flip], [mean, std], C, h, w)",
+        image_root=os.path.abspath(args.data_path),  # where training finds the images (--repa)
     )
 
 
-def check_resume(out: str, meta: dict) -> dict | None:
-    """The previous run's metadata if out holds one with the same settings (None if out holds none)."""
+def check_resume(out: str, meta: dict, dataset: ImageFolderDataset | None = None) -> dict | None:
+    """The previous run's metadata if out holds one with the same settings (None if out holds none); with the
+    dataset, its image paths must be those of out's image_files.json where out has one (a folder extracted
+    before the file was recorded resumes on the checks of meta.json alone)."""
     meta_path = os.path.join(out, "meta.json")
     if not os.path.exists(meta_path):
         return None
@@ -203,17 +214,37 @@ def check_resume(out: str, meta: dict) -> dict | None:
         if old.get(key) != meta[key]:
             raise UsageError(f"{out} holds an extraction with {key}={old.get(key)!r}, this run has {meta[key]!r}: "
                              "use another --out or the same settings to resume")
+    if dataset is not None:
+        check_same_images(out, dataset)
     return old
 
 
+def check_same_images(out: str, dataset: ImageFolderDataset) -> None:
+    """UsageError if out's image_files.json lists other images than the folder now has (renamed, replaced):
+    the chunks left to encode would not be the images the finished ones are."""
+    try:
+        recorded = read_image_files(out)
+    except DataError as error:
+        raise UsageError(str(error)) from error
+    found = image_files(dataset)
+    if recorded is not None and recorded != found:
+        i = first_difference(recorded, found)
+        was, now = (repr(files[i]) if i < len(files) else "nothing" for files in (recorded, found))
+        raise UsageError(f"{out} holds an extraction of other images: image {i} was {was}, --data-path "
+                         f"{dataset.root} has {now} there: use another --out, or the same images to resume")
+
+
 def write_meta(args: argparse.Namespace, dataset: ImageFolderDataset, meta: dict) -> dict:
-    """Write meta.json and labels.npy in a new output folder, or check a previous run's (resume)."""
-    old = check_resume(args.out, meta)
+    """Write labels.npy, image_files.json and meta.json in a new output folder, or check a previous run's
+    (resume)."""
+    old = check_resume(args.out, meta, dataset)
     if old is not None:
         remove_stale_temps(args.out)
-        return old
+        return old  # an older folder without image_files.json is left as it was: its chunks' images are unknown
     os.makedirs(args.out, exist_ok=True)
     write_atomic_npy(os.path.join(args.out, "labels.npy"), np.asarray(dataset.labels, dtype=np.int64))
+    with atomic_write(os.path.join(args.out, IMAGE_FILES)) as f:
+        f.write(json.dumps(image_files(dataset)).encode())
     with atomic_write(os.path.join(args.out, "meta.json")) as f:  # last: its presence marks a valid folder
         f.write(json.dumps(meta, indent=1).encode())
     return meta
@@ -239,7 +270,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> None:
         torch.backends.cudnn.allow_tf32 = True
         vae = load_vae(args.vae, ctx.device)
         meta = make_meta(args, dataset, vae)
-        check_resume(args.out, meta)  # every rank: a mismatch stops all of them before any work
+        check_resume(args.out, meta, dataset)  # every rank: a mismatch stops all of them before any work
         if ctx.is_main:
             write_meta(args, dataset, meta)
         barrier(long_wait=True)  # rank 0's labels and metadata, at the file system's pace

@@ -448,7 +448,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
         for batch in batches(data.loader):
             batches_this_epoch += 1
             x, y, noise, u, *pixels = (tensor.to(ctx.device, non_blocking=True) for tensor in batch)
-            images = pixels[0] if pixels else x  # REPA's encoder sees the latents' images, or the images in hand
+            images = pixels[0] if pixels else x  # REPA's encoder: the latents' images (data/latent_images.py), or x
             t = t0 + u * (t1 - t0)  # each item's time, drawn with its noise (see SeededItems)
             if data.encode:
                 with torch.no_grad():  # posterior *sample*, as the reference

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.errors import DataError, MissingDataError
+from data.image_folder import ImageFolderDataset, to_tensor
 
 LATENT_SCALE = 0.18215  # SD VAE scaling factor used by DiT/SiT; the one copy every script imports
 
@@ -101,6 +102,11 @@ class LatentDataset(Dataset):
     Every access picks a flip at random and draws z = mean + std * eps, as the reference does with
     on-the-fly encoding (fast-DiT style pre-extraction without freezing one sample per image).
 
+    With the images attached (``images``, set by data/latent_images.attach_images after its checks), an item is
+    (latent, class index, image): the image the latent was encoded from, center-cropped at meta.json's
+    image_size as a float 3xHxW tensor in [-1, 1], flipped horizontally exactly when the latent is the flipped
+    one. The draws from the generator are the same either way.
+
     >>> ds = LatentDataset("latents/imagenet256")  # doctest: +SKIP
     >>> z, y = ds.__getitem__(0, generator=torch.Generator().manual_seed(0))  # doctest: +SKIP
     """
@@ -127,6 +133,7 @@ class LatentDataset(Dataset):
             rows = min(self.chunk_size, self.meta["num_images"] - chunk * self.chunk_size)
             check_latent_chunk(latent_chunk_path(path, chunk), (rows, 2, 2, *self.latent_shape))
         self._chunks: dict[int, np.ndarray] = {}  # memory maps, opened lazily (per worker process)
+        self.images: ImageFolderDataset | None = None  # the source images, index for index (attach_images)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -138,7 +145,8 @@ class LatentDataset(Dataset):
             self._chunks[chunk] = np.load(latent_chunk_path(self.path, chunk), mmap_mode="r")
         return self._chunks[chunk][index % self.chunk_size]
 
-    def __getitem__(self, index: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         moments = torch.from_numpy(np.array(self.moments(index), dtype=np.float32))
         flip = int(torch.randint(2, (), generator=generator))
         mean, std = moments[flip]
@@ -146,4 +154,9 @@ class LatentDataset(Dataset):
         latent = mean + std * noise
         if self.shift is not None:
             latent = latent - self.shift
-        return latent * self.scale, int(self.labels[index])
+        if self.images is None:
+            return latent * self.scale, int(self.labels[index])
+        image = self.images.load_array(index)
+        if flip:  # as extract_latents.encode_moments flipped it: images.flip(-1), the width axis
+            image = image[:, ::-1]
+        return latent * self.scale, int(self.labels[index]), to_tensor(image)

@@ -123,14 +123,17 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        """(x, y, noise, u, *rest) for the dataset's item (x, y, *rest): e.g. the source image of a latent
+        (data/latent_images.py) comes after the draws."""
         index, seed = key
         draws = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
         noise = torch.randn(self.noise_shape, generator=draws)
         u = torch.rand((), generator=draws)
-        return *self._item(index, seed), noise, u
+        x, y, *rest = self._item(index, seed)
+        return x, y, noise, u, *rest
 
-    def _item(self, index: int, seed: int) -> tuple[torch.Tensor, int]:
+    def _item(self, index: int, seed: int) -> tuple:
         if self.takes_generator:
             return self.dataset.__getitem__(index, generator=torch.Generator().manual_seed(seed))
         # Datasets that draw from the global RNGs (e.g. a random flip): seed them per item, then restore

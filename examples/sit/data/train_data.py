@@ -29,6 +29,7 @@ from data.datasets import build_dataset
 from data.errors import DataError
 from data.heldout_split import HELDOUT_SEED, spread_indices, without
 from data.image_folder import ImageFolderDataset, to_tensor
+from data.latent_images import attach_images
 from data.latents import LatentDataset
 from data.streams import SeededItems, StreamSampler, cpu_seeded
 
@@ -125,12 +126,18 @@ def load_data(args: argparse.Namespace, ctx: DistContext, seed: int) -> TrainDat
         in_channels, input_size = vae.config.latent_channels, size // 2 ** (len(vae.config.block_out_channels) - 1)
     encode = args.data == "imagenet"
     heldout, source = None, "none (--eval-every 0)"
+    latents = dataset if isinstance(dataset, LatentDataset) else None  # the held-out split may wrap it
     if args.eval_every > 0:
         heldout, excluded, source, heldout_notes = build_heldout(args, dataset, size, ctx.device,
                                                                  vae if encode else None, scaling)
         notes += heldout_notes
         if excluded:
             dataset = without(dataset, excluded)
+    if args.repa and latents is not None:  # after the held-out set, which has no use for the images
+        try:
+            notes += attach_images(latents, args.repa_image_path)
+        except DataError as error:
+            raise UsageError(str(error)) from error
     local_batch = args.global_batch_size // ctx.world_size
     sampler = StreamSampler(len(dataset), local_batch, ctx.rank, ctx.world_size, seed=args.global_seed)
     loader = DataLoader(
@@ -158,9 +165,9 @@ def heldout_item(dataset: Dataset, index: int, generator: torch.Generator) -> tu
     if isinstance(dataset, ImageFolderDataset):
         return to_tensor(dataset.load_array(index)), dataset.labels[index]
     if "generator" in inspect.signature(type(dataset).__getitem__).parameters:
-        return dataset.__getitem__(index, generator=generator)
+        return dataset.__getitem__(index, generator=generator)[:2]  # no source image (data/latent_images.py)
     with cpu_seeded(HELDOUT_SEED + index):
-        return dataset[index]
+        return dataset[index][:2]
 
 
 def _take_heldout(args: argparse.Namespace, train_set: Dataset, image_size: int, scaling: LatentScaling | None
