@@ -166,14 +166,38 @@ def test_the_training_stream_carries_the_images_through_workers(world: dict, enc
         assert_image_of(item[4], latents, int(dataset.indices[index]), drawn_flip(seed), encoder)
 
 
-def test_train_runs_with_repa_and_logs_nothing_for_a_recorded_extraction(world: dict, tmp_path: Path) -> None:
-    out = train.main(train_args(world["latents"], "--repa", "--results-dir", str(tmp_path)))
-    assert out["step"] == 2
-    assert "matched to its latents by count" not in (Path(out["experiment_dir"]) / "log.txt").read_text()
+@pytest.fixture(scope="module")
+def repa_encoder(tmp_path_factory) -> list[str]:
+    """REPA's flags with a tiny random DINOv2 (4-pixel patches) saved to a folder."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=16, patch_size=4)).save_pretrained(path)
+    return ["--repa", "--repa-encoder", str(path), "--repa-depth", "1", "--repa-projector-dim", "8"]
+
+
+def test_the_encoder_sees_the_images_of_the_batch_latents(world: dict, tmp_path: Path, repa_encoder: list[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from regularizers.repa_term import RepaTerm
+
+    args = train_args(world["latents"], *repa_encoder)
+    data = load_data(args, CPU, seed=0)
+    data.sampler.set_position(0, 0)  # the first epoch, which the 2 training steps take
+    expected = [batch[4] for batch in data.loader]
+    seen = []
+    targets = RepaTerm.targets
+    monkeypatch.setattr(RepaTerm, "targets", lambda self, images: seen.append(images.clone()) or targets(self, images))
+    out = train.main(train_args(world["latents"], *repa_encoder, "--results-dir", str(tmp_path)))
+    assert out["step"] == 2 and len(seen) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))  # (3, 16, 16) crops, not latents
+    assert seen[0].shape == (4, 3, SIZE, SIZE)
+    log = (Path(out["experiment_dir"]) / "log.txt").read_text()
+    assert "matched to its latents by count" not in log and "REPA: dinov2" in log
 
 
 def test_an_old_extraction_resumes_and_trains_with_the_weaker_check_noted(world: dict, tmp_path: Path,
-                                                                            encoder) -> None:
+                                                                            encoder, repa_encoder: list[str]) -> None:
     out = tmp_path / "old"
     extract_latents.main(extract_args(world["images"], world["vae"], out, max_chunks=1))
     (out / IMAGE_FILES).unlink()
@@ -187,7 +211,7 @@ def test_an_old_extraction_resumes_and_trains_with_the_weaker_check_noted(world:
                                    np.load(world["latents"] / f"chunk_{chunk:06d}.npy"), atol=1e-5, rtol=0)
     with pytest.raises(UsageError, match=r"records no image_root .*: pass --repa-image-path /path/to/train"):
         load_data(train_args(out, "--repa"), CPU, seed=0)
-    run = train.main(train_args(out, "--repa", "--repa-image-path", world["images"], "--results-dir",
+    run = train.main(train_args(out, *repa_encoder, "--repa-image-path", world["images"], "--results-dir",
                                 str(tmp_path / "runs")))
     assert run["step"] == 2
     log = (Path(run["experiment_dir"]) / "log.txt").read_text()
