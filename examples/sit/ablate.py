@@ -38,12 +38,12 @@ from runtime.checks import check_device, check_writable_path
 from runtime.cli import UsageError, run
 
 
-POSITIVE_INT_FLAGS = ("steps", "eval_every", "workers", "hidden", "depth", "heads")
-MODEL_FLAGS = ("hidden", "depth", "heads", "lr")  # model/optimizer overrides: part of the cache key
+POSITIVE_INT_FLAGS = ("steps", "eval_every", "workers", "hidden", "depth", "heads", "batch")
+MODEL_FLAGS = ("hidden", "depth", "heads", "batch", "lr")  # model and optimizer overrides: part of the cache key
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
-    """The named budget with the command line's overrides (run size, model width/depth/heads, lr)."""
+    """The named budget with the command line's overrides (run size, model width/depth/heads, batch, lr)."""
     budget = BUDGETS[args.budget]
     overrides = {key: getattr(args, key) for key in ("steps", "eval_every", "workers", *MODEL_FLAGS)
                  if getattr(args, key) is not None}
@@ -155,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=None, help="override the budget's model width D")
     parser.add_argument("--depth", type=int, default=None, help="override the budget's number of blocks")
     parser.add_argument("--heads", type=int, default=None, help="override the budget's attention heads")
+    parser.add_argument("--batch", type=int, default=None, help="override the budget's training batch size")
     parser.add_argument("--lr", type=float, default=None, help="override the budget's AdamW learning rate")
     parser.add_argument("--workers", type=int, default=None, help="parallel (dataset, seed) groups on CPU")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")

@@ -159,11 +159,11 @@ def test_dispersive_search_changes_one_factor_at_a_time_and_is_selectable_by_nam
 
 def test_budget_and_arms_from_the_command_line():
     args = ablate.parse_args(["--budget", "cpu", "--hidden", "128", "--depth", "4", "--heads", "8", "--lr", "1e-4",
-                              "--steps", "1600", "--search", "dispersive"])
+                              "--batch", "64", "--steps", "1600", "--search", "dispersive"])
     budget = ablate.budget_from_args(args)
     cpu = ablate_arms.BUDGETS["cpu"]
     assert (budget.hidden, budget.depth, budget.heads, budget.lr, budget.steps) == (128, 4, 8, 1e-4, 1600)
-    assert (budget.batch, budget.image_size, budget.name) == (cpu.batch, cpu.image_size, "cpu")
+    assert (budget.batch, budget.image_size, budget.name) == (64, cpu.image_size, "cpu")
     assert budget.cache_key() != replace(cpu, steps=1600).cache_key()  # a changed model is another cache entry
     assert [a.name for a in ablate.arms_from_args(args, budget)] == list(ablate_arms.ARM_SETS["dispersive"])
     assert ablate.budget_from_args(ablate.parse_args(["--budget", "cpu"])) == cpu
@@ -195,6 +195,7 @@ def test_read_record_only_returns_records_of_the_same_config(tmp_path):
                                            (["--seeds", "-1"], "--seeds must be in"),
                                            (["--device", "mps"], "cpu or cuda only"),
                                            (["--hidden", "0"], "--hidden must be > 0"),
+                                           (["--batch", "0"], "--batch must be > 0"),
                                            (["--lr", "-1"], "--lr must be a finite number > 0"),
                                            (["--hidden", "30", "--heads", "4"], "must be a multiple of"),
                                            (["--search", "dispersive", "--arms", "baseline"], "give one")])
