@@ -151,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=None, help="only these arm names (default: all)")
     parser.add_argument("--search", choices=sorted(ARM_SETS), default=None,
                         help="the baseline and the arms of this search instead (ablation/arms.py ARM_SETS): "
-                             "'dispersive' = Dispersive Loss with one of weight, temperature, distance, block changed")
+                             "'dispersive' = Dispersive Loss with one of weight, temperature, distance, block "
+                             "changed; 'dispersive-cos' = the same changes from its cosine form")
     parser.add_argument("--hidden", type=int, default=None, help="override the budget's model width D")
     parser.add_argument("--depth", type=int, default=None, help="override the budget's number of blocks")
     parser.add_argument("--heads", type=int, default=None, help="override the budget's attention heads")

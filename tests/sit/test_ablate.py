@@ -150,6 +150,14 @@ def test_dispersive_search_changes_one_factor_at_a_time_and_is_selectable_by_nam
     chosen = ablate_arms.select_arms(ablate_arms.set_arm_names("dispersive"))
     assert [a.name for a in chosen] == ["baseline", "dispersive", *names]
     assert len(ablate_arms.select_arms(None)) == len(ablate_arms.build_arms())  # the default run is unchanged
+    # The second round: the same changes from the cosine arm.
+    cos = next(a for a in search if a.name == ablate_arms.COSINE_ARM)
+    second = ablate_arms.dispersive_search_arms("cosine")
+    assert all(a.disp_distance == "cosine" and a.name.startswith("dispersive_cos_") for a in second)
+    for a in second:
+        assert sum(getattr(a, f) != getattr(cos, f) for f in fields) == 1, a.name
+    chosen = ablate_arms.select_arms(ablate_arms.set_arm_names("dispersive-cos"))
+    assert [a.name for a in chosen] == ["baseline", "dispersive", "dispersive_cos", *(a.name for a in second)]
     with pytest.raises(ValueError, match="unknown arm set"):
         ablate_arms.set_arm_names("nope")
 
