@@ -9,6 +9,8 @@ baseline's final held-out loss, tables shaped like the supplement's Tab. 3 / Tab
     python examples/sit/ablate.py --budget cpu     # 2 workers on 2 CPU cores (see docs/results.md)
     python examples/sit/ablate.py --budget gpu     # one GPU, sized for ~10 min on an H100 (not timed yet)
     python examples/sit/ablate.py --budget smoke   # seconds; what the tests run
+    python examples/sit/ablate.py --budget cpu --search dispersive --datasets fashion-mnist --lr 2e-4
+                                                   # the positive-control search, at one changed setting
 
 Results go to results/ablate/<budget>/: runs/<dataset>/seed<k>/<arm>.json (cached: a rerun only trains
 what is missing), runs.csv, summary.json, tables.md, curves.png, grids.png, norms.png.
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import time
 from dataclasses import asdict, replace
 
 import torch
-from ablation.arms import BUDGETS, DATASETS, Arm, Budget, select_arms
+from ablation.arms import ARM_SETS, BUDGETS, DATASETS, Arm, Budget, select_arms, set_arm_names
 from ablation.lockstep import Job, train_group
 from ablation.plots import write_plots
 from ablation.records import load_runs, read_record
@@ -35,10 +38,14 @@ from runtime.checks import check_device, check_writable_path
 from runtime.cli import UsageError, run
 
 
+POSITIVE_INT_FLAGS = ("steps", "eval_every", "workers", "hidden", "depth", "heads", "batch")
+MODEL_FLAGS = ("hidden", "depth", "heads", "batch", "lr")  # model and optimizer overrides: part of the cache key
+
+
 def budget_from_args(args: argparse.Namespace) -> Budget:
-    """The named budget with the command line's overrides."""
+    """The named budget with the command line's overrides (run size, model width/depth/heads, batch, lr)."""
     budget = BUDGETS[args.budget]
-    overrides = {key: getattr(args, key) for key in ("steps", "eval_every", "workers")
+    overrides = {key: getattr(args, key) for key in ("steps", "eval_every", "workers", *MODEL_FLAGS)
                  if getattr(args, key) is not None}
     if args.seeds is not None:
         overrides["seeds"] = tuple(args.seeds)
@@ -77,17 +84,35 @@ def group_wall_times(runs: dict, seeds: tuple[int, ...]) -> dict[str, float]:
             for seed in seeds if seed in first_arm}
 
 
-def main(args: argparse.Namespace) -> dict:
-    for key in ("steps", "eval_every", "workers"):
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for out-of-range numbers (before anything is created)."""
+    for key in POSITIVE_INT_FLAGS:
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} must be > 0, got {getattr(args, key)}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.seeds is not None and any(not 0 <= seed < 2**32 for seed in args.seeds):
         raise UsageError(f"--seeds must be in [0, 2**32), got {args.seeds}")
-    budget = budget_from_args(args)
+    if args.search is not None and args.arms:
+        raise UsageError("--search and --arms both choose the arms: give one")
+
+
+def arms_from_args(args: argparse.Namespace, budget: Budget) -> list[Arm]:
+    """The arms of --arms, else of the arm set --search, else the budget's (UsageError for unknown names)."""
     try:
-        arms = select_arms(args.arms or budget.arms)
+        names = set_arm_names(args.search) if args.search is not None else args.arms or budget.arms
+        return select_arms(names)
     except ValueError as error:
         raise UsageError(str(error)) from error
+
+
+def main(args: argparse.Namespace) -> dict:
+    check_args(args)
+    budget = budget_from_args(args)
+    if budget.hidden % budget.heads:
+        raise UsageError(f"the width {budget.hidden} must be a multiple of the {budget.heads} heads "
+                         "(--hidden, --heads)")
+    arms = arms_from_args(args, budget)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device)
     out_dir = args.out or os.path.join("results", "ablate", budget.name)
@@ -124,6 +149,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=None)
     parser.add_argument("--arms", nargs="+", default=None, help="only these arm names (default: all)")
+    parser.add_argument("--search", choices=sorted(ARM_SETS), default=None,
+                        help="the baseline and the arms of this search instead (ablation/arms.py ARM_SETS): "
+                             "'dispersive' = Dispersive Loss with one of weight, temperature, distance, block "
+                             "changed; 'dispersive-cos' = the same changes from its cosine form")
+    parser.add_argument("--hidden", type=int, default=None, help="override the budget's model width D")
+    parser.add_argument("--depth", type=int, default=None, help="override the budget's number of blocks")
+    parser.add_argument("--heads", type=int, default=None, help="override the budget's attention heads")
+    parser.add_argument("--batch", type=int, default=None, help="override the budget's training batch size")
+    parser.add_argument("--lr", type=float, default=None, help="override the budget's AdamW learning rate")
     parser.add_argument("--workers", type=int, default=None, help="parallel (dataset, seed) groups on CPU")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--no-plots", action="store_true")

@@ -132,7 +132,49 @@ def test_select_arms_keeps_grid_order_and_names_unknown_arms():
         ablate_arms.select_arms(["baseline", "nope"])
 
 
+def test_dispersive_search_changes_one_factor_at_a_time_and_is_selectable_by_name():
+    default = next(a for a in ablate_arms.build_arms() if a.name == ablate_arms.DISPERSIVE_ARM)
+    search = ablate_arms.dispersive_search_arms()
+    names = [a.name for a in search]
+    assert len(names) == len(set(names)) and not set(names) & {a.name for a in ablate_arms.build_arms()}
+    fields = ("disp_lambda", "disp_tau", "disp_distance", "disp_block")
+    for a in search:
+        assert a.dispersive and not a.anm, a.name
+        assert sum(getattr(a, f) != getattr(default, f) for f in fields) == 1, a.name
+    by_name = {a.name: a for a in search}
+    assert by_name["dispersive_l0.1"].disp_lambda == 0.1 and by_name["dispersive_t2"].disp_tau == 2.0
+    assert by_name["dispersive_cos"].disp_distance == "cosine"
+    assert (by_name["dispersive_first"].disp_block, by_name["dispersive_last"].disp_block) == ("0", "-1")
+    assert {a.disp_lambda for a in search} >= {0.05, 0.1, 0.25} and {a.disp_tau for a in search} >= {1.0, 2.0}
+    # The arm set: the baseline, the paper's setting and the search, all known to select_arms.
+    chosen = ablate_arms.select_arms(ablate_arms.set_arm_names("dispersive"))
+    assert [a.name for a in chosen] == ["baseline", "dispersive", *names]
+    assert len(ablate_arms.select_arms(None)) == len(ablate_arms.build_arms())  # the default run is unchanged
+    # The second round: the same changes from the cosine arm.
+    cos = next(a for a in search if a.name == ablate_arms.COSINE_ARM)
+    second = ablate_arms.dispersive_search_arms("cosine")
+    assert all(a.disp_distance == "cosine" and a.name.startswith("dispersive_cos_") for a in second)
+    for a in second:
+        assert sum(getattr(a, f) != getattr(cos, f) for f in fields) == 1, a.name
+    chosen = ablate_arms.select_arms(ablate_arms.set_arm_names("dispersive-cos"))
+    assert [a.name for a in chosen] == ["baseline", "dispersive", "dispersive_cos", *(a.name for a in second)]
+    with pytest.raises(ValueError, match="unknown arm set"):
+        ablate_arms.set_arm_names("nope")
+
+
 # ----------------------------------------------------------------------------- budgets and records
+
+
+def test_budget_and_arms_from_the_command_line():
+    args = ablate.parse_args(["--budget", "cpu", "--hidden", "128", "--depth", "4", "--heads", "8", "--lr", "1e-4",
+                              "--batch", "64", "--steps", "1600", "--search", "dispersive"])
+    budget = ablate.budget_from_args(args)
+    cpu = ablate_arms.BUDGETS["cpu"]
+    assert (budget.hidden, budget.depth, budget.heads, budget.lr, budget.steps) == (128, 4, 8, 1e-4, 1600)
+    assert (budget.batch, budget.image_size, budget.name) == (64, cpu.image_size, "cpu")
+    assert budget.cache_key() != replace(cpu, steps=1600).cache_key()  # a changed model is another cache entry
+    assert [a.name for a in ablate.arms_from_args(args, budget)] == list(ablate_arms.ARM_SETS["dispersive"])
+    assert ablate.budget_from_args(ablate.parse_args(["--budget", "cpu"])) == cpu
 
 
 def test_cache_key_leaves_out_arms_and_workers_only():
@@ -159,7 +201,12 @@ def test_read_record_only_returns_records_of_the_same_config(tmp_path):
 @pytest.mark.parametrize("argv, message", [(["--arms", "nope"], "unknown arms"),
                                            (["--steps", "0"], "--steps must be > 0"),
                                            (["--seeds", "-1"], "--seeds must be in"),
-                                           (["--device", "mps"], "cpu or cuda only")])
+                                           (["--device", "mps"], "cpu or cuda only"),
+                                           (["--hidden", "0"], "--hidden must be > 0"),
+                                           (["--batch", "0"], "--batch must be > 0"),
+                                           (["--lr", "-1"], "--lr must be a finite number > 0"),
+                                           (["--hidden", "30", "--heads", "4"], "must be a multiple of"),
+                                           (["--search", "dispersive", "--arms", "baseline"], "give one")])
 def test_bad_arguments_are_usage_errors_that_create_nothing(tmp_path, argv, message):
     out = tmp_path / "out"
     with pytest.raises(UsageError, match=message):
@@ -232,3 +279,22 @@ def test_dispersive_arms_train_in_lockstep_and_get_their_table(tmp_path):
     assert disp["anm_loss"][-1] < 0  # the regulariser column holds lambda * L_disp (<= 0) for this arm
     assert set(summary["sinusoid"]) == set(names)
     assert "Beside Dispersive Loss" in (tmp_path / "tables.md").read_text()
+
+
+def test_search_arms_train_their_own_block_and_distance(tmp_path):
+    """The block and distance of a search arm reach the training: the first block's and the cosine term
+    train otherwise than the paper's setting, from the same weights and data; runs.csv names the settings."""
+    names = ["baseline", "dispersive", "dispersive_first", "dispersive_cos"]
+    summary = _run(tmp_path, arms=names, no_plots=True)
+    base, disp, first, cos = (_record(tmp_path, name) for name in names)
+    assert base["init_checksum"] == first["init_checksum"] == cos["init_checksum"]
+    assert base["data_checksum"] == first["data_checksum"] == cos["data_checksum"] != 0
+    assert first["arm"]["disp_block"] == "0" and cos["arm"]["disp_distance"] == "cosine"
+    assert len({disp["heldout"][-1], first["heldout"][-1], cos["heldout"][-1], base["heldout"][-1]}) == 4
+    # Cosine: D = -cos, so L_disp lies in [1/tau - log N, 1/tau] (N = 8); L2's lies in [-log N, 0].
+    assert 2 - math.log(8) <= cos["anm_loss"][-1] / 0.5 <= 2 and disp["anm_loss"][-1] <= 0
+    assert set(summary["sinusoid"]) == set(names)
+    rows = (tmp_path / "runs.csv").read_text().splitlines()
+    assert "disp_distance" in rows[0] and any(",cosine,middle," in row for row in rows)
+    assert any(",l2,0," in row for row in rows)
+    assert "dispersive_first (L_disp λ=0.5, τ=0.5, l2, block 0)" in (tmp_path / "tables.md").read_text()

@@ -3,7 +3,9 @@
 The arms are the supplement's Tab. 3 alpha grid and Tab. 4 lambda grid, each at the raw alpha and at the
 width-matched alpha (see modeling/alpha_scaling.py), plus a form study that changes one factor at a time from
 the default (matched alpha = 70, lambda = 10, per-token hinge on the residual update, 10% warm-up), and Dispersive
-Loss (regularizers/dispersive.py) alone and beside the default ANM arm.
+Loss (regularizers/dispersive.py) alone and beside the default ANM arm. A named arm set (ARM_SETS, ablate.py
+--search) adds the positive-control search: Dispersive Loss with one factor changed at a time (weight,
+temperature, distance, block), from the paper's setting and from the cosine distance.
 
     >>> [arm.name for arm in build_arms()][:3]
     ['baseline', 'raw_a10_l10', 'raw_a50_l10']
@@ -16,7 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from modeling.alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matched_alpha
 
 __all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "DISPERSIVE_ARM", "Budget", "BUDGETS", "Arm",
-           "build_arms", "arm_name", "select_arms"]
+           "build_arms", "arm_name", "COSINE_ARM", "dispersive_search_arms", "all_search_arms", "ARM_SETS",
+           "set_arm_names", "select_arms"]
 
 ALPHA_GRID = (10.0, 50.0, 70.0, 100.0, 300.0)  # supplement Tab. 3 (lambda = 10)
 LAMBDA_GRID = (2.0, 5.0, 10.0, 15.0, 20.0)  # supplement Tab. 4 (alpha = 70)
@@ -94,9 +97,11 @@ class Arm:
     site: str = "update"
     objective: str = "hinge"
     granularity: str = "token"
-    dispersive: bool = False  # add Dispersive Loss (InfoNCE-L2) on the middle block's output
+    dispersive: bool = False  # add Dispersive Loss on one block's output
     disp_lambda: float = 0.5  # its weight (the paper's default)
     disp_tau: float = 0.5  # its temperature
+    disp_distance: str = "l2"  # "l2" (InfoNCE-L2, the paper's default) or "cosine"
+    disp_block: str | None = None  # None: the middle block; "0" the first, "-1" the last (dispersive_layers)
 
     @property
     def reduce(self) -> str:
@@ -150,11 +155,62 @@ def build_arms() -> list[Arm]:
     return arms
 
 
+# The positive-control search: Dispersive Loss (lambda 0.5, tau 0.5, L2, middle block) with one factor changed.
+DISP_LAMBDAS = (0.05, 0.1, 0.25)
+DISP_TAUS = (1.0, 2.0)
+DISP_BLOCKS = {"first": "0", "last": "-1"}
+
+
+COSINE_ARM = DISPERSIVE_ARM + "_cos"  # InfoNCE-cosine, else the paper's setting
+
+
+def dispersive_search_arms(distance: str = "l2") -> list[Arm]:
+    """Dispersive Loss with one factor at a time changed from the ``dispersive`` arm (``distance="l2"``): its
+    weight λ ('dispersive_l0.1'), temperature τ ('dispersive_t1'), the cosine distance ('dispersive_cos') and
+    the block ('dispersive_first', 'dispersive_last'); with ``distance="cosine"`` the same changes of λ, τ and
+    block from the cosine arm ('dispersive_cos_l0.1', ...). Not in build_arms(): chosen by name or ARM_SETS.
+
+    >>> [a.name for a in dispersive_search_arms()][:2], dispersive_search_arms("cosine")[0].name
+    (['dispersive_l0.05', 'dispersive_l0.1'], 'dispersive_cos_l0.05')
+    """
+    base = Arm(DISPERSIVE_ARM, anm=False, dispersive=True)
+    if distance != "l2":
+        base = replace(base, name=COSINE_ARM, disp_distance=distance)
+    arms = [replace(base, name=f"{base.name}_l{lam:g}", disp_lambda=lam) for lam in DISP_LAMBDAS]
+    arms += [replace(base, name=f"{base.name}_t{tau:g}", disp_tau=tau) for tau in DISP_TAUS]
+    if distance == "l2":
+        arms.append(replace(base, name=COSINE_ARM, disp_distance="cosine"))
+    arms += [replace(base, name=f"{base.name}_{where}", disp_block=block) for where, block in DISP_BLOCKS.items()]
+    return arms
+
+
+def all_search_arms() -> list[Arm]:
+    """Every arm of the searches (not in build_arms())."""
+    return dispersive_search_arms() + dispersive_search_arms("cosine")
+
+
+# Named arm sets (ablate.py --search NAME): the baseline and the arms of one search. "dispersive-cos" is the
+# second round: the same changes from the cosine arm, the one that came closest in the first round.
+ARM_SETS: dict[str, tuple[str, ...]] = {
+    "dispersive": ("baseline", DISPERSIVE_ARM, *(a.name for a in dispersive_search_arms())),
+    "dispersive-cos": ("baseline", DISPERSIVE_ARM, COSINE_ARM, *(a.name for a in dispersive_search_arms("cosine"))),
+}
+
+
+def set_arm_names(search: str) -> tuple[str, ...]:
+    """The arm names of the arm set ``search``; ValueError names the known sets."""
+    if search not in ARM_SETS:
+        raise ValueError(f"unknown arm set {search!r}; known: {sorted(ARM_SETS)}")
+    return ARM_SETS[search]
+
+
 def select_arms(names: tuple[str, ...] | list[str] | None) -> list[Arm]:
-    """The arms called ``names`` in build_arms() order (all of them for None); ValueError names unknown ones."""
+    """The arms called ``names``, in build_arms() order and then the search arms' (build_arms() for None);
+    ValueError names unknown ones."""
     arms = build_arms()
     if not names:
         return arms
+    arms += all_search_arms()
     unknown = sorted(set(names) - {a.name for a in arms})
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {[a.name for a in arms]}")

@@ -173,8 +173,8 @@ def start_arm(arm: Arm, base: SiT, budget: Budget) -> ArmRun:
     if arm.anm:
         model = anm.ANM(net, alpha=alpha_used, lam=arm.lam, warmup=arm.warmup_steps(budget.steps), site=arm.site,
                         reduce=arm.reduce, objective=arm.objective, granularity=arm.granularity)
-    disp = (DispersiveTerm(net, dispersive_layers(net, None), lam=arm.disp_lambda, tau=arm.disp_tau)
-            if arm.dispersive else None)
+    disp = (DispersiveTerm(net, dispersive_layers(net, arm.disp_block), lam=arm.disp_lambda, tau=arm.disp_tau,
+                           distance=arm.disp_distance) if arm.dispersive else None)
     opt = torch.optim.AdamW(net.parameters(), lr=budget.lr, weight_decay=0.0)
     log = ArmLog(init_checksum=checksum(net.state_dict().values()))
     return ArmRun(arm=arm, net=net, model=model, opt=opt, alpha_used=alpha_used, log=log, disp=disp)

@@ -180,7 +180,9 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
     def label(name: str) -> str:
         a = by_name[name]
         if a.dispersive:
-            return f"{name} (L_disp λ={a.disp_lambda:g}, τ={a.disp_tau:g}" + (", + ANM default)" if a.anm else ")")
+            where = "middle" if a.disp_block is None else f"block {a.disp_block}"
+            return (f"{name} (L_disp λ={a.disp_lambda:g}, τ={a.disp_tau:g}, {a.disp_distance}, {where}"
+                    + (", + ANM default)" if a.anm else ")"))
         return "baseline (no ANM)" if not a.anm else f"{name} (α={a.alpha:g}, λ={a.lam:g}, {a.scaling})"
 
     b = budget
@@ -210,7 +212,7 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
             (f"Tab. 3 shape — effect of α (λ=10), {dataset}", ["baseline"] + alpha_names),
             (f"Tab. 4 shape — effect of λ (α=70), {dataset}", ["baseline"] + lam_names),
             (f"Form study (matched α=70, λ=10; one factor at a time), {dataset}", ["baseline"] + form_names),
-            (f"Beside Dispersive Loss (InfoNCE-L2, middle block), {dataset}",
+            (f"Beside Dispersive Loss, {dataset}",
              ["baseline", DEFAULT_ARM] + [a.name for a in arms if a.dispersive]),
         ):
             lines += [f"## {title}", "", TABLE_HEADER] + table_rows(summary, dataset, names, label, b.steps) + [""]
@@ -219,9 +221,18 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
 
 
 CSV_FIELDS = ["dataset", "seed", "arm", "alpha_used", "lam", "scaling", "site", "reduce", "objective",
-              "granularity", "warmup_steps", "final_heldout", "rel_vs_baseline_pct", "steps_to_baseline",
+              "granularity", "warmup_steps", "disp_lambda", "disp_tau", "disp_distance", "disp_block",
+              "final_heldout", "rel_vs_baseline_pct", "steps_to_baseline",
               "speedup", "final_frac_below", "final_norm_update", "final_norm_output", "sinusoid_frechet",
               "sinusoid_validity", "diverged_at"]
+
+
+def disp_cells(arm: dict) -> dict:
+    """The Dispersive Loss settings of a record's arm for runs.csv (empty cells for arms without it)."""
+    if not arm.get("dispersive"):
+        return dict(disp_lambda=None, disp_tau=None, disp_distance=None, disp_block=None)
+    return dict(disp_lambda=arm["disp_lambda"], disp_tau=arm["disp_tau"],
+                disp_distance=arm.get("disp_distance", "l2"), disp_block=arm.get("disp_block") or "middle")
 
 
 def csv_row(dataset: str, seed: int, record: dict, base: dict | None, speed: dict) -> dict:
@@ -231,6 +242,7 @@ def csv_row(dataset: str, seed: int, record: dict, base: dict | None, speed: dic
     return dict(dataset=dataset, seed=seed, arm=record["name"], alpha_used=record["alpha_used"], lam=arm["lam"],
                 scaling=arm["scaling"], site=arm["site"], reduce=record["reduce"], objective=arm["objective"],
                 granularity=arm["granularity"], warmup_steps=record["warmup_steps"],
+                **disp_cells(arm),
                 final_heldout=record["heldout"][-1], rel_vs_baseline_pct=rel,
                 steps_to_baseline=speed.get("steps"), speedup=speed.get("speedup"),
                 final_frac_below=record["frac_below"][-1],
