@@ -11,6 +11,8 @@ baseline's final held-out loss, tables shaped like the supplement's Tab. 3 / Tab
     python examples/sit/ablate.py --budget smoke   # seconds; what the tests run
     python examples/sit/ablate.py --budget cpu --search dispersive --datasets fashion-mnist --lr 2e-4
                                                    # the positive-control search, at one changed setting
+    python examples/sit/ablate.py --budget cpu --search repa --datasets fashion-mnist --repa-encoder stand-in
+                                                   # REPA's arms, aligned to a stand-in encoder trained here
 
 Results go to results/ablate/<budget>/: runs/<dataset>/seed<k>/<arm>.json (cached: a rerun only trains
 what is missing), runs.csv, summary.json, tables.md, curves.png, grids.png, norms.png.
@@ -33,10 +35,11 @@ from ablation.lockstep import Job, train_group
 from ablation.plots import write_plots
 from ablation.records import load_runs, read_record
 from ablation.report import summarize, write_csv, write_tables
+from ablation.stand_in import stand_in_path, train_stand_in
+from regularizers.repa import load_encoder
 from runtime.atomic import atomic_write
 from runtime.checks import check_device, check_writable_path
 from runtime.cli import UsageError, run
-
 
 POSITIVE_INT_FLAGS = ("steps", "eval_every", "workers", "hidden", "depth", "heads", "batch")
 MODEL_FLAGS = ("hidden", "depth", "heads", "batch", "lr")  # model and optimizer overrides: part of the cache key
@@ -106,6 +109,39 @@ def arms_from_args(args: argparse.Namespace, budget: Budget) -> list[Arm]:
         raise UsageError(str(error)) from error
 
 
+def check_repa_flags(args: argparse.Namespace, arms: list[Arm]) -> None:
+    """UsageError, before anything is created, when the REPA arms and --repa-encoder disagree or its folder holds
+    no DINOv2."""
+    wanted = [arm.name for arm in arms if arm.repa]
+    if not wanted and args.repa_encoder is not None:
+        raise UsageError("--repa-encoder would be ignored: no REPA arm was chosen (--search repa)")
+    if wanted and args.repa_encoder is None:
+        raise UsageError(f"the arms {wanted} need --repa-encoder PATH (a local transformers DINOv2 folder) or "
+                         "--repa-encoder stand-in (a small encoder trained on Fashion-MNIST here)")
+    if wanted and args.repa_encoder != "stand-in":
+        load_encoder(os.path.abspath(args.repa_encoder))  # one line if it is no DINOv2 folder
+
+
+def with_repa_encoder(args: argparse.Namespace, budget: Budget, out_dir: str) -> Budget:
+    """The budget with the REPA arms' encoder (after check_repa_flags): --repa-encoder's folder, or the stand-in
+    this ablation trains once into <out>/stand_in_encoder (ablation/stand_in.py)."""
+    if args.repa_encoder is None:
+        return budget
+    if args.repa_encoder != "stand-in":
+        return replace(budget, repa_encoder=os.path.abspath(args.repa_encoder))
+    print(f"[ablate] the stand-in encoder (ablation/stand_in.py) -> {stand_in_path(out_dir)}", flush=True)
+    return replace(budget, repa_encoder=train_stand_in(os.path.abspath(stand_in_path(out_dir)), budget.image_size))
+
+
+def encoder_record(budget: Budget) -> dict | None:
+    """What summary.json says of the REPA arms' encoder: its folder and, for the stand-in, how it was trained."""
+    if budget.repa_encoder is None:
+        return None
+    record = os.path.join(budget.repa_encoder, "stand_in.json")
+    stand_in = json.loads(open(record).read()) if os.path.exists(record) else None
+    return dict(path=budget.repa_encoder, stand_in=stand_in)
+
+
 def main(args: argparse.Namespace) -> dict:
     check_args(args)
     budget = budget_from_args(args)
@@ -117,7 +153,9 @@ def main(args: argparse.Namespace) -> dict:
     check_device(device)
     out_dir = args.out or os.path.join("results", "ablate", budget.name)
     check_writable_path(out_dir, flag="--out")
+    check_repa_flags(args, arms)
     os.makedirs(out_dir, exist_ok=True)
+    budget = with_repa_encoder(args, budget, out_dir)
     start = time.time()
 
     jobs = missing_jobs(budget, arms, out_dir, device)
@@ -128,7 +166,7 @@ def main(args: argparse.Namespace) -> dict:
     summary = summarize(runs, arms)
     meta = dict(budget=budget.name, config=budget.cache_key(), device=device, torch=torch.__version__,
                 arms=[asdict(a) for a in arms], wall_s_this_call=time.time() - start,
-                group_wall_s=group_wall_times(runs, budget.seeds),
+                group_wall_s=group_wall_times(runs, budget.seeds), repa_encoder=encoder_record(budget),
                 date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     with atomic_write(os.path.join(out_dir, "summary.json")) as f:
         f.write(json.dumps(dict(meta=meta, summary=summary), indent=1, default=str).encode())
@@ -160,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="override the budget's AdamW learning rate")
     parser.add_argument("--workers", type=int, default=None, help="parallel (dataset, seed) groups on CPU")
     parser.add_argument("--device", type=str, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--repa-encoder", type=str, default=None, metavar="PATH|stand-in",
+                        help="the REPA arms' encoder: a local transformers DINOv2 folder, or 'stand-in' for a small "
+                             "encoder trained on Fashion-MNIST labels here (ablation/stand_in.py)")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)
 

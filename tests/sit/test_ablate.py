@@ -298,3 +298,66 @@ def test_search_arms_train_their_own_block_and_distance(tmp_path):
     assert "disp_distance" in rows[0] and any(",cosine,middle," in row for row in rows)
     assert any(",l2,0," in row for row in rows)
     assert "dispersive_first (L_disp λ=0.5, τ=0.5, l2, block 0)" in (tmp_path / "tables.md").read_text()
+
+
+# ----------------------------------------------------------------------------- REPA arms
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory) -> str:
+    """A random 1-layer DINOv2 with 4-pixel patches for the smoke budget's 8-pixel images."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=16, patch_size=4, image_size=8)
+                             ).save_pretrained(path)
+    return str(path)
+
+
+def test_repa_arms_train_in_lockstep_and_get_their_table(tmp_path, tiny_dinov2):
+    names = ["baseline", "repa", "repa+anm", "repa_l0.05"]
+    summary = _run(tmp_path, arms=names, repa_encoder=tiny_dinov2, no_plots=True)
+    base, repa, both, weak = (_record(tmp_path, name) for name in names)
+    assert base["init_checksum"] == repa["init_checksum"] == both["init_checksum"]
+    assert base["data_checksum"] == repa["data_checksum"] == weak["data_checksum"] != 0
+    assert base["heldout"][0] == repa["heldout"][0]
+    assert len({base["heldout"][-1], repa["heldout"][-1], weak["heldout"][-1]}) == 3  # the term changes training
+    assert -0.5 <= repa["anm_loss"][-1] <= 0.5 and abs(weak["anm_loss"][-1]) <= 0.05  # lambda * (-cos)
+    assert repa["config"]["repa_encoder"] == tiny_dinov2 and set(summary["sinusoid"]) == set(names)
+    tables = (tmp_path / "tables.md").read_text()
+    assert "## Beside REPA" in tables and "repa+anm (REPA λ=0.5 + ANM default)" in tables
+    assert ",0.05," in (tmp_path / "runs.csv").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arms", "baseline", "repa"], "need --repa-encoder PATH"),
+    (["--repa-encoder", "ENC"], "--repa-encoder would be ignored: no REPA arm"),
+    (["--search", "repa", "--repa-encoder", "/nowhere"], "--repa-encoder /nowhere: no transformers model folder"),
+])
+def test_repa_refusals_are_one_line_and_create_nothing(tmp_path, tiny_dinov2, argv, message):
+    out = tmp_path / "out"
+    argv = [tiny_dinov2 if arg == "ENC" else arg for arg in argv]
+    with pytest.raises(UsageError, match=message) as error:
+        ablate.main(ablate.parse_args(["--budget", "smoke", "--out", str(out), *argv]))
+    assert "\n" not in str(error.value) and not out.exists()
+
+
+def test_the_stand_in_encoder_is_trained_once_and_recorded(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from ablation import stand_in
+    from data.fashion_mnist import FASHION_MNIST_ROOT
+
+    if not os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz")):
+        pytest.skip("Fashion-MNIST is not installed (Debian's dataset-fashion-mnist)")
+    real = stand_in.train_stand_in
+    calls = []
+    monkeypatch.setattr(ablate, "train_stand_in", lambda path, size: calls.append(path) or real(path, size, steps=2,
+                                                                                                  batch=4))
+    summary_path = tmp_path / "summary.json"
+    _run(tmp_path, arms=["baseline", "repa"], repa_encoder="stand-in", no_plots=True)
+    _run(tmp_path, arms=["baseline", "repa"], repa_encoder="stand-in", no_plots=True)  # cached: nothing retrained
+    record = json.loads(summary_path.read_text())["meta"]["repa_encoder"]
+    assert record["path"] == str(tmp_path / "stand_in_encoder") and calls == [record["path"]] * 2
+    assert record["stand_in"]["steps"] == 2 and 0 <= record["stand_in"]["test_accuracy"] <= 1
+    assert (tmp_path / "stand_in_encoder" / "config.json").exists()

@@ -19,7 +19,7 @@ from modeling.alpha_scaling import PAPER_ALPHA, PAPER_HIDDEN, PAPER_LAMBDA, matc
 
 __all__ = ["ALPHA_GRID", "LAMBDA_GRID", "DATASETS", "DEFAULT_ARM", "DISPERSIVE_ARM", "Budget", "BUDGETS", "Arm",
            "build_arms", "arm_name", "COSINE_ARM", "dispersive_search_arms", "all_search_arms", "ARM_SETS",
-           "set_arm_names", "select_arms"]
+           "set_arm_names", "select_arms", "REPA_ARM", "repa_arms", "repa_projector_dim"]
 
 ALPHA_GRID = (10.0, 50.0, 70.0, 100.0, 300.0)  # supplement Tab. 3 (lambda = 10)
 LAMBDA_GRID = (2.0, 5.0, 10.0, 15.0, 20.0)  # supplement Tab. 4 (alpha = 70)
@@ -52,6 +52,7 @@ class Budget:
     datasets: tuple[str, ...]
     lr: float
     workers: int = 1  # (dataset, seed) groups trained at once on CPU
+    repa_encoder: str | None = None  # the REPA arms' encoder folder (ablate.py --repa-encoder)
     arms: tuple[str, ...] | None = None  # None: every arm of build_arms()
 
     def cache_key(self) -> dict:
@@ -102,6 +103,8 @@ class Arm:
     disp_tau: float = 0.5  # its temperature
     disp_distance: str = "l2"  # "l2" (InfoNCE-L2, the paper's default) or "cosine"
     disp_block: str | None = None  # None: the middle block; "0" the first, "-1" the last (dispersive_layers)
+    repa: bool = False  # add REPA's alignment (regularizers/repa_term.py) to the budget's --repa-encoder
+    repa_lambda: float = 0.5  # its weight (REPA's default)
 
     @property
     def reduce(self) -> str:
@@ -185,8 +188,8 @@ def dispersive_search_arms(distance: str = "l2") -> list[Arm]:
 
 
 def all_search_arms() -> list[Arm]:
-    """Every arm of the searches (not in build_arms())."""
-    return dispersive_search_arms() + dispersive_search_arms("cosine")
+    """Every arm of the searches and REPA's (not in build_arms())."""
+    return dispersive_search_arms() + dispersive_search_arms("cosine") + repa_arms()
 
 
 # Named arm sets (ablate.py --search NAME): the baseline and the arms of one search. "dispersive-cos" is the
@@ -195,6 +198,34 @@ ARM_SETS: dict[str, tuple[str, ...]] = {
     "dispersive": ("baseline", DISPERSIVE_ARM, *(a.name for a in dispersive_search_arms())),
     "dispersive-cos": ("baseline", DISPERSIVE_ARM, COSINE_ARM, *(a.name for a in dispersive_search_arms("cosine"))),
 }
+
+
+REPA_ARM = "repa"  # REPA, lambda 0.5, the block repa_depth picks, a width-matched projector; "+anm": with DEFAULT_ARM
+
+
+def repa_arms() -> list[Arm]:
+    """REPA alone, beside the default ANM arm and beside Dispersive Loss, and at a tenth of its weight. They need
+    an encoder (ablate.py --repa-encoder), so they are in no arm list but ARM_SETS["repa"].
+
+    >>> [a.name for a in repa_arms()]
+    ['repa', 'repa+anm', 'repa+dispersive', 'repa_l0.05']
+    """
+    base = Arm(REPA_ARM, anm=False, repa=True)
+    return [base, replace(Arm(DEFAULT_ARM), name=REPA_ARM + "+anm", repa=True),
+            replace(base, name=REPA_ARM + "+dispersive", dispersive=True),
+            replace(base, name=REPA_ARM + "_l0.05", repa_lambda=0.05)]
+
+
+def repa_projector_dim(hidden: int) -> int:
+    """REPA's projector width (2048 at SiT-XL's 1152) scaled with the model's width, as alpha is matched.
+
+    >>> repa_projector_dim(1152), repa_projector_dim(64)
+    (2048, 114)
+    """
+    return max(1, round(2048 * hidden / PAPER_HIDDEN))
+
+
+ARM_SETS["repa"] = ("baseline", DISPERSIVE_ARM, DEFAULT_ARM, *(a.name for a in repa_arms()))
 
 
 def set_arm_names(search: str) -> tuple[str, ...]:

@@ -24,10 +24,12 @@ from modeling.models import SiT
 from modeling.samplers import Sampler
 from modeling.transport import create_transport
 from regularizers.dispersive import DispersiveTerm, dispersive_layers
+from regularizers.repa import load_encoder
+from regularizers.repa_term import RepaTerm, repa_depth
 from torch import nn
 
 import anm
-from ablation.arms import Arm, Budget
+from ablation.arms import Arm, Budget, repa_projector_dim
 from ablation.records import write_record
 
 __all__ = ["Job", "Stream", "train_group", "checksum"]
@@ -142,6 +144,7 @@ class ArmRun:
     log: ArmLog
     since_eval: LossMeans = field(default_factory=LossMeans)
     disp: DispersiveTerm | None = None  # the arm's Dispersive Loss, hooked on net
+    repa: RepaTerm | None = None  # the arm's REPA term, hooked on net
 
     @property
     def active(self) -> bool:
@@ -165,8 +168,26 @@ def make_model(budget: Budget, channels: int) -> SiT:
                num_classes=1)
 
 
-def start_arm(arm: Arm, base: SiT, budget: Budget) -> ArmRun:
-    """A copy of the shared initial model for ``arm``, wrapped in ANM if the arm uses it, and its optimizer."""
+def start_repa(arm: Arm, net: SiT, budget: Budget, encoder: nn.Module | None) -> RepaTerm | None:
+    """The arm's REPA term: the block repa_depth picks, a width-matched projector initialised the same in every
+    arm, the encoder at the size it was made for (the stand-in's: the ablation's images)."""
+    if not arm.repa:
+        return None
+    if encoder is None:
+        raise ValueError(f"arm {arm.name!r} needs an encoder: ablate.py --repa-encoder PATH or stand-in")
+    block = [name for name, _ in anm.find_blocks(net)][repa_depth(budget.depth) - 1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        term = RepaTerm(net, block, encoder, budget.image_size // budget.patch_size, budget.hidden,
+                        lam=arm.repa_lambda, projector_dim=repa_projector_dim(budget.hidden),
+                        resolution=encoder.config.image_size)
+    term.projector.to(next(net.parameters()).device)
+    return term
+
+
+def start_arm(arm: Arm, base: SiT, budget: Budget, encoder: nn.Module | None = None) -> ArmRun:
+    """A copy of the shared initial model for ``arm``, wrapped in ANM if the arm uses it, its Dispersive and REPA
+    terms, and its optimizer (over the REPA projector too)."""
     net = copy.deepcopy(base)  # identical initial weights in every arm
     alpha_used = arm.alpha_used(budget.hidden)
     model: nn.Module = net
@@ -175,9 +196,11 @@ def start_arm(arm: Arm, base: SiT, budget: Budget) -> ArmRun:
                         reduce=arm.reduce, objective=arm.objective, granularity=arm.granularity)
     disp = (DispersiveTerm(net, dispersive_layers(net, arm.disp_block), lam=arm.disp_lambda, tau=arm.disp_tau,
                            distance=arm.disp_distance) if arm.dispersive else None)
-    opt = torch.optim.AdamW(net.parameters(), lr=budget.lr, weight_decay=0.0)
+    repa = start_repa(arm, net, budget, encoder)
+    extra = [] if repa is None else list(repa.projector.parameters())
+    opt = torch.optim.AdamW([*net.parameters(), *extra], lr=budget.lr, weight_decay=0.0)
     log = ArmLog(init_checksum=checksum(net.state_dict().values()))
-    return ArmRun(arm=arm, net=net, model=model, opt=opt, alpha_used=alpha_used, log=log, disp=disp)
+    return ArmRun(arm=arm, net=net, model=model, opt=opt, alpha_used=alpha_used, log=log, disp=disp, repa=repa)
 
 
 def evaluate(run: ArmRun, heldout: HeldoutSet, transport, step: int) -> None:
@@ -204,8 +227,10 @@ def train_step(run: ArmRun, transport, batch: tuple[torch.Tensor, ...], step: in
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
     fm = transport.training_losses(run.model, x, dict(y=y), t=t, noise=noise)["loss"].mean()
     reg = run.model.loss(step=step) if run.arm.anm else torch.zeros((), device=x.device)
-    if run.disp is not None:  # the regulariser column (anm_loss) then holds ANM + Dispersive
+    if run.disp is not None:  # the regulariser column (anm_loss) then holds ANM + Dispersive + REPA
         reg = reg + run.disp.loss()
+    if run.repa is not None:  # the images are the batch's x: the ablation trains on pixels
+        reg = reg + run.repa.loss(x)
     fm_value, reg_value = torch.stack([fm.detach(), reg.detach()]).tolist()  # one sync per arm
     if not math.isfinite(fm_value + reg_value):
         run.log.diverged_at = step
@@ -251,7 +276,8 @@ def train_group(job: Job) -> list[str]:
     base = make_model(budget, stream.channels).to(device)
     base_sum = checksum(base.state_dict().values())
     transport = create_transport()
-    runs = [start_arm(arm, base, budget) for arm in job.arms]
+    encoder = load_encoder(budget.repa_encoder).to(device) if any(arm.repa for arm in job.arms) else None
+    runs = [start_arm(arm, base, budget, encoder) for arm in job.arms]
     timing = dict(setup_s=time.time() - start, train_s=0.0, eval_s=0.0, sample_s=0.0)
 
     def evaluate_all(step: int) -> None:
@@ -284,8 +310,9 @@ def train_group(job: Job) -> list[str]:
     for run in runs:
         if run.arm.anm:
             run.model.close()
-        if run.disp is not None:
-            run.disp.close()
+        for term in (run.disp, run.repa):
+            if term is not None:
+                term.close()
     timing["sample_s"] = time.time() - tick
     wall_s = time.time() - start
     written = [write_record(job.out_dir, record_of(run, job, base_sum, wall_s, timing)) for run in runs]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +23,7 @@ from evaluation.speedup import Crossing, arm_reaches_baseline, baseline_reaches_
 from modeling.alpha_scaling import PAPER_ALPHA, PAPER_LAMBDA
 from runtime.atomic import atomic_write
 
-from ablation.arms import ALPHA_GRID, DEFAULT_ARM, LAMBDA_GRID, Arm, Budget, arm_name
+from ablation.arms import ALPHA_GRID, DEFAULT_ARM, DISPERSIVE_ARM, LAMBDA_GRID, Arm, Budget, arm_name
 
 __all__ = ["seed_speedup", "speedup_stats", "summarize", "write_tables", "write_csv"]
 
@@ -179,6 +180,9 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
 
     def label(name: str) -> str:
         a = by_name[name]
+        if a.repa:
+            also = " + ANM default" if a.anm else " + L_disp default" if a.dispersive else ""
+            return f"{name} (REPA λ={a.repa_lambda:g}{also})"
         if a.dispersive:
             where = "middle" if a.disp_block is None else f"block {a.disp_block}"
             return (f"{name} (L_disp λ={a.disp_lambda:g}, τ={a.disp_tau:g}, {a.disp_distance}, {where}"
@@ -213,15 +217,19 @@ def write_tables(summary: dict, arms: list[Arm], budget: Budget, path: str) -> N
             (f"Tab. 4 shape — effect of λ (α=70), {dataset}", ["baseline"] + lam_names),
             (f"Form study (matched α=70, λ=10; one factor at a time), {dataset}", ["baseline"] + form_names),
             (f"Beside Dispersive Loss, {dataset}",
-             ["baseline", DEFAULT_ARM] + [a.name for a in arms if a.dispersive]),
+             ["baseline", DEFAULT_ARM] + [a.name for a in arms if a.dispersive and not a.repa]),
+            (f"Beside REPA ({os.path.basename(b.repa_encoder or '') or 'no encoder'}), {dataset}",
+             ["baseline", DEFAULT_ARM, DISPERSIVE_ARM] + [a.name for a in arms if a.repa]),
         ):
+            if title.startswith("Beside REPA") and not any(a.repa for a in arms):
+                continue
             lines += [f"## {title}", "", TABLE_HEADER] + table_rows(summary, dataset, names, label, b.steps) + [""]
     with atomic_write(path) as f:
         f.write("\n".join(lines).encode())
 
 
 CSV_FIELDS = ["dataset", "seed", "arm", "alpha_used", "lam", "scaling", "site", "reduce", "objective",
-              "granularity", "warmup_steps", "disp_lambda", "disp_tau", "disp_distance", "disp_block",
+              "granularity", "warmup_steps", "disp_lambda", "disp_tau", "disp_distance", "disp_block", "repa_lambda",
               "final_heldout", "rel_vs_baseline_pct", "steps_to_baseline",
               "speedup", "final_frac_below", "final_norm_update", "final_norm_output", "sinusoid_frechet",
               "sinusoid_validity", "diverged_at"]
@@ -242,7 +250,7 @@ def csv_row(dataset: str, seed: int, record: dict, base: dict | None, speed: dic
     return dict(dataset=dataset, seed=seed, arm=record["name"], alpha_used=record["alpha_used"], lam=arm["lam"],
                 scaling=arm["scaling"], site=arm["site"], reduce=record["reduce"], objective=arm["objective"],
                 granularity=arm["granularity"], warmup_steps=record["warmup_steps"],
-                **disp_cells(arm),
+                **disp_cells(arm), repa_lambda=arm["repa_lambda"] if arm.get("repa") else None,
                 final_heldout=record["heldout"][-1], rel_vs_baseline_pct=rel,
                 steps_to_baseline=speed.get("steps"), speedup=speed.get("speedup"),
                 final_frac_below=record["frac_below"][-1],
