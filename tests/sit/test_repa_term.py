@@ -4,6 +4,8 @@ term on, the projector kept out of what sample.py loads, one-line refusals)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import train
+from numerics import assert_same_adam_training
 from ports import free_port
 from regularizers.repa_term import RepaTerm
 from runtime.cli import UsageError
@@ -240,3 +243,31 @@ def test_compiled_training_matches_eager_with_every_term_on(tmp_path: Path, enco
         for key in ("loss", "anm_loss", "dispersive_loss", "repa_loss", "heldout_fm_loss"):
             if a[key] != "":
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
+
+
+@pytest.mark.orders
+def test_two_gloo_ranks_train_as_one_process_with_repa_and_anm(tmp_path: Path, encoder_dir: str) -> None:
+    """train.py --repa --anm on 2 gloo ranks (each half of every batch, the projector's gradients averaged by hand)
+    ends at one process's weights, projector included, to float32 rounding."""
+    flags = ["--class-dropout-prob", "0", "--max-steps", "3", "--anm", "--anm-alpha", "5", *repa_flags(encoder_dir)]
+    one = train.main(tiny_args(tmp_path / "one", *flags))
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2], sys.argv[2] + '/..']; import train; "
+              "from test_train import tiny_args; from pathlib import Path; "
+              "train.main(tiny_args(Path(sys.argv[3]), *sys.argv[4:]))")
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(SIT_DIR), str(Path(__file__).parent),
+                                       str(tmp_path / "two"), *flags], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    a = torch.load(one["checkpoint"], weights_only=True)
+    b = torch.load(tmp_path / "two" / "run" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert_same_adam_training(b["model"], a["model"], lr=1e-4, steps=3)
+    assert_same_adam_training(b["terms"]["repa"]["projector"], a["terms"]["repa"]["projector"], lr=1e-4, steps=3)
+    assert b["terms"]["repa"]["projector"]["4.bias"].abs().sum() > 0  # trained: REPA initialises biases at zero
