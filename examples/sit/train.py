@@ -191,7 +191,7 @@ def training_metrics(running: torch.Tensor, log_steps: int, elapsed: float, args
     if args.dispersive:
         row["dispersive_loss"] = disp
     if args.repa:
-        row.update(repa_loss=repa, repa_encoder_ms=terms.encoder_ms() / log_steps)
+        row.update(repa_loss=repa, repa_encoder_ms=terms.encoder_ms(args.grad_accum_steps))
     if args.max_grad_norm is not None:
         row["grad_norm"] = grad_norm
     if anm_model is not None:

@@ -271,3 +271,32 @@ def test_two_gloo_ranks_train_as_one_process_with_repa_and_anm(tmp_path: Path, e
     assert_same_adam_training(b["model"], a["model"], lr=1e-4, steps=3)
     assert_same_adam_training(b["terms"]["repa"]["projector"], a["terms"]["repa"]["projector"], lr=1e-4, steps=3)
     assert b["terms"]["repa"]["projector"]["4.bias"].abs().sum() > 0  # trained: REPA initialises biases at zero
+
+
+def test_the_encoder_timer_reads_cuda_events_only_when_popped(monkeypatch) -> None:
+    """On CUDA the encoder's time comes from events read at the log row: no host sync in the step."""
+    from regularizers.repa_term import EncoderTimer
+
+    calls: list[str] = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+
+        def record(self) -> None:
+            calls.append("record")
+
+        def synchronize(self) -> None:
+            calls.append("synchronize")
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return 2.5
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = EncoderTimer(torch.device("cuda"))
+    for _ in range(2):
+        with timer():
+            pass
+    assert calls == ["record"] * 4  # two (start, end) pairs, nothing waited for
+    assert timer.pop_ms() == (5.0, 2) and calls.count("synchronize") == 2
+    assert timer.pop_ms() == (0.0, 0)

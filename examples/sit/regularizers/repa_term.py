@@ -32,23 +32,26 @@ def repa_depth(depth: int) -> int:
 
 
 class EncoderTimer:
-    """The encoder's time, summed until :meth:`pop_ms`. On CUDA it records events and reads them only when
-    popped, after the log row's sync: no host sync in the step.
+    """The encoder's time and calls, summed until :meth:`pop_ms`. On CUDA it records events and reads them only
+    when popped, after the log row's sync: no host sync in the step.
 
     >>> timer = EncoderTimer(torch.device("cpu"))
     >>> with timer():
     ...     pass
-    >>> timer.pop_ms() >= 0.0
-    True
+    >>> ms, calls = timer.pop_ms()
+    >>> ms >= 0.0, calls
+    (True, 1)
     """
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.seconds = 0.0
+        self.calls = 0
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
+        self.calls += 1
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -60,13 +63,14 @@ class EncoderTimer:
             yield
             self.seconds += time.perf_counter() - began
 
-    def pop_ms(self) -> float:
-        """Milliseconds spent in the encoder since the last pop."""
+    def pop_ms(self) -> tuple[float, int]:
+        """(milliseconds spent in the encoder, calls) since the last pop."""
         for _, end in self.events:
             end.synchronize()
         ms = self.seconds * 1000 + sum(start.elapsed_time(end) for start, end in self.events)
-        self.events, self.seconds = [], 0.0
-        return ms
+        popped = (ms, self.calls)
+        self.events, self.seconds, self.calls = [], 0.0, 0
+        return popped
 
 
 class RepaTerm:

@@ -50,9 +50,13 @@ class Terms:
         if self.repa is not None:
             self.repa.load_state_dict(state["repa"])
 
-    def encoder_ms(self) -> float | None:
-        """REPA's encoder time since the last call, in ms (None without REPA)."""
-        return None if self.repa is None else self.repa.timer.pop_ms()
+    def encoder_ms(self, micro_batches: int) -> float | None:
+        """REPA's encoder time per step (of ``micro_batches`` encoder calls) since the last call, in ms: over the
+        steps this process timed, so a row after a resume is not diluted (None without REPA)."""
+        if self.repa is None:
+            return None
+        ms, calls = self.repa.timer.pop_ms()
+        return ms * micro_batches / calls if calls else 0.0
 
     def describe(self) -> list[str]:
         """Log lines, one per term that is on."""
