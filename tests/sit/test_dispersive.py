@@ -2,6 +2,7 @@
 --dispersive (the log column, exact resume, one-line refusals)."""
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from pathlib import Path
@@ -63,7 +64,9 @@ def _blocks() -> nn.Sequential:
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A rank that never joins fails the test in a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     net = _blocks()
     term = DispersiveTerm(net, layers="1", lam=0.5, tau=0.5)
     model = DDP(net)

@@ -3,6 +3,7 @@
 term on, the projector kept out of what sample.py loads, one-line refusals)."""
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_a_forward_without_training_records_nothing_and_two_forwards_are_refused
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A rank that never joins fails the test in a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     net = blocks()
     term = RepaTerm(net, "1", tiny_encoder(), grid=2, width=6, lam=0.5, projector_dim=8, resolution=16)
     model = nn.parallel.DistributedDataParallel(net)
