@@ -37,7 +37,6 @@ from runtime.atomic import atomic_write
 from runtime.checks import check_device, check_writable_path
 from runtime.cli import UsageError, run
 
-
 POSITIVE_INT_FLAGS = ("steps", "eval_every", "workers", "hidden", "depth", "heads", "batch")
 MODEL_FLAGS = ("hidden", "depth", "heads", "batch", "lr")  # model and optimizer overrides: part of the cache key
 

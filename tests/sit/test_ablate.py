@@ -298,3 +298,19 @@ def test_search_arms_train_their_own_block_and_distance(tmp_path):
     assert "disp_distance" in rows[0] and any(",cosine,middle," in row for row in rows)
     assert any(",l2,0," in row for row in rows)
     assert "dispersive_first (L_disp λ=0.5, τ=0.5, l2, block 0)" in (tmp_path / "tables.md").read_text()
+
+
+def test_a_dispersive_arm_of_weight_zero_trains_exactly_as_the_baseline(tmp_path):
+    """The term's hooks change nothing but the loss: at λ = 0 (L2 and cosine) the arm's held-out curve is the
+    baseline's, bit for bit, and its regulariser column is 0."""
+    from ablation.lockstep import Job, train_group
+
+    smoke = ablate_arms.BUDGETS["smoke"]
+    zero = ablate_arms.Arm("disp0", anm=False, dispersive=True, disp_lambda=0.0)
+    arms = (ablate_arms.Arm("baseline", anm=False), zero,
+            replace(zero, name="disp0_cos_last", disp_distance="cosine", disp_block="-1"))
+    paths = train_group(Job(smoke, "sinusoid", 0, arms, str(tmp_path), "cpu"))
+    base, *zeros = (json.load(open(path)) for path in paths)
+    for record in zeros:
+        assert record["heldout"] == base["heldout"] and record["sample_metric"] == base["sample_metric"]
+        assert all(value == 0.0 for value in record["anm_loss"][1:])
