@@ -361,3 +361,19 @@ def test_the_stand_in_encoder_is_trained_once_and_recorded(tmp_path, monkeypatch
     assert record["path"] == str(tmp_path / "stand_in_encoder") and calls == [record["path"]] * 2
     assert record["stand_in"]["steps"] == 2 and 0 <= record["stand_in"]["test_accuracy"] <= 1
     assert (tmp_path / "stand_in_encoder" / "config.json").exists()
+
+
+def test_a_dispersive_arm_of_weight_zero_trains_exactly_as_the_baseline(tmp_path):
+    """The term's hooks change nothing but the loss: at λ = 0 (L2 and cosine) the arm's held-out curve is the
+    baseline's, bit for bit, and its regulariser column is 0."""
+    from ablation.lockstep import Job, train_group
+
+    smoke = ablate_arms.BUDGETS["smoke"]
+    zero = ablate_arms.Arm("disp0", anm=False, dispersive=True, disp_lambda=0.0)
+    arms = (ablate_arms.Arm("baseline", anm=False), zero,
+            replace(zero, name="disp0_cos_last", disp_distance="cosine", disp_block="-1"))
+    paths = train_group(Job(smoke, "sinusoid", 0, arms, str(tmp_path), "cpu"))
+    base, *zeros = (json.load(open(path)) for path in paths)
+    for record in zeros:
+        assert record["heldout"] == base["heldout"] and record["sample_metric"] == base["sample_metric"]
+        assert all(value == 0.0 for value in record["anm_loss"][1:])
