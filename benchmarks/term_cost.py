@@ -12,10 +12,11 @@ Modes, each a forward and backward of the FM loss (velocity MSE) on the same bat
     encoder     REPA's encoder forward alone (no gradient)
 
 Configs: ``ablation`` (ablate.py's CPU model: D=64, depth 3, 16x16 pixels, patch 4; REPA's encoder is
-ablation/stand_in.py's shape at 16 pixels), ``B/4`` and ``XL/2`` (SiT on 32x32x4 latents of 256-pixel images;
-DINOv2-B at 224 pixels, REPA's default). Encoders are built from their configurations with random weights
-(no download: the time does not depend on the values). Timed interleaved, the order rotating every repeat;
-each row is printed and the JSON rewritten when measured.
+ablation/stand_in.py's shape at 16 pixels, its projector the ablation's width-matched one), ``B/4`` and
+``XL/2`` (SiT on 32x32x4 latents of 256-pixel images; DINOv2-B at 224 pixels and a 2048-wide projector, REPA's
+defaults). Encoders are built from their configurations with random weights (no download: the time does not
+depend on the values). Timed interleaved, the order rotating every repeat; each row is printed and the JSON
+rewritten when measured.
 
     python benchmarks/term_cost.py --configs ablation --batch 32 --threads 1 --repeats 15    # CPU
     python benchmarks/term_cost.py --configs B/4 XL/2 --batch 64 --precision bf16           # one GPU
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sit"))
+from ablation.arms import repa_projector_dim  # noqa: E402
 from ablation.stand_in import STAND_IN_CONFIG  # noqa: E402
 from device import sync  # noqa: E402
 from modeling.alpha_scaling import matched_alpha  # noqa: E402
@@ -43,18 +45,20 @@ from report import ResultFile, run_metadata  # noqa: E402
 
 import anm  # noqa: E402
 
-CONFIGS = {  # SiT, its input channels, the images' pixels, REPA's encoder and its input size
+# SiT, its input channels, the images' pixels, REPA's encoder, its input size and the projector's width (REPA's
+# 2048; the ablation's, scaled to its width)
+CONFIGS = {
     "tiny": dict(sit=dict(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4), channels=4, pixels=64,
                  encoder=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                              patch_size=8), resolution=32),
+                              patch_size=8), resolution=32, projector=64),
     "ablation": dict(sit=dict(input_size=16, patch_size=4, hidden_size=64, depth=3, num_heads=4), channels=1,
-                     pixels=16, encoder=dict(STAND_IN_CONFIG), resolution=16),
+                     pixels=16, encoder=dict(STAND_IN_CONFIG), resolution=16, projector=repa_projector_dim(64)),
     "B/4": dict(sit=dict(input_size=32, patch_size=4, hidden_size=768, depth=12, num_heads=12), channels=4,
                 pixels=256, encoder=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072, patch_size=14), resolution=224),
+                                         intermediate_size=3072, patch_size=14), resolution=224, projector=2048),
     "XL/2": dict(sit=dict(input_size=32, patch_size=2, hidden_size=1152, depth=28, num_heads=16), channels=4,
                  pixels=256, encoder=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                          intermediate_size=3072, patch_size=14), resolution=224),
+                                          intermediate_size=3072, patch_size=14), resolution=224, projector=2048),
 }
 MODES = ("step", "anm", "dispersive", "repa", "all", "encoder")
 
@@ -75,7 +79,7 @@ class Setup:
         block = f"blocks.{repa_depth(sit_config['depth']) - 1}"
         grid = sit_config["input_size"] // sit_config["patch_size"]
         self.repa = RepaTerm(self.sit, block, encoder, grid, sit_config["hidden_size"],
-                             resolution=config["resolution"])
+                             projector_dim=config["projector"], resolution=config["resolution"])
         self.repa.projector.to(device)
         gen = torch.Generator(device).manual_seed(0)
         size = sit_config["input_size"]
