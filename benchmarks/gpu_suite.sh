@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh                      # all three: overhead, train_step, sampling
 #   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
 #   bash benchmarks/gpu_suite.sh overhead_compile     # extra part: ANM overhead with torch.compile (XL/2 bf16)
+#   bash benchmarks/gpu_suite.sh term_cost            # extra part: what ANM, Dispersive Loss and REPA add to a step
 #
 # Goals checked (see docs/benchmarks.md): ANM overhead <= 1% at XL/2 bf16 (overhead.py); fast training step
 # >= 2x the reference bf16 step, <= 60 ms for XL/2 bs32 on an H100 (train_step.py); sampling >= 3x the
@@ -62,7 +63,10 @@ for part in "${parts[@]}"; do
         sampling)  # SDE 250 steps, CFG 1.5; fast batch 128 (~20 s a batch), reference batch 4
             limit=210; cmd=(benchmarks/sampling.py --configs XL/2 --num-steps 250 --batch-size 128 --repeats 2
                             --compile --check-samples 8) ;;
-        *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling)" >&2; status=2; continue ;;
+        term_cost)  # extra part: ANM, Dispersive Loss, REPA (DINOv2-B, random weights) on B/4 and XL/2, bf16
+            limit=180; cmd=(benchmarks/term_cost.py --configs B/4 XL/2 --batch 64 --precision bf16 --repeats 7) ;;
+        *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling, term_cost)" >&2; status=2
+           continue ;;
     esac
     limit=${GPU_SUITE_LIMIT:-$limit}
     ran+=("$part")
