@@ -302,3 +302,31 @@ def test_every_mismatch_is_one_line_naming_the_fix(world: dict, tmp_path: Path) 
     assert refusal(old_style(latents, tmp_path / "old2"), results=tmp_path / "r").endswith(
         "records no image_root (extracted before it was recorded): pass --repa-image-path /path/to/train, the "
         "image folder the latents were extracted from")
+
+
+def test_with_data_imagenet_the_encoder_sees_the_images_before_the_vae(world: dict, tmp_path: Path,
+                                                                       repa_encoder: list[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data imagenet has its images in hand: the encoder gets the batch before the VAE encodes it, and the VAE
+    encodes the same tensor."""
+    from modeling import vae as vae_module
+    from regularizers.repa_term import RepaTerm
+
+    seen: dict[str, list[torch.Tensor]] = {"encoder": [], "vae": []}
+    targets, encode = RepaTerm.targets, vae_module.encode_images
+    monkeypatch.setattr(RepaTerm, "targets", lambda self, images: seen["encoder"].append(images.clone())
+                        or targets(self, images))
+
+    def record_encode(vae, x, *args, **kwargs):
+        seen["vae"].append(x.clone())
+        return encode(vae, x, *args, **kwargs)
+
+    monkeypatch.setattr(train, "encode_images", record_encode)
+    args = train.parse_args(["--data", "imagenet", "--data-path", world["images"], "--vae", str(world["vae"]),
+                             "--image-size", str(SIZE), "--model", "SiT-N/2", "--num-workers", "0",
+                             "--global-batch-size", "4", "--eval-every", "0", "--sample-every", "0", "--max-steps",
+                             "2", "--no-console-log", "--no-progress", "--results-dir", str(tmp_path), *repa_encoder])
+    out = train.main(args)
+    assert out["step"] == 2 and len(seen["encoder"]) == len(seen["vae"]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(seen["encoder"], seen["vae"], strict=True))
+    assert seen["encoder"][0].shape == (4, 3, SIZE, SIZE)
