@@ -76,6 +76,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     loss = term.loss()
     (loss + 0 * prediction.sum()).backward()  # every parameter in the graph, as with the FM loss; DDP averages
     torch.save(dict(loss=loss.detach(), grad=net[1][0].weight.grad), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # every collective done, and DDP's reducer gone, before the group is torn down
+    del model
     dist.destroy_process_group()
 
 

@@ -119,6 +119,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     grads = {"block": net[1][0].weight.grad, **{f"projector.{k}": p.grad for k, p in
                                                  term.projector.named_parameters()}}
     torch.save(dict(loss=loss.detach(), grads=grads), os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # every collective done, and DDP's reducer gone, before the group is torn down
+    del model
     dist.destroy_process_group()
 
 

@@ -121,7 +121,11 @@ class RepaTerm:
         if world_size == 1 or not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
+        # Waited on through its handle, so that the last reference to the work (and to ``flat``) is dropped
+        # here, under the GIL: dropped in gloo's worker thread, it can deadlock against a process-group teardown.
+        work = dist.all_reduce(flat, async_op=True)
+        work.wait()
+        del work
         flat /= world_size
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             grad.copy_(averaged.view_as(grad))
