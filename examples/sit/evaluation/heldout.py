@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+from runtime.distributed import all_reduce_
 from torch import Tensor, nn
 
 import anm
@@ -108,7 +108,7 @@ def measure(model: nn.Module, transport, heldout: HeldoutSet, sites: Sequence[st
             collector.remove()
         model.train(was_training)
     if world_size > 1:
-        dist.all_reduce(total)
+        all_reduce_(total)
     return Measurement(fm_loss=(total[0] / total[1]).item(),
                        norms={site: torch.cat(parts, dim=1) for site, parts in norms.items()})
 

@@ -14,9 +14,9 @@ import time
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from data.streams import cpu_seeded
 from runtime.cli import UsageError
+from runtime.distributed import all_reduce_
 from torch import Tensor, nn
 
 import anm
@@ -120,12 +120,7 @@ class RepaTerm:
         grads = [p.grad for p in self.projector.parameters() if p.grad is not None]
         if world_size == 1 or not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        # Waited on through its handle, so that the last reference to the work (and to ``flat``) is dropped
-        # here, under the GIL: dropped in gloo's worker thread, it can deadlock against a process-group teardown.
-        work = dist.all_reduce(flat, async_op=True)
-        work.wait()
-        del work
+        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
         flat /= world_size
         for grad, averaged in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             grad.copy_(averaged.view_as(grad))

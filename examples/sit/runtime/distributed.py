@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from runtime.cli import UsageError
 
-__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "all_mean", "any_rank",
+__all__ = ["DistContext", "setup_distributed", "barrier", "broadcast_object", "all_reduce_", "all_mean", "any_rank",
            "gather_objects", "cleanup", "group_timeout", "TIMEOUT_ENV", "LONG_WAIT"]
 
 TIMEOUT_ENV = "SIT_DIST_TIMEOUT_MINUTES"  # the process group's timeout, for every script
@@ -125,11 +125,19 @@ def broadcast_object(obj: Any, src: int = 0, long_wait: bool = False) -> Any:
     return box[0]
 
 
+def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``dist.all_reduce`` in place, waited on through its handle, so that the work's last reference (and with it
+    the tensor's) is dropped here, under the GIL. Dropped in gloo's worker thread, it needs the GIL there and can
+    deadlock against a process-group teardown that holds it (seen with DDP's reducer being freed)."""
+    work = dist.all_reduce(tensor, op=op, async_op=True)
+    work.wait()
+    return tensor
+
+
 def all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
     """Mean over ranks (identity in a single process)."""
     if world_size > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = all_reduce_(values.clone())
         values /= world_size
     return values
 
@@ -139,8 +147,7 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     barrier: a script's last sync, where a rank that stopped early meets the ones that finished."""
     if ctx.world_size == 1:
         return flag
-    value = torch.tensor([float(flag)], device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = all_reduce_(torch.tensor([float(flag)], device=ctx.device), op=dist.ReduceOp.MAX)
     return value.item() > 0
 
 

@@ -33,6 +33,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from runtime.distributed import all_reduce_
+
 __all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "SYNC_SECONDS", "StopSignals", "StepAgreement", "BatchAgreement",
            "Preempted", "exit_preempted", "catches_stop_signals", "ignore_stop_signals"]
 
@@ -145,8 +147,7 @@ class StepAgreement:
         stop, due_any, per_step = float(self.stop.requested), float(due), per_step
         if self.world_size > 1:
             flags = torch.tensor([stop, due_any, per_step], dtype=torch.float64, device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, due_any, per_step = flags.tolist()
+            stop, due_any, per_step = all_reduce_(flags, op=dist.ReduceOp.MAX).tolist()
             self.interval = max(1, min(MAX_SYNC_INTERVAL, math.floor(self.sync_s / max(per_step, 1e-9))))
         self.next_check = step + self.interval
         self.last_check_step, self.last_check_time = step, now
@@ -182,8 +183,7 @@ class BatchAgreement:
         per_batch = (self.clock() - self.last_sync) / max(self.since_sync, 1) if working else 0.0
         flags = torch.tensor([float(self.stop.requested), float(working), per_batch], dtype=torch.float64,
                              device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, working_any, per_batch = flags.tolist()
+        stop, working_any, per_batch = all_reduce_(flags, op=dist.ReduceOp.MAX).tolist()
         self.syncs += 1
         self.interval = max(1, min(MAX_SYNC_INTERVAL, math.floor(self.sync_s / max(per_batch, 1e-9))))
         self.since_sync, self.last_sync = 0, self.clock()
