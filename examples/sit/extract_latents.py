@@ -25,7 +25,6 @@ the rerun) with exit status 75.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from data.errors import DataError  # noqa: E402
 from data.image_folder import IMAGE_ERRORS, ImageFolderDataset  # noqa: E402
 from data.latent_images import IMAGE_FILES, first_difference, image_files, read_image_files  # noqa: E402
 from data.latents import latent_chunk_path  # noqa: E402
+from modeling.fingerprint import weights_sha256  # noqa: E402
 from modeling.hub import absolute_if_local  # noqa: E402
 from modeling.latent_scaling import of_vae  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
@@ -157,12 +157,7 @@ def check_args(args: argparse.Namespace) -> None:
 def encoder_sha256(vae) -> str:
     """SHA-256 of the weights that make the latents (encoder and quant_conv): the same VAE moved to another
     path still resumes, another VAE under the same path does not."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        if name.startswith(("encoder.", "quant_conv.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return weights_sha256(vae, prefixes=("encoder.", "quant_conv."))
 
 
 def make_meta(args: argparse.Namespace, dataset: ImageFolderDataset, vae) -> dict:

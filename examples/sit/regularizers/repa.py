@@ -14,7 +14,6 @@ as REPA's code does) resampled to the model's token grid when the two differ.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from runtime.cli import UsageError
 from torch import Tensor, nn
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_encoder", "encoder_resolution", "encoder_sha256", "preprocess",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_encoder", "encoder_resolution", "preprocess",
            "resample_tokens", "encoder_tokens", "Projector", "repa_loss"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation (its image processor's defaults)
@@ -68,19 +67,6 @@ def encoder_resolution(image_pixels: int, patch_size: int) -> int:
     """
     pixels = 224 * image_pixels // 256
     return max(patch_size, pixels // patch_size * patch_size)
-
-
-def encoder_sha256(encoder: nn.Module) -> str:
-    """A fingerprint of the encoder's weights (names and values): a resume must align to the same encoder.
-
-    >>> len(encoder_sha256(nn.Linear(2, 2)))
-    64
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def preprocess(images: Tensor, size: int) -> Tensor:

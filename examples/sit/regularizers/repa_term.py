@@ -15,12 +15,13 @@ from collections.abc import Iterator
 
 import torch
 from data.streams import cpu_seeded
+from modeling.fingerprint import weights_sha256
 from runtime.cli import UsageError
 from runtime.distributed import all_reduce_
 from torch import Tensor, nn
 
 import anm
-from regularizers.repa import Projector, encoder_resolution, encoder_sha256, encoder_tokens, load_encoder, repa_loss
+from regularizers.repa import Projector, encoder_resolution, encoder_tokens, load_encoder, repa_loss
 
 __all__ = ["repa_depth", "EncoderTimer", "RepaTerm", "build_repa"]
 
@@ -97,7 +98,7 @@ class RepaTerm:
                                                  training_only=True)
         self.names = self.collector.names
         self.projector = Projector(width, encoder.config.hidden_size, projector_dim)
-        self.encoder_sha256 = encoder_sha256(encoder)
+        self.encoder_sha256 = weights_sha256(encoder)
         self.timer = EncoderTimer(next(encoder.parameters()).device)
 
     def targets(self, images: Tensor) -> Tensor:
