@@ -356,8 +356,12 @@ def test_the_stand_in_encoder_is_trained_once_and_recorded(tmp_path, monkeypatch
                                                                                                   batch=4))
     summary_path = tmp_path / "summary.json"
     _run(tmp_path, arms=["baseline", "repa"], repa_encoder="stand-in", no_plots=True)
+    trained = json.loads(summary_path.read_text())["meta"]["repa_encoder"]["stand_in"]
+    weights = next((tmp_path / "stand_in_encoder").glob("*.safetensors")).read_bytes()
     _run(tmp_path, arms=["baseline", "repa"], repa_encoder="stand-in", no_plots=True)  # cached: nothing retrained
     record = json.loads(summary_path.read_text())["meta"]["repa_encoder"]
+    assert record["stand_in"] == trained  # its "seconds" would differ had it trained again
+    assert next((tmp_path / "stand_in_encoder").glob("*.safetensors")).read_bytes() == weights
     assert record["path"] == str(tmp_path / "stand_in_encoder") and calls == [record["path"]] * 2
     assert record["stand_in"]["steps"] == 2 and 0 <= record["stand_in"]["test_accuracy"] <= 1
     assert (tmp_path / "stand_in_encoder" / "config.json").exists()
