@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from data.fashion_mnist import FashionMNISTDataset
 from data.sinusoids import make_sinusoids
@@ -58,8 +57,7 @@ class Job:
 
 def load_fashion_mnist(image_size: int, split: str) -> torch.Tensor:
     """Fashion-MNIST as one (N, 1, S, S) float tensor in [-1, 1]."""
-    ds = FashionMNISTDataset(split=split, image_size=image_size)
-    return torch.from_numpy(np.ascontiguousarray(ds.images)).float().div(127.5).sub(1).unsqueeze(1)
+    return FashionMNISTDataset(split=split, image_size=image_size).tensors()[0]
 
 
 class Stream:

@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from data.fashion_mnist import FashionMNISTDataset
 from regularizers.repa import preprocess
@@ -32,12 +31,6 @@ RECORD = "stand_in.json"  # how the folder's encoder was trained, and its test a
 def stand_in_path(out_dir: str) -> str:
     """Where the ablation keeps its stand-in encoder."""
     return os.path.join(out_dir, "stand_in_encoder")
-
-
-def _images_and_labels(split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = FashionMNISTDataset(split=split, image_size=image_size)
-    images = torch.from_numpy(np.ascontiguousarray(ds.images)).float().div(127.5).sub(1).unsqueeze(1)
-    return images, torch.as_tensor(np.asarray(ds.labels), dtype=torch.long)
 
 
 def train_stand_in(path: str, image_size: int, steps: int = 900, batch: int = 128, seed: int = 0) -> str:
@@ -57,7 +50,7 @@ def train_stand_in(path: str, image_size: int, steps: int = 900, batch: int = 12
     head = nn.Linear(config.hidden_size, 10)
     params = [*encoder.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-    images, labels = _images_and_labels("train", image_size)
+    images, labels = FashionMNISTDataset(split="train", image_size=image_size).tensors()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(len(images), (batch,), generator=gen)
@@ -79,7 +72,7 @@ def train_stand_in(path: str, image_size: int, steps: int = 900, batch: int = 12
 @torch.no_grad()
 def _accuracy(encoder: nn.Module, head: nn.Module, image_size: int) -> float:
     """Top-1 accuracy on Fashion-MNIST's test split."""
-    images, labels = _images_and_labels("test", image_size)
+    images, labels = FashionMNISTDataset(split="test", image_size=image_size).tensors()
     correct = 0
     for start in range(0, len(images), 1000):
         x = preprocess(images[start:start + 1000], image_size)

@@ -82,6 +82,14 @@ class FashionMNISTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image as one (N, 1, S, S) float tensor in [-1, 1], unflipped, and the (N,) int64 labels.
+
+        >>> images, labels = FashionMNISTDataset(split="test", image_size=16).tensors()  # doctest: +SKIP
+        """
+        images = torch.from_numpy(np.ascontiguousarray(self.images)).float().div(127.5).sub(1).unsqueeze(1)
+        return images, torch.from_numpy(self.labels)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         arr = self.images[index]
         if self.random_flip and torch.rand(()) < 0.5:
