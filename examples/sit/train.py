@@ -125,7 +125,8 @@ def build_models(args: argparse.Namespace, config: dict, ctx: DistContext, data:
     # Their hooks go on the bare model, before DDP / compile too; REPA's encoder loads (and is checked) here.
     grid = config["input_size"] // config["patch_size"]
     terms = Terms(build_dispersive(args, raw),
-                  build_repa(args, raw, config["hidden_size"], grid, data.image_pixels if data else grid, ctx.device))
+                  build_repa(args, raw, config["hidden_size"], grid,
+                             data.image_pixels if data is not None else config["input_size"], ctx.device))
     if checkpoint is not None:
         terms.load_state_dict(checkpoint.get("terms") or {})
     if ctx.world_size > 1:
@@ -424,6 +425,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
     ema_params, raw_params = ema_parameters(ema, raw)  # once: the EMA update and the clipping take these lists
+    clipped = [*raw_params, *terms.parameters()]  # REPA's projector is clipped with the model
 
     transport = create_transport(args.path_type, args.prediction)
     t0, t1 = transport.interval()
@@ -457,7 +459,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
             forward_backward(model, ddp, anm_model, transport, (x, y, noise, t, images), train_steps, running,
                              autocast, args, terms)
             if args.max_grad_norm is not None:
-                running[2] += nn.utils.clip_grad_norm_([*raw_params, *terms.parameters()], args.max_grad_norm).float()
+                running[2] += nn.utils.clip_grad_norm_(clipped, args.max_grad_norm).float()
             opt.step()
             update_ema(ema_params, raw_params, args.ema_decay)
 
