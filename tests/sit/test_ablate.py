@@ -11,6 +11,7 @@ import torch
 from ablation import arms as ablate_arms
 from ablation import records as ablate_records
 from ablation import report as ablate_report
+from dinov2s import save_tiny_dinov2
 from modeling.alpha_scaling import matched_alpha
 from runtime.cli import UsageError
 
@@ -306,13 +307,8 @@ def test_search_arms_train_their_own_block_and_distance(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory) -> str:
     """A random 1-layer DINOv2 with 4-pixel patches for the smoke budget's 8-pixel images."""
-    transformers = pytest.importorskip("transformers")
-    path = tmp_path_factory.mktemp("dinov2")
-    torch.manual_seed(0)
-    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=16, patch_size=4, image_size=8)
-                             ).save_pretrained(path)
-    return str(path)
+    pytest.importorskip("transformers")
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2"), image_size=8)
 
 
 def test_repa_arms_train_in_lockstep_and_get_their_table(tmp_path, tiny_dinov2):

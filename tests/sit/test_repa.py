@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dinov2s import save_tiny_dinov2
 from regularizers import repa
 from runtime.cli import UsageError
 
@@ -16,11 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
-    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, image_size=28, patch_size=14)
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("dinov2")
-    transformers.Dinov2Model(config).save_pretrained(path)
+    save_tiny_dinov2(path, hidden_size=16, intermediate_size=32, image_size=28, patch_size=14)
     return path
 
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import train
+from dinov2s import tiny_dinov2
 from numerics import assert_same_adam_training
 from ports import free_port
 from regularizers.repa_term import RepaTerm
@@ -28,11 +29,7 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([
 
 def tiny_encoder(seed: int = 0) -> nn.Module:
     """A random 1-layer DINOv2 with 4-pixel patches and one register token."""
-    torch.manual_seed(seed)
-    config = transformers.Dinov2WithRegistersConfig(hidden_size=12, num_hidden_layers=1, num_attention_heads=2,
-                                                    intermediate_size=16, image_size=16, patch_size=4,
-                                                    num_register_tokens=1)
-    return transformers.Dinov2WithRegistersModel(config).eval().requires_grad_(False)
+    return tiny_dinov2(seed, registers=1, hidden_size=12, image_size=16)
 
 
 @pytest.fixture(scope="module")

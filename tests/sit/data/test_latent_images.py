@@ -23,6 +23,7 @@ from data.latent_images import IMAGE_FILES, attach_images  # noqa: E402
 from data.latents import LatentDataset  # noqa: E402
 from data.streams import SeededItems  # noqa: E402
 from data.train_data import heldout_item, load_data  # noqa: E402
+from dinov2s import save_tiny_dinov2  # noqa: E402
 from image_folders import write_image_folder  # noqa: E402
 from modeling.vae import load_vae  # noqa: E402
 from runtime.cli import UsageError  # noqa: E402
@@ -169,12 +170,9 @@ def test_the_training_stream_carries_the_images_through_workers(world: dict, enc
 @pytest.fixture(scope="module")
 def repa_encoder(tmp_path_factory) -> list[str]:
     """REPA's flags with a tiny random DINOv2 (4-pixel patches) saved to a folder."""
-    transformers = pytest.importorskip("transformers")
-    path = tmp_path_factory.mktemp("dinov2")
-    torch.manual_seed(0)
-    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                                       intermediate_size=16, patch_size=4)).save_pretrained(path)
-    return ["--repa", "--repa-encoder", str(path), "--repa-depth", "1", "--repa-projector-dim", "8"]
+    pytest.importorskip("transformers")
+    path = save_tiny_dinov2(tmp_path_factory.mktemp("dinov2"))
+    return ["--repa", "--repa-encoder", path, "--repa-depth", "1", "--repa-projector-dim", "8"]
 
 
 def test_the_encoder_sees_the_images_of_the_batch_latents(world: dict, tmp_path: Path, repa_encoder: list[str],
