@@ -32,3 +32,17 @@ def fid_runs(tmp_path_factory, fid_ref) -> dict:
     from fid_helpers import train_pair
 
     return train_pair(tmp_path_factory.mktemp("fid_runs"), fid_ref)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    """A train.py checkpoint of a tiny pixel-space SiT on 8x8 sinusoids (2 steps, EMA decay 0.5), one per test
+    module (a module may define its own ``ckpt``)."""
+    import train
+
+    results = tmp_path_factory.mktemp("train")
+    out = train.main(train.parse_args([
+        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
+        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(results), "--max-steps", "2",
+        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--ema-decay", "0.5"]))
+    return out["checkpoint"]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import train
 from image_folders import write_image_folder
 from ports import free_port
 from runtime.preemption import EXIT_PREEMPTED
@@ -41,17 +40,6 @@ def no_temp_files(folder: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- sample_ddp.py
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    results = tmp_path_factory.mktemp("train")
-    out = train.main(train.parse_args([
-        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
-        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(results), "--max-steps", "2",
-        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--ema-decay", "0.5",
-    ]))
-    return out["checkpoint"]
 
 
 SAMPLES = 32

@@ -13,7 +13,6 @@ import pytest
 import sample
 import sample_ddp
 import torch
-import train
 from modeling.models import SiT
 from modeling.vae import decode_to_uint8
 from PIL import Image
@@ -22,18 +21,6 @@ from runtime.images import save_grid
 from runtime.png_writer import save_png
 
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    """A train.py checkpoint of a tiny pixel-space SiT on 8x8 sinusoids (2 steps)."""
-    results = tmp_path_factory.mktemp("train")
-    out = train.main(train.parse_args([
-        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
-        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(results), "--max-steps", "2",
-        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--no-tensorboard", "--ema-decay", "0.5",
-    ]))
-    return out["checkpoint"]
 
 
 def test_sample_grid_from_our_checkpoint(ckpt: str, tmp_path: Path) -> None:

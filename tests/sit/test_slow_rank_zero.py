@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sample_ddp
-import train
 from image_folders import write_image_folder
 from ports import free_port
 
@@ -55,16 +54,6 @@ def assert_both_succeed(results: list[subprocess.CompletedProcess]) -> None:
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank}: {result.stderr[-3000:]}"
         assert "Timed out" not in result.stderr, result.stderr
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
-    results = tmp_path_factory.mktemp("train")
-    out = train.main(train.parse_args([
-        "--data", "sinusoid", "--image-size", "8", "--data-size", "16", "--model", "SiT-N/2",
-        "--global-batch-size", "8", "--num-workers", "0", "--results-dir", str(results), "--max-steps", "2",
-        "--eval-every", "0", "--sample-every", "0", "--no-progress", "--ema-decay", "0.5"]))
-    return out["checkpoint"]
 
 
 def test_sample_ddp_rank_zero_hashing_and_packing_outlast_the_group_timeout(ckpt: str, tmp_path: Path) -> None:
