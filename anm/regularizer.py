@@ -413,7 +413,7 @@ class Regularizer:
             return records, flat
         finite = self._finite_per_record(records)
         if self.nonfinite == "raise":
-            raise self._nonfinite_error(records, finite, when="")
+            raise self._nonfinite_error(records, finite, when=f" at step {self._last_step}")
         bad = self._bad_layers(records, finite)
         warn(f"ANM: skipping non-finite norms of layer(s) {bad} this step.")
         kept = [record for record, ok in zip(records, finite, strict=True) if ok]
