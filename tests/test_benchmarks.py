@@ -137,14 +137,14 @@ def test_gpu_suite_commands_parse():
 
     suite = (BENCHMARKS / "gpu_suite.sh").read_text()
     commands = re.findall(r"cmd=\((.*?)\)", suite, flags=re.S)
-    assert len(commands) == 5
+    assert len(commands) == 6
     for command in commands:
         script, *argv = shlex.split(command.replace("\\\n", " "))
         module = load(Path(script).stem)
         module.parse_args(argv)
 
 
-@pytest.mark.slow  # runs all five parts at tiny size: ~1 min on 2 cores
+@pytest.mark.slow  # runs all six parts at tiny size: ~3 min on 2 cores
 def test_gpu_suite_runs_end_to_end_on_tiny_configs(tmp_path):
     # The suite itself (argument arrays, time limits, tee/exit codes, $OUT) runs nowhere but on a GPU;
     # here a stand-in interpreter shrinks every command to the tiny CPU config.
@@ -161,11 +161,13 @@ if argv and argv[0].endswith(("overhead.py", "train_step.py", "sampling.py")):
     argv += ["--threads", "1"] + ([] if argv[0].endswith("sampling.py") else ["--warmup", "1"])
 if argv and argv[0].endswith("term_cost.py"):
     argv += ["--threads", "1", "--device", "cpu"]
+if argv and argv[0].endswith("example_e2e.py"):
+    argv += ["--scale", "cpu", "--device", "cpu", "--nproc", "2", "--stages", "straight", "stop", "resume", "nan"]
 os.execv({sys.executable!r}, [{sys.executable!r}, *argv])
 """)
     shim.chmod(0o755)
     env = {**os.environ, "PYTHON": str(shim), "OUT": str(tmp_path / "out")}
-    parts = ["overhead", "overhead_compile", "train_step", "sampling", "term_cost"]
+    parts = ["overhead", "overhead_compile", "train_step", "sampling", "term_cost", "example"]
     run = subprocess.run(["bash", str(BENCHMARKS / "gpu_suite.sh"), *parts], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

