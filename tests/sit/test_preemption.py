@@ -20,6 +20,10 @@ import train
 from ports import free_port
 from runtime.preemption import EXIT_PREEMPTED
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# One reader of log.txt and of the process tree, for these tests and benchmarks/example_e2e.py.
+from e2e_checks import logged_step, process_tree, signal_tree  # noqa: E402
+
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 STEPS = 14
 ANM = ("--anm", "--anm-alpha", "5", "--anm-warmup", "6")
@@ -48,15 +52,6 @@ def wait_for(condition, timeout: float = 240.0, what: str = "", proc: subprocess
         time.sleep(0.05)
 
 
-def logged_step(log_txt: Path) -> int:
-    """The newest step log.txt has a loss line for (0 before the first)."""
-    if not log_txt.exists():
-        return 0
-    steps = re.findall(r"\(step=(\d+)\) FM loss", log_txt.read_text())
-    return int(steps[-1]) if steps else 0
-
-
-
 def torchrun(argv: list[str], port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(port), str(SIT_DIR / "train.py"), *argv]
@@ -71,33 +66,6 @@ def start(cmd: list[str], ignore_usr1: bool = False) -> subprocess.Popen:
                             start_new_session=True, preexec_fn=setup)
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def signal_job(pid: int, sig: signal.Signals) -> None:
-    """Signal every process of the job, as SLURM does at a preemption, a time limit or --signal."""
-    for member in process_tree(pid):
-        try:
-            os.kill(member, sig)
-        except ProcessLookupError:
-            pass
-
-
 def interrupt(cmd: list[str], run_dir: Path, sig: signal.Signals, seed: int, ignore_usr1: bool = False
               ) -> tuple[int, str, int]:
     """Start the run, signal all its processes once log.txt reached a step drawn from seed; returns
@@ -107,7 +75,7 @@ def interrupt(cmd: list[str], run_dir: Path, sig: signal.Signals, seed: int, ign
     try:
         wait_for(lambda: logged_step(run_dir / "log.txt") >= target, what=f"step {target}", proc=proc)
         reached = logged_step(run_dir / "log.txt")
-        signal_job(proc.pid, sig)
+        signal_tree(proc.pid, sig)
         out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
