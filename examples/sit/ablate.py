@@ -15,7 +15,8 @@ baseline's final held-out loss, tables shaped like the supplement's Tab. 3 / Tab
                                                    # REPA's arms, aligned to a stand-in encoder trained here
 
 Results go to results/ablate/<budget>/: runs/<dataset>/seed<k>/<arm>.json (cached: a rerun only trains
-what is missing), runs.csv, summary.json, tables.md, curves.png, grids.png, norms.png.
+what is missing; the encoder is part of the REPA arms' key alone, so a baseline serves searches with and
+without --repa-encoder), runs.csv, summary.json, tables.md, curves.png, grids.png, norms.png.
 
 The arms and budgets are in ablation/arms.py; alpha is run both raw and width-matched (modeling/alpha_scaling.py).
 """
@@ -63,7 +64,7 @@ def missing_jobs(budget: Budget, arms: list[Arm], out_dir: str, device: str) -> 
     jobs = []
     for seed in budget.seeds:
         for dataset in budget.datasets:
-            missing = tuple(a for a in arms if read_record(out_dir, dataset, seed, a.name, budget) is None)
+            missing = tuple(a for a in arms if read_record(out_dir, dataset, seed, a.name, budget, a.repa) is None)
             if missing:
                 jobs.append(Job(budget, dataset, seed, missing, out_dir, device))
     return jobs

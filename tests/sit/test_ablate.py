@@ -4,6 +4,7 @@ import json
 import math
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import ablate
 import pytest
@@ -324,6 +325,30 @@ def test_repa_arms_train_in_lockstep_and_get_their_table(tmp_path, tiny_dinov2):
     tables = (tmp_path / "tables.md").read_text()
     assert "## Beside REPA" in tables and "repa+anm (REPA λ=0.5 + ANM default)" in tables
     assert ",0.05," in (tmp_path / "runs.csv").read_text()
+
+
+def test_arms_without_repa_are_cached_whatever_the_encoder(tmp_path, tiny_dinov2):
+    """A baseline does not depend on the encoder (its own stream, init and steps): one trained beside REPA
+    arms equals one trained alone, and either serves the other search without training again."""
+    def record_bytes(out):
+        return Path(ablate_records.run_path(str(out), "sinusoid", 0, "baseline")).read_bytes()
+
+    _run(tmp_path / "alone", arms=["baseline"], no_plots=True)
+    _run(tmp_path / "beside", arms=["baseline", "repa"], repa_encoder=tiny_dinov2, no_plots=True)
+    alone, beside = _record(tmp_path / "alone", "baseline"), _record(tmp_path / "beside", "baseline")
+    for key in ("heldout", "train_loss", "data_checksum", "init_checksum", "config"):
+        assert alone[key] == beside[key], key
+    assert _record(tmp_path / "beside", "repa")["config"]["repa_encoder"] == tiny_dinov2
+    before = record_bytes(tmp_path / "beside")
+    _run(tmp_path / "beside", arms=["baseline"], no_plots=True)  # no encoder now: the baseline is reused
+    assert record_bytes(tmp_path / "beside") == before  # a retrain would rewrite its wall times
+    before = record_bytes(tmp_path / "alone")
+    _run(tmp_path / "alone", arms=["baseline", "repa"], repa_encoder=tiny_dinov2, no_plots=True)
+    assert record_bytes(tmp_path / "alone") == before and (tmp_path / "alone" / "runs" / "sinusoid" / "seed0" /
+                                                            "repa.json").exists()
+    other = ablate_arms.BUDGETS["smoke"]
+    assert other.cache_key(uses_encoder=False) == replace(other, repa_encoder="/x").cache_key(uses_encoder=False)
+    assert replace(other, repa_encoder="/x").cache_key() != other.cache_key()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -55,10 +55,14 @@ class Budget:
     repa_encoder: str | None = None  # the REPA arms' encoder folder (ablate.py --repa-encoder)
     arms: tuple[str, ...] | None = None  # None: every arm of build_arms()
 
-    def cache_key(self) -> dict:
-        """The settings a cached run must match to be reused (not the arms, not the number of workers)."""
+    def cache_key(self, uses_encoder: bool = True) -> dict:
+        """The settings a cached run must match to be reused (not the arms, not the number of workers). An arm
+        without REPA (``uses_encoder=False``) does not depend on the encoder, so its key holds none: a baseline
+        trained beside REPA arms serves a search without them, and the other way round."""
         key = {k: v for k, v in asdict(self).items() if k not in ("name", "arms", "workers")}
         key.update(seeds=list(self.seeds), datasets=list(self.datasets), budget=self.name)
+        if not uses_encoder:
+            key["repa_encoder"] = None
         return key
 
 

@@ -254,7 +254,7 @@ def record_of(run: ArmRun, job: Job, base_init_checksum: float, wall_s: float, t
     return dict(dataset=job.dataset, seed=job.seed, arm=asdict(run.arm), name=run.arm.name,
                 alpha_used=run.alpha_used, reduce=run.arm.reduce,
                 warmup_steps=run.arm.warmup_steps(job.budget.steps) if run.arm.anm else 0,
-                base_init_checksum=base_init_checksum, config=job.budget.cache_key(), **log,
+                base_init_checksum=base_init_checksum, config=job.budget.cache_key(run.arm.repa), **log,
                 group_wall_s=wall_s, timing=timing)
 
 

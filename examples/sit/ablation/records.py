@@ -32,14 +32,16 @@ def write_record(out_dir: str, record: dict) -> str:
     return path
 
 
-def read_record(out_dir: str, dataset: str, seed: int, arm: str, budget: Budget) -> dict | None:
-    """The cached record, or None if there is none or it was trained with another config."""
+def read_record(out_dir: str, dataset: str, seed: int, arm: str, budget: Budget,
+                uses_encoder: bool = True) -> dict | None:
+    """The cached record, or None if there is none or it was trained with another config (the encoder counts
+    only where the arm ``uses_encoder``: Budget.cache_key)."""
     path = run_path(out_dir, dataset, seed, arm)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         record = json.load(f)
-    wanted = json.loads(json.dumps(budget.cache_key()))  # as stored: tuples became lists
+    wanted = json.loads(json.dumps(budget.cache_key(uses_encoder)))  # as stored: tuples became lists
     return record if record.get("config") == wanted else None
 
 
@@ -49,7 +51,7 @@ def load_runs(out_dir: str, budget: Budget, arms: list[Arm]) -> dict:
     for dataset in budget.datasets:
         for arm in arms:
             for seed in budget.seeds:
-                record = read_record(out_dir, dataset, seed, arm.name, budget)
+                record = read_record(out_dir, dataset, seed, arm.name, budget, arm.repa)
                 if record is not None:
                     runs.setdefault(dataset, {}).setdefault(arm.name, {})[seed] = record
     return runs
