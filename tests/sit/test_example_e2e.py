@@ -95,6 +95,26 @@ def test_stop_verdict_holds_a_stop_to_its_checkpoint_status_and_time(e2e, tmp_pa
     assert not e2e.stop_verdict(no_record, "", 3, 3, 2.0)[0]
 
 
+def test_a_resume_must_match_bit_for_bit_while_a_repeat_is_only_recorded(e2e, tmp_path: Path) -> None:
+    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json")])
+    suite = e2e.Suite(args, sys.modules["report"].ResultFile(args.out, {}))
+    step = suite.scale.steps
+    for name, weight in (("straight", 1.0), ("stopped", 1.0), ("again", 1.5)):
+        run = suite.work / "runs" / name
+        (run / "checkpoints").mkdir(parents=True)
+        torch.save(dict(model={"w": torch.full((2,), weight)}, step=step), run / "checkpoints" / f"{step:07d}.pt")
+        (run / "log.csv").write_text(f"step,loss,steps_per_sec\n{step},{weight},{weight * 7}\n")
+    suite.compare("stopped", "straight")
+    suite.compare("again", "straight", must_match=False)
+    recorded = json.loads(Path(args.out).read_text())["rows"][1]
+    assert suite.ok and recorded["ok"] and not recorded["bit_exact"] and not recorded["verdict"]
+    suite.compare("again", "straight")  # the same difference where a match is required: a failure
+    rows = json.loads(Path(args.out).read_text())["rows"]
+    assert [(row["stage"], row["ok"], row["bit_exact"], row["same_log_csv"]) for row in rows] == [
+        ("stopped_vs_straight", True, True, True), ("again_vs_straight", False, False, False)]
+    assert rows[1]["max_abs_diff"] == {"model": 0.5} and rows[1]["verdict"] and not suite.ok
+
+
 def test_nan_check_names_block_and_step_and_fails_when_nothing_is_raised(e2e, monkeypatch) -> None:
     nan_check = sys.modules["nan_check"]
     result = nan_check.check_nan_is_named(torch.device("cpu"), "SiT-N/2", image_size=8, bad_block=1, bad_step=2)
