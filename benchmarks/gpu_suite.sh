@@ -38,7 +38,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/gpu_suite_pkgs"
 fi
 if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
-    echo "diffusers missing and no .whl/diffusers-*.whl: train_step.py and sampling.py will fail" >&2
+    echo "diffusers is not importable (no .whl/diffusers-*.whl either): train_step.py and sampling.py will fail" >&2
 fi
 
 "$PYTHON" - <<'EOF'

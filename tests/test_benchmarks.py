@@ -144,7 +144,7 @@ def test_gpu_suite_commands_parse():
         module.parse_args(argv)
 
 
-@pytest.mark.slow  # runs all six parts at tiny size: ~3 min on 2 cores
+@pytest.mark.slow  # runs all six parts at tiny size: ~1.5 min on 2 cores
 def test_gpu_suite_runs_end_to_end_on_tiny_configs(tmp_path):
     # The suite itself (argument arrays, time limits, tee/exit codes, $OUT) runs nowhere but on a GPU;
     # here a stand-in interpreter shrinks every command to the tiny CPU config.
