@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["compare_states", "logged_step", "last_write_seconds", "seconds_per_step", "signal_tree",
-           "stop_budget", "worker_exit_codes"]
+__all__ = ["compare_states", "logged_step", "last_write_seconds", "parents", "process_tree", "seconds_per_step",
+           "signal_tree", "stop_budget", "worker_exit_codes"]
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "rng", "anm", "terms", "step", "epoch", "epoch_step")
 
@@ -114,18 +114,25 @@ def worker_exit_codes(output: str) -> list[int]:
     return [int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", output)]
 
 
-def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
+def parents() -> dict[int, int]:
+    """{pid: parent pid} of every process in /proc now (one that ends while being read is left out)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as file:
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended while being read
+                found[int(entry)] = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        children.setdefault(parent, []).append(int(entry))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in parents().items():
+        children.setdefault(parent, []).append(child)
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())

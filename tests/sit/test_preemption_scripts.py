@@ -19,6 +19,9 @@ from ports import free_port
 from runtime.preemption import EXIT_PREEMPTED
 from stopping import signal_when
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from e2e_checks import parents  # noqa: E402  (the /proc reader benchmarks/example_e2e.py uses)
+
 SIT_DIR = Path(__file__).resolve().parents[2] / "examples" / "sit"
 
 
@@ -159,20 +162,14 @@ def test_sample_ddp_two_ranks_stop_together_and_one_process_finishes(ckpt: str, 
 def torchrun_workers(agent: int) -> dict[int, int]:
     """{rank: pid} of the worker processes a torchrun agent started (its children with RANK set)."""
     workers = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in [child for child, parent in parents().items() if parent == agent]:
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != agent:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue  # ended meanwhile
         if b"RANK" in environ:
-            workers[int(environ[b"RANK"])] = int(entry)
+            workers[int(environ[b"RANK"])] = pid
     return workers
 
 
