@@ -404,7 +404,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     ctx = setup_distributed()
     experiment_dir, resume_path, checkpoint, warnings, notes = resolve_run(args, ctx)  # adopts saved flags
     seed = args.global_seed * ctx.world_size + ctx.rank
-    generator = seed_everything(seed, ctx.device)
+    generator = seed_everything(seed, ctx.device, args.deterministic)  # and fixed-order kernels if asked
 
     # Everything is validated before the run folder is created: data, model, ANM flags, resume checkpoint.
     data = load_data(args, ctx, seed)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from runtime.cli import UsageError
+from runtime.determinism import deterministic_kernels
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -51,11 +52,14 @@ def set_rng_state(state: dict, generator: torch.Generator, device: torch.device)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device, deterministic: bool = False) -> torch.Generator:
     """Seed python, numpy and torch (the CPU generator and every CUDA device's) with this rank's seed; returns
     the generator of the VAE posterior samples. Nothing later in the setup reseeds the CUDA generators (see
     :func:`cpu_seeded`), so label dropout, drawn on the model's device, differs between ranks on GPUs as on
-    the CPU."""
+    the CPU. ``deterministic``: kernels that sum in a fixed order too (runtime/determinism.py), set here,
+    before the first kernel runs."""
+    if deterministic:
+        deterministic_kernels()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the reference trains in fp32 with TF32
         torch.backends.cudnn.allow_tf32 = True

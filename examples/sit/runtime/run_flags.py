@@ -42,7 +42,7 @@ RUN_DEFINING = frozenset({
 LOCATIONS = frozenset({"data_path", "eval_data_path", "vae", "repa_encoder", "repa_image_path"})
 OPERATIONAL = frozenset({
     "num_workers", "results_dir", "exp_name", "max_steps", "epochs", "grad_accum_steps", "compile",
-    "grad_checkpointing", "resume", "log_every", "ckpt_every", "ckpt_every_minutes", "keep_last",
+    "grad_checkpointing", "deterministic", "resume", "log_every", "ckpt_every", "ckpt_every_minutes", "keep_last",
     "stop_sync_seconds", "eval_every",
     "eval_batch_size", "sample_every", "sample_grid", "sample_num_steps", "sample_cfg_scale", "report_to",
     "progress", "progress_position", "console_log",

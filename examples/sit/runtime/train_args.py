@@ -82,6 +82,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     group.add_argument("--grad-checkpointing", action="store_true",
                        help="non-reentrant activation checkpointing of each block's body (block hooks, "
                             "ANM's, stay outside: --compile keeps one graph)")
+    group.add_argument("--deterministic", action="store_true",
+                       help="kernels that sum in a fixed order (deterministic algorithms, cuDNN, cuBLAS workspace, "
+                            "Inductor), so that runs and resumes repeat bit for bit on GPUs; slower "
+                            "(runtime/determinism.py)")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
                             "(starts fresh if it has none); flags that define the run come from the checkpoint, "
