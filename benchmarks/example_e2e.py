@@ -26,6 +26,7 @@ Stages (each a row: ok, seconds and what was measured; --stages picks some):
 
     python benchmarks/example_e2e.py --out benchmarks/results/example_e2e.json            # GPUs: all of them
     python benchmarks/example_e2e.py --scale cpu --nproc 2 --out /tmp/e2e.json            # a CPU smoke run
+    python benchmarks/example_e2e.py --deterministic --stages straight again stop resume  # if a repeat differs
 
 The runs go to --work (default: a new folder beside --out; an existing non-empty one is refused).
 """
@@ -199,6 +200,7 @@ class Suite:
         self.args, self.out, self.scale = args, out, SCALES[args.scale]
         self.work, self.env = Path(args.work), child_env(args.device)
         self.fid_ref: Path | None = None
+        self.train_flags = ["--deterministic"] if args.deterministic else []  # every training run's
         self.ok = True
 
     def record(self, stage: str, ok: bool, seconds: float, **details) -> None:
@@ -214,7 +216,7 @@ class Suite:
 
     def train(self, exp: str, *extra: str) -> tuple[int, str, float]:
         return self.run(exp, torchrun(self.args.nproc, "train.py",
-                                      train_argv(self.scale, self.work, exp, self.fid_ref, *extra)))
+                                      train_argv(self.scale, self.work, exp, self.fid_ref, *self.train_flags, *extra)))
 
     def reference(self) -> None:
         try:
@@ -260,7 +262,7 @@ class Suite:
 
     def stop(self) -> None:
         run = self.work / "runs" / "stopped"
-        argv = train_argv(self.scale, self.work, "stopped", self.fid_ref, "--stop-sync-seconds",
+        argv = train_argv(self.scale, self.work, "stopped", self.fid_ref, *self.train_flags, "--stop-sync-seconds",
                           str(STOP_SYNC_SECONDS))
         self.out.stage("stop")
         proc = start(torchrun(self.args.nproc, "train.py", argv), self.env)
@@ -361,7 +363,7 @@ def main(args: argparse.Namespace) -> bool:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     meta = run_metadata(device, scale=args.scale, nproc=args.nproc, work=str(args.work),
-                        cuda=torch.version.cuda, nccl=_nccl_version(device))
+                        deterministic=args.deterministic, cuda=torch.version.cuda, nccl=_nccl_version(device))
     suite = Suite(args, ResultFile(args.out, meta))
     for stage in STAGES:
         if stage in args.stages:
@@ -391,6 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results/example_e2e.json")
     parser.add_argument("--work", default=None, help="the runs' folder (default: <out without .json>-work)")
     parser.add_argument("--keep-work", action="store_true", help="keep the runs' checkpoints at the end")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="train.py --deterministic in every training run (fixed-order kernels)")
     args = parser.parse_args(argv)
     if args.nproc is None:
         gpus = torch.cuda.device_count() if args.device != "cpu" else 0

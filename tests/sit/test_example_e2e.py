@@ -115,6 +115,18 @@ def test_a_resume_must_match_bit_for_bit_while_a_repeat_is_only_recorded(e2e, tm
     assert rows[1]["max_abs_diff"] == {"model": 0.5} and rows[1]["verdict"] and not suite.ok
 
 
+@pytest.mark.parametrize("flag", [[], ["--deterministic"]])
+def test_deterministic_reaches_every_training_run(e2e, tmp_path: Path, monkeypatch, flag: list[str]) -> None:
+    launched = []
+    monkeypatch.setattr(e2e, "launch", lambda cmd, *rest: launched.append(cmd) or (1, "failed", 0.0))
+    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json"), *flag])
+    suite = e2e.Suite(args, sys.modules["report"].ResultFile(args.out, {}))
+    suite.straight()
+    suite.resume()
+    assert [cmd.count("--deterministic") for cmd in launched] == [len(flag)] * 2
+    assert launched[1][launched[1].index("--resume") + 1] == "auto" and not suite.ok
+
+
 def test_nan_check_names_block_and_step_and_fails_when_nothing_is_raised(e2e, monkeypatch) -> None:
     nan_check = sys.modules["nan_check"]
     result = nan_check.check_nan_is_named(torch.device("cpu"), "SiT-N/2", image_size=8, bad_block=1, bad_step=2)
