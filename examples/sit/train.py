@@ -312,10 +312,10 @@ def forward_backward(model: nn.Module, ddp: DDP | None, anm_model: anm.ANM | Non
     terms.sync_gradients(torch.distributed.get_world_size() if ddp is not None else 1)
 
 
-def restore_running(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
+def restore_running(checkpoint: dict | None, ctx: DistContext) -> tuple[torch.Tensor, int, float, float]:
     """restore_log_state with its loss sums widened to RUNNING_SLOTS (a checkpoint from before the Dispersive and
     REPA terms has three or four: the missing sums start at zero)."""
-    running, *rest = restore_log_state(checkpoint, device)
+    running, *rest = restore_log_state(checkpoint, ctx.device, ctx.rank, ctx.world_size)
     return (torch.cat([running, running.new_zeros(RUNNING_SLOTS - len(running))]), *rest)
 
 
@@ -421,7 +421,7 @@ def main(args: argparse.Namespace, stop: StopSignals) -> dict[str, Any]:
     logger = create_logger(experiment_dir, ctx.rank, console=args.console_log)
     log_setup(logger, experiment_dir, ctx, data, config, raw, anm_model, terms, [*warnings, *data.notes], notes)
     train_steps, epoch, epoch_step = restore(checkpoint, raw, ema, opt, anm_model, generator, ctx, seed, logger)
-    running, log_steps, log_seconds, elapsed = restore_running(checkpoint, ctx.device)
+    running, log_steps, log_seconds, elapsed = restore_running(checkpoint, ctx)
     metrics = MetricLog(args, experiment_dir, train_steps if checkpoint is not None else None, ctx.rank)
     del checkpoint
     ema_params, raw_params = ema_parameters(ema, raw)  # once: the EMA update and the clipping take these lists

@@ -250,8 +250,8 @@ def save_checkpoint(checkpoint_dir: str, step: int, epoch: int, epoch_step: int,
     here."""
     path = os.path.join(checkpoint_dir, f"{step:07d}.pt")
     rng = gather_objects(rng_state(generator, ctx.device), ctx.world_size)
-    if log_state is not None:  # the mean over ranks: what the next log row takes the mean of anyway
-        log_state = dict(log_state, running=all_mean(log_state["running"], ctx.world_size).cpu())
+    if log_state is not None:  # every rank's own sums (world x slots): their mean would round otherwise
+        log_state = dict(log_state, running=torch.stack(gather_objects(log_state["running"].cpu(), ctx.world_size)))
     failure = ""
     if ctx.is_main:
         failure, abandoned = _writer.wait(abandon_rolling=not background)
@@ -296,13 +296,21 @@ def when_written(path: str, fn: Callable[[WriteStats | None], None]) -> None:
     _writer.after(path, fn)
 
 
-def restore_log_state(checkpoint: dict | None, device: torch.device) -> tuple[torch.Tensor, int, float, float]:
-    """(loss sums since the last log row, steps they cover, seconds since that row, run time so far) saved
-    with the checkpoint; zeros for a new run or a checkpoint that predates them."""
+def restore_log_state(checkpoint: dict | None, device: torch.device, rank: int = 0, world_size: int = 1
+                      ) -> tuple[torch.Tensor, int, float, float]:
+    """(this rank's loss sums since the last log row, steps they cover, seconds since that row, run time so far)
+    saved with the checkpoint; zeros for a new run or a checkpoint that predates them.
+
+    The checkpoint holds every rank's sums, so that the first log row after a resume averages the very numbers
+    a straight run's does, bit for bit. With another number of ranks each takes their mean (the row's value up
+    to rounding), as from a checkpoint that saved the mean only."""
     state = (checkpoint or {}).get("log_state")
     if state is None:
         return torch.zeros(3, device=device), 0, 0.0, 0.0
-    return state["running"].to(device), state["log_steps"], state["log_seconds"], state["elapsed_s"]
+    running = state["running"]
+    if running.dim() == 2:
+        running = running[rank] if len(running) == world_size else running.mean(0)
+    return running.to(device), state["log_steps"], state["log_seconds"], state["elapsed_s"]
 
 
 def is_milestone(step: int, ckpt_every: int) -> bool:

@@ -56,3 +56,19 @@ def test_every_stop_stays_in_stops_jsonl_and_the_log_names_the_last_one(tmp_path
     assert all(h["time"].endswith("Z") for h in history)
     assert "This run was stopped by SIGUSR1 after step 2 (stopped.json); the marker is removed as the run goes " \
            "on, stops.jsonl keeps every stop" in (run / "log.txt").read_text()
+
+
+def test_each_rank_resumes_its_own_loss_sums() -> None:
+    """The first log row after a resume averages every rank's sums as a straight run's does: each rank gets its
+    own back (their mean, saved before, rounds otherwise); another world size, or an older checkpoint, the mean."""
+    import torch
+    from runtime.checkpoints import restore_log_state
+
+    sums = torch.tensor([[1.0, 2.0, 3.0], [1.0000001, 4.0, 5.0]])
+    checkpoint = {"log_state": dict(running=sums, log_steps=2, log_seconds=1.5, elapsed_s=9.0)}
+    running, steps, seconds, elapsed = restore_log_state(checkpoint, torch.device("cpu"), rank=1, world_size=2)
+    assert torch.equal(running, sums[1]) and (steps, seconds, elapsed) == (2, 1.5, 9.0)
+    assert torch.equal(restore_log_state(checkpoint, torch.device("cpu"), rank=0, world_size=3)[0], sums.mean(0))
+    old = {"log_state": dict(running=sums.mean(0), log_steps=2, log_seconds=1.5, elapsed_s=9.0)}
+    assert torch.equal(restore_log_state(old, torch.device("cpu"), rank=1, world_size=2)[0], sums.mean(0))
+    assert torch.equal(restore_log_state(None, torch.device("cpu"))[0], torch.zeros(3))
