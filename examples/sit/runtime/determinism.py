@@ -6,8 +6,9 @@ weight gradients, attention backward), and under torch.compile the kernel varian
 candidates in each new process. Each difference is in the last bits, then grows as training goes on. What
 this sets, before the first kernel runs (train.py calls it from data/streams.py's ``seed_everything``):
 
-- ``torch.use_deterministic_algorithms(True, warn_only=True)``: PyTorch's deterministic variants where it has
-  them; an op without one warns, naming itself, and the run goes on (not reproducible, but not stopped);
+- ``torch.use_deterministic_algorithms(True)``: PyTorch's deterministic variants where it has them; an op
+  without one raises, naming itself. Strict on purpose: attention's backward (flash, memory-efficient) takes
+  its deterministic path only then (with ``warn_only=True`` it warns and keeps the atomic one);
 - ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless it is set: what cuBLAS needs to be reproducible, and what
   PyTorch asks for in this mode;
 - cuDNN: deterministic algorithms only, no benchmarking of candidates;
@@ -54,7 +55,7 @@ def deterministic_kernels() -> dict[str, Any]:
                   cudnn=(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
                   inductor=None if inductor is None else inductor.deterministic)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     if inductor is not None:
         inductor.deterministic = True

@@ -84,8 +84,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                             "ANM's, stay outside: --compile keeps one graph)")
     group.add_argument("--deterministic", action="store_true",
                        help="kernels that sum in a fixed order (deterministic algorithms, cuDNN, cuBLAS workspace, "
-                            "Inductor), so that runs and resumes repeat bit for bit on GPUs; slower "
-                            "(runtime/determinism.py)")
+                            "Inductor), so that runs and resumes repeat bit for bit on GPUs; slower; an op without "
+                            "a deterministic kernel raises (runtime/determinism.py)")
     group.add_argument("--resume", type=str, default=None,
                        help="a checkpoint path, or 'auto': the newest loadable checkpoint of this experiment "
                             "(starts fresh if it has none); flags that define the run come from the checkpoint, "

@@ -23,7 +23,7 @@ def restored():
 def test_every_setting_is_switched_on_and_put_back(restored, monkeypatch) -> None:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = determinism.deterministic_kernels()
-    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == determinism.CUBLAS_WORKSPACE
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     inductor = determinism._inductor_config()
