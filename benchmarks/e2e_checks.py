@@ -83,15 +83,23 @@ def logged_step(log_txt: Path) -> int:
 
 
 def last_write_seconds(log_txt: Path) -> float | None:
-    """How long the newest checkpoint named in log.txt took to write ("Saved checkpoint to ... in X s")."""
-    times = re.findall(r"Saved checkpoint to .* in ([0-9.]+) s", log_txt.read_text())
+    """How long the newest checkpoint named in log.txt took to write ("Saved checkpoint to ... in X s"); None
+    without one (or without log.txt)."""
+    try:
+        times = re.findall(r"Saved checkpoint to .* in ([0-9.]+) s", log_txt.read_text())
+    except FileNotFoundError:
+        return None
     return float(times[-1]) if times else None
 
 
 def seconds_per_step(log_csv: Path) -> float | None:
-    """1 / steps_per_sec of log.csv's last row that has it (the training rate, compilation left out)."""
-    with open(log_csv, newline="") as file:
-        rates = [row.get("steps_per_sec") for row in csv.DictReader(file)]
+    """1 / steps_per_sec of log.csv's last row that has it (the training rate, compilation left out); None
+    without one (or without log.csv)."""
+    try:
+        with open(log_csv, newline="") as file:
+            rates = [row.get("steps_per_sec") for row in csv.DictReader(file)]
+    except FileNotFoundError:
+        return None
     rates = [float(rate) for rate in rates if rate]
     return 1.0 / rates[-1] if rates and rates[-1] > 0 else None
 

@@ -64,8 +64,9 @@ for part in "${parts[@]}"; do
         sampling)  # SDE 250 steps, CFG 1.5; fast batch 128 (~20 s a batch), reference batch 4
             limit=210; cmd=(benchmarks/sampling.py --configs XL/2 --num-steps 250 --batch-size 128 --repeats 2
                             --compile --check-samples 8) ;;
-        example)  # extra part: train.py under torchrun (bf16, --compile, ANM), stop, resume, sampling, a NaN
-            limit=480; cmd=(benchmarks/example_e2e.py --timeout 240) ;;
+        example)  # extra part: train.py under torchrun (bf16, --compile, ANM, --deterministic: an exact resume
+            # needs kernels that repeat), stop, resume, sampling, a NaN; the record-only repeat last
+            limit=480; cmd=(benchmarks/example_e2e.py --timeout 240 --deterministic) ;;
         term_cost)  # extra part: ANM, Dispersive Loss, REPA (DINOv2-B, random weights) on B/4 and XL/2, bf16
             limit=180; cmd=(benchmarks/term_cost.py --configs B/4 XL/2 --batch 64 --precision bf16 --repeats 7) ;;
         *) echo "unknown part $part (overhead, overhead_compile, train_step, sampling, term_cost, example)" >&2; status=2

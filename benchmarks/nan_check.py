@@ -3,8 +3,10 @@
 ANM is attached to a SiT (the example's model), which trains a few steps with AdamW (bf16 autocast on CUDA). At
 step ``bad_step`` a forward hook, registered before ANM's, turns block ``bad_block``'s output into NaN, as a
 diverging layer would. On CUDA the finite check is queued without a sync (anm/host_flag.py) and read by the
-next ``loss()``, which must raise an ANMError naming that block and step; every step up to and including the
-bad one runs with ``torch.cuda.set_sync_debug_mode("error")``, so a host sync in any of them raises instead.
+next ``loss()``, which must raise an ANMError naming that block and step. Every step up to and including the
+bad one runs with ``torch.cuda.set_sync_debug_mode("error")``: the synchronising calls PyTorch flags there (a
+blocking copy to the host such as ``.item()``, a stream or device synchronize) raise instead. Waiting on a CUDA
+event is not among them: ANM's own wait (anm/host_flag.py, on the previous step's flag, long done) passes.
 On the CPU the check is immediate: the error comes at the bad step's own ``loss()``.
 
     >>> import torch
@@ -50,7 +52,7 @@ def check_nan_is_named(device: torch.device, model: str = "SiT-S/2", image_size:
                        bad_block: int = 1, bad_step: int = 3, steps: int = 6) -> dict:
     """Train ``steps`` steps with a NaN put into ``blocks[bad_block]`` at ``bad_step``; returns ``ok`` and what
     happened: the step whose ``loss()`` raised, the message, whether it names the block and the step, and
-    whether a host sync was caught in a step (CUDA only)."""
+    any other error a step raised (on CUDA, the sync debug mode's when a step synced with the host)."""
     torch.manual_seed(0)
     sit = build_sit(model, image_size, device)
     step = [0]
@@ -61,7 +63,7 @@ def check_nan_is_named(device: torch.device, model: str = "SiT-S/2", image_size:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     x = torch.randn(batch, 3, image_size, image_size, device=device)
     t, y = torch.rand(batch, device=device), torch.randint(0, 10, (batch,), device=device)
-    raised_at, message, sync_error = None, "", None
+    raised_at, message, other_error = None, "", None
     for step[0] in range(steps):
         if cuda:  # strict up to the bad step; the raising call may sync (it reads which layers failed)
             torch.cuda.set_sync_debug_mode("error" if step[0] <= bad_step else "default")
@@ -74,8 +76,8 @@ def check_nan_is_named(device: torch.device, model: str = "SiT-S/2", image_size:
         except anm.ANMError as error:
             raised_at, message = step[0], str(error)
             break
-        except RuntimeError as error:  # the sync debug mode's error: a step synced with the host
-            sync_error = str(error).splitlines()[0]
+        except RuntimeError as error:  # the sync debug mode's (a step synced with the host), or another failure
+            other_error = f"step {step[0]}: {str(error).strip().splitlines()[-1][:300]}"
             break
     if cuda:
         torch.cuda.set_sync_debug_mode("default")
@@ -84,7 +86,7 @@ def check_nan_is_named(device: torch.device, model: str = "SiT-S/2", image_size:
     names_block = f"'blocks.{bad_block}'" in message
     names_step = f"at step {bad_step} " in message
     names_earlier = any(f"'blocks.{i}'" in message for i in range(bad_block))  # those were finite
-    return dict(ok=raised_at == expected and names_block and names_step and not names_earlier and sync_error is None,
+    return dict(ok=raised_at == expected and names_block and names_step and not names_earlier and other_error is None,
                 device=str(device), bad_block=bad_block, bad_step=bad_step, raised_at_step=raised_at,
                 expected_step=expected, names_block=names_block, names_step=names_step, message=message[:400],
-                sync_error=sync_error)
+                error=other_error)

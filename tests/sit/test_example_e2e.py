@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -81,22 +82,39 @@ def stopped_run(tmp_path: Path, step: int = 6, exit_status: int = 75, checkpoint
     return run
 
 
+STOP_LINE = "train.py: stopped by SIGTERM after step 6; saved ..."
+
+
 def test_stop_verdict_holds_a_stop_to_its_checkpoint_status_and_time(e2e, tmp_path: Path) -> None:
     budget = e2e.STOP_SYNC_SECONDS + 0.25 + 1.5  # agreement + a step (4 steps/s) + the write
-    ok, details = e2e.stop_verdict(stopped_run(tmp_path / "a"), "", reached=3, signalled=3, exit_s=2.0)
+
+    def verdict(name: str, output: str = STOP_LINE, reached: int = 3, took: float = 0.5, **run) -> tuple[bool, dict]:
+        folder = stopped_run(tmp_path / name, **run)
+        written = (folder / "stopped.json").stat().st_mtime if (folder / "stopped.json").exists() else time.time()
+        return e2e.stop_verdict(folder, output, reached, signalled=3, sent_at=written - took)
+
+    ok, details = verdict("a")
     assert ok and details["documented_budget_s"] == pytest.approx(budget) and details["within_budget"]
-    assert not e2e.stop_verdict(stopped_run(tmp_path / "b"), "", 3, 3, budget + e2e.TEARDOWN_SECONDS + 1)[0]
-    assert not e2e.stop_verdict(stopped_run(tmp_path / "c", exit_status=1), "", 3, 3, 2.0)[0]
-    assert not e2e.stop_verdict(stopped_run(tmp_path / "d", checkpoint=False), "", 3, 3, 2.0)[0]
-    assert not e2e.stop_verdict(stopped_run(tmp_path / "e"), "", reached=7, signalled=3, exit_s=2.0)[0]
-    assert not e2e.stop_verdict(stopped_run(tmp_path / "f"), "exitcode  : -9 (pid: 3)", 3, 3, 2.0)[0]
-    no_record = stopped_run(tmp_path / "g")
+    assert details["stop_s"] == pytest.approx(0.5, abs=1e-3) and details["stop_lines"] == 1
+    assert not verdict("slow", took=budget + e2e.STOP_SLACK_SECONDS + 0.5)[0]
+    assert not verdict("status", exit_status=1)[0]
+    assert not verdict("no-checkpoint", checkpoint=False)[0]
+    assert not verdict("early", reached=7)[0]  # stopped before the step the signal was sent at
+    assert not verdict("killed", output=STOP_LINE + "\n  exitcode  : -9 (pid: 3)")[0]
+    assert not verdict("traceback", output=STOP_LINE + '\n  File "/x/examples/sit/train.py", line 9, in main')[0]
+    assert not verdict("silent", output="")[0]
+    no_record = stopped_run(tmp_path / "no-record")
     (no_record / "stopped.json").unlink()
-    assert not e2e.stop_verdict(no_record, "", 3, 3, 2.0)[0]
+    assert not e2e.stop_verdict(no_record, STOP_LINE, 3, 3, time.time())[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ok, details = e2e.stop_verdict(empty, "", 3, 0, time.time())  # a run that died before writing anything
+    assert not ok and details["documented_budget_s"] is None and details["checkpoints"] == []
 
 
 def test_a_resume_must_match_bit_for_bit_while_a_repeat_is_only_recorded(e2e, tmp_path: Path) -> None:
-    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json")])
+    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json"), "--work",
+                           str(tmp_path / "work")])
     suite = e2e.Suite(args, sys.modules["report"].ResultFile(args.out, {}))
     step = suite.scale.steps
     for name, weight in (("straight", 1.0), ("stopped", 1.0), ("again", 1.5)):
@@ -119,12 +137,37 @@ def test_a_resume_must_match_bit_for_bit_while_a_repeat_is_only_recorded(e2e, tm
 def test_deterministic_reaches_every_training_run(e2e, tmp_path: Path, monkeypatch, flag: list[str]) -> None:
     launched = []
     monkeypatch.setattr(e2e, "launch", lambda cmd, *rest: launched.append(cmd) or (1, "failed", 0.0))
-    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json"), *flag])
+    args = e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--out", str(tmp_path / "e2e.json"), "--work",
+                           str(tmp_path / "work"), *flag])
+    (tmp_path / "work").mkdir()
     suite = e2e.Suite(args, sys.modules["report"].ResultFile(args.out, {}))
     suite.straight()
+    stopped = tmp_path / "work" / "runs" / "stopped"
+    stopped.mkdir(parents=True)
+    suite.resume()  # refused: nothing was stopped, and --resume auto would start afresh
+    assert len(launched) == 1
+    (stopped / "stopped.json").write_text("{}")
     suite.resume()
     assert [cmd.count("--deterministic") for cmd in launched] == [len(flag)] * 2
     assert launched[1][launched[1].index("--resume") + 1] == "auto" and not suite.ok
+
+
+def test_a_stage_that_raises_is_recorded_the_next_ones_run_and_the_logs_come_back(e2e, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    def broken(self) -> None:
+        (self.work / "straight.log").write_text("what the command printed")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(e2e.Suite, "straight", broken)
+    out = tmp_path / "e2e.json"
+    assert not e2e.main(e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--stages", "straight", "nan",
+                                        "--out", str(out)]))
+    result = json.loads(out.read_text())
+    rows = {row["stage"]: row for row in result["rows"]}
+    assert rows["straight"]["error"] == "OSError: disk full" and not rows["straight"]["ok"] and rows["nan"]["ok"]
+    assert result["complete"] and not result["ok"] and not Path(result["meta"]["work"]).exists()  # a temp folder
+    with tarfile.open(tmp_path / "e2e-logs.tar.gz") as archive:
+        assert archive.extractfile("straight.log").read() == b"what the command printed"
 
 
 def test_nan_check_names_block_and_step_and_fails_when_nothing_is_raised(e2e, monkeypatch) -> None:
@@ -172,6 +215,9 @@ def test_a_stopped_script_takes_its_running_commands_with_it(e2e, tmp_path: Path
         for pid in [script.pid, *launched]:
             checks.signal_tree(pid, signal.SIGKILL)
     assert json.loads((tmp_path / "e2e.json").read_text())["stage"] == "straight"
+    with tarfile.open(tmp_path / "e2e-logs.tar.gz") as archive:  # written on the way out
+        assert "runs/straight/log.txt" in archive.getnames()
+    assert work.exists() and not (work / "runs").exists()  # a given --work stays; its checkpoints go
 
 
 def zombie(pid: int) -> bool:
@@ -190,10 +236,12 @@ def test_every_stage_passes_on_two_gloo_ranks(e2e, tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {row["stage"]: row for row in result["rows"]}
     assert result["complete"] and result["ok"] and all(row["ok"] for row in rows.values())
-    assert list(rows) == ["reference", "straight", "again", "again_vs_straight", "stop", "resume",
-                          "stopped_vs_straight", "sample", "nan"]
-    assert rows["straight"]["fid"] and rows["straight"]["checkpoints"] == ["0000012.pt", "0000024.pt"]
+    assert list(rows) == ["reference", "straight", "stop", "resume", "stopped_vs_straight", "sample", "nan",
+                          "again", "again_vs_straight"]
+    assert len(rows["straight"]["fid"]) == 2 and rows["straight"]["checkpoints"] == ["0000012.pt", "0000024.pt"]
     assert rows["stopped_vs_straight"]["bit_exact"] and rows["stopped_vs_straight"]["same_log_csv"]
     assert rows["stop"]["exit_status"] == 75 and rows["stop"]["within_budget"]
     assert rows["sample"]["metrics"]["fid"] > 0
-    assert not (tmp_path / "e2e-work" / "runs").exists()  # checkpoints go unless --keep-work
+    assert not Path(result["meta"]["work"]).exists()  # a temporary folder, removed
+    with tarfile.open(tmp_path / "e2e-logs.tar.gz") as archive:
+        assert {"runs/straight/log.csv", "runs/stopped/log.txt", "stop.log"} <= set(archive.getnames())
