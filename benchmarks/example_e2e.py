@@ -392,8 +392,7 @@ def archive_logs(work: Path, out: Path) -> Path:
 
 def main(args: argparse.Namespace) -> bool:
     check_args(args)
-    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(stop, kill_running)
+    handlers = {stop: signal.signal(stop, kill_running) for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     temporary = args.work is None
     work = Path(tempfile.mkdtemp(prefix="example_e2e-") if temporary else args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -414,6 +413,8 @@ def main(args: argparse.Namespace) -> bool:
         logs = archive_logs(work, Path(args.out))
         if not args.keep_work:
             shutil.rmtree(work if temporary else work / "runs", ignore_errors=True)
+        for stop, handler in handlers.items():  # a caller's own (main() called in-process) come back too
+            signal.signal(stop, handler)
     print(f"example_e2e: {'every stage ok' if suite.ok else 'some stage FAILED'}; JSON: {args.out}; logs: {logs}")
     return suite.ok
 

@@ -53,7 +53,14 @@ def check_nan_is_named(device: torch.device, model: str = "SiT-S/2", image_size:
     """Train ``steps`` steps with a NaN put into ``blocks[bad_block]`` at ``bad_step``; returns ``ok`` and what
     happened: the step whose ``loss()`` raised, the message, whether it names the block and the step, and
     any other error a step raised (on CUDA, the sync debug mode's when a step synced with the host)."""
-    torch.manual_seed(0)
+    # The caller's random streams stay where they were (a test process goes on drawing from them).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _train_with_a_nan(device, model, image_size, batch, bad_block, bad_step, steps)
+
+
+def _train_with_a_nan(device: torch.device, model: str, image_size: int, batch: int, bad_block: int, bad_step: int,
+                      steps: int) -> dict:
     sit = build_sit(model, image_size, device)
     step = [0]
     sit.blocks[bad_block].register_forward_hook(poison(step, bad_step))  # before ANM's hooks: ANM sees the NaN

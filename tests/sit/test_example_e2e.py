@@ -160,6 +160,7 @@ def test_a_stage_that_raises_is_recorded_the_next_ones_run_and_the_logs_come_bac
 
     monkeypatch.setattr(e2e.Suite, "straight", broken)
     out = tmp_path / "e2e.json"
+    handlers = [signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)]
     assert not e2e.main(e2e.parse_args(["--scale", "cpu", "--device", "cpu", "--stages", "straight", "nan",
                                         "--out", str(out)]))
     result = json.loads(out.read_text())
@@ -168,6 +169,7 @@ def test_a_stage_that_raises_is_recorded_the_next_ones_run_and_the_logs_come_bac
     assert result["complete"] and not result["ok"] and not Path(result["meta"]["work"]).exists()  # a temp folder
     with tarfile.open(tmp_path / "e2e-logs.tar.gz") as archive:
         assert archive.extractfile("straight.log").read() == b"what the command printed"
+    assert [signal.getsignal(stop) for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)] == handlers
 
 
 def test_nan_check_names_block_and_step_and_fails_when_nothing_is_raised(e2e, monkeypatch) -> None:
