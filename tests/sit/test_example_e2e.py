@@ -229,7 +229,7 @@ def zombie(pid: int) -> bool:
         return True
 
 
-@pytest.mark.slow  # five torchrun launches and FIDs on the CPU: ~3 min on 2 cores
+@pytest.mark.slow  # five torchrun launches and FIDs on the CPU: 3 to 6 min on 2 cores
 def test_every_stage_passes_on_two_gloo_ranks(e2e, tmp_path: Path) -> None:
     if shutil.which("bash") is None:
         pytest.skip("needs a POSIX process tree")
