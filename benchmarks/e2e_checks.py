@@ -137,7 +137,8 @@ def parents() -> dict[int, int]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc (torchrun starts its workers in sessions of their own)."""
+    """pid and all its descendants, from /proc (torchrun starts its workers with setsid: no process group holds
+    them all)."""
     children: dict[int, list[int]] = {}
     for child, parent in parents().items():
         children.setdefault(parent, []).append(child)

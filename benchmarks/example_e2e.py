@@ -141,7 +141,7 @@ RUNNING: set[subprocess.Popen] = set()  # the launched commands not yet ended
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """cmd in a process session of its own (so that the stop stage can signal it alone), registered for
+    """cmd started with setsid (so that the stop stage can signal it alone), registered for
     :func:`kill_running`."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -151,7 +151,7 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def kill_running(signum: int, frame: object) -> None:
     """This script stopped (a suite's time limit): its commands' process trees go too, else torchrun's workers,
-    in sessions of their own, would outlive it and hold the GPUs. The JSON already holds every ended stage."""
+    started with setsid, would outlive it and hold the GPUs. The JSON already holds every ended stage."""
     for proc in list(RUNNING):
         signal_tree(proc.pid, signal.SIGKILL)
     raise SystemExit(128 + signum)

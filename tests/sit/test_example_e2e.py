@@ -194,8 +194,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(e2e, tmp_path: Pat
 
 
 def test_a_stopped_script_takes_its_running_commands_with_it(e2e, tmp_path: Path) -> None:
-    """gpu_suite.sh's time limit sends SIGTERM to the script alone; torchrun's workers, in sessions of their
-    own, must not outlive it (they would hold the GPUs through the next part)."""
+    """gpu_suite.sh's time limit sends SIGTERM to the script alone; torchrun's workers, started with setsid,
+    must not outlive it (they would hold the GPUs through the next part)."""
     work = tmp_path / "work"
     script = subprocess.Popen([sys.executable, str(BENCHMARKS / "example_e2e.py"), "--scale", "cpu", "--device",
                                "cpu", "--nproc", "2", "--stages", "straight", "--work", str(work), "--out",

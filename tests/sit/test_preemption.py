@@ -58,7 +58,7 @@ def torchrun(argv: list[str], port: int) -> list[str]:
 
 
 def start(cmd: list[str], ignore_usr1: bool = False) -> subprocess.Popen:
-    """The job's first process, in a session of its own."""
+    """The job's first process, started with setsid."""
     def setup() -> None:
         if ignore_usr1:  # what the sbatch recipe does for torchrun's agent, which would die of SIGUSR1
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
