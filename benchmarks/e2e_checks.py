@@ -9,15 +9,15 @@ steps and write times read from its log.txt and log.csv, and the signalling of a
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import signal
 from pathlib import Path
 
 import torch
+from runtime.run_log import read_rows  # examples/sit on sys.path (example_e2e.py, tests/sit)
 
-__all__ = ["compare_states", "logged_step", "last_write_seconds", "parents", "process_tree", "seconds_per_step",
+__all__ = ["compare_states", "logged_step", "last_write_seconds", "parents", "process_tree", "steps_per_sec",
            "signal_tree", "stop_budget", "worker_exit_codes"]
 
 CHECKPOINT_KEYS = ("model", "ema", "opt", "rng", "anm", "terms", "step", "epoch", "epoch_step")
@@ -92,16 +92,15 @@ def last_write_seconds(log_txt: Path) -> float | None:
     return float(times[-1]) if times else None
 
 
-def seconds_per_step(log_csv: Path) -> float | None:
-    """1 / steps_per_sec of log.csv's last row that has it (the training rate, compilation left out); None
-    without one (or without log.csv)."""
+def steps_per_sec(log_csv: Path) -> float | None:
+    """steps_per_sec of log.csv's last row that has it (the training rate, compilation left out); None without
+    one (or without log.csv)."""
     try:
-        with open(log_csv, newline="") as file:
-            rates = [row.get("steps_per_sec") for row in csv.DictReader(file)]
+        rows = read_rows(str(log_csv))[1]
     except FileNotFoundError:
         return None
-    rates = [float(rate) for rate in rates if rate]
-    return 1.0 / rates[-1] if rates and rates[-1] > 0 else None
+    rates = [float(row["steps_per_sec"]) for row in rows if row.get("steps_per_sec")]
+    return rates[-1] if rates and rates[-1] > 0 else None
 
 
 def stop_budget(sync_seconds: float, step_seconds: float | None, write_seconds: float | None) -> float | None:

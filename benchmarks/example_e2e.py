@@ -42,7 +42,6 @@ A stage that raises is recorded as failed with its error, and the next stages ru
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -62,18 +61,20 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent
 SIT = BENCHMARKS.parent / "examples" / "sit"
 sys.path[:0] = [str(BENCHMARKS), str(SIT)]
+from device import pick_device  # noqa: E402
 from e2e_checks import (  # noqa: E402
     compare_states,
     last_write_seconds,
     logged_step,
-    seconds_per_step,
     signal_tree,
+    steps_per_sec,
     stop_budget,
     worker_exit_codes,
 )
 from evaluation.inception import inception_weights_path  # noqa: E402
 from nan_check import check_nan_is_named  # noqa: E402
 from report import ResultFile, run_metadata  # noqa: E402
+from runtime.run_log import read_rows  # noqa: E402
 
 STAGES = ("reference", "straight", "stop", "resume", "sample", "nan", "again")  # the record-only one last
 STOP_SYNC_SECONDS = 0.5  # the stop run's --stop-sync-seconds: its steps are short, the agreement must be too
@@ -188,8 +189,7 @@ def checkpoint(run: Path, step: int) -> dict:
 
 
 def log_rows(run: Path) -> list[dict]:
-    with open(run / "log.csv", newline="") as file:
-        return list(csv.DictReader(file))
+    return read_rows(str(run / "log.csv"))[1]
 
 
 def training_summary(run: Path, samples: int) -> dict:
@@ -197,9 +197,8 @@ def training_summary(run: Path, samples: int) -> dict:
     rows = log_rows(run)
     losses = [float(row["loss"]) for row in rows if row.get("loss")]
     fid_rows = [row for row in rows if row.get("fid")]
-    step_s = seconds_per_step(run / "log.csv")
     return dict(log_rows=len(rows), losses_finite=bool(losses) and all(map(math.isfinite, losses)),
-                last_loss=losses[-1] if losses else None, steps_per_sec=None if step_s is None else 1 / step_s,
+                last_loss=losses[-1] if losses else None, steps_per_sec=steps_per_sec(run / "log.csv"),
                 heldout_fm_loss=[float(row["heldout_fm_loss"]) for row in rows if row.get("heldout_fm_loss")],
                 fid=[dict(step=int(row["step"]), fid=float(row["fid"]), seconds=float(row["fid_seconds"]),
                           seconds_per_10k_samples=float(row["fid_seconds"]) * 10_000 / samples) for row in fid_rows],
@@ -335,8 +334,7 @@ class Suite:
     def nan(self) -> None:
         self.out.stage("nan")
         began = time.monotonic()
-        device = torch.device("cuda" if self.args.device != "cpu" and torch.cuda.is_available() else "cpu")
-        result = check_nan_is_named(device, self.scale.model, self.scale.image_size)
+        result = check_nan_is_named(pick_device(self.args.device), self.scale.model, self.scale.image_size)
         self.record("nan", result.pop("ok"), time.monotonic() - began, **result)
 
 
@@ -351,7 +349,8 @@ def stop_verdict(run: Path, output: str, reached: int, signalled: int, sent_at: 
     worker_traceback = re.search(r'File "[^"]*examples/sit/[^"]*\.py"', output) is not None
     stop_lines = output.count("train.py: stopped by SIGTERM after step")
     ckpts = sorted(int(p.stem) for p in (run / "checkpoints").glob("*.pt")) if (run / "checkpoints").exists() else []
-    budget = stop_budget(STOP_SYNC_SECONDS, seconds_per_step(run / "log.csv"), last_write_seconds(run / "log.txt"))
+    rate = steps_per_sec(run / "log.csv")
+    budget = stop_budget(STOP_SYNC_SECONDS, rate and 1 / rate, last_write_seconds(run / "log.txt"))
     stop_s = record.stat().st_mtime - sent_at if record.exists() else None
     within = budget is not None and stop_s is not None and stop_s <= budget + STOP_SLACK_SECONDS
     ok = (signalled > 0 and stopped.get("exit_status") == 75 and not killed and not worker_traceback
@@ -397,7 +396,7 @@ def main(args: argparse.Namespace) -> bool:
     work = Path(tempfile.mkdtemp(prefix="example_e2e-") if temporary else args.work)
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     meta = run_metadata(device, scale=args.scale, nproc=args.nproc, work=str(work),
                         deterministic=args.deterministic, cuda=torch.version.cuda, nccl=_nccl_version(device))
     suite = Suite(args, ResultFile(args.out, meta))

@@ -59,7 +59,7 @@ def test_log_readers_on_a_real_run(checks, ckpt: str) -> None:
     assert checks.logged_step(run / "log.txt") == 2
     assert checks.logged_step(run / "missing.txt") == 0
     assert checks.last_write_seconds(run / "log.txt") >= 0
-    assert checks.seconds_per_step(run / "log.csv") > 0
+    assert checks.steps_per_sec(run / "log.csv") > 0
     assert checks.stop_budget(5.0, None, 1.0) is None and checks.stop_budget(5.0, 0.25, 1.0) == 6.25
 
 
